@@ -1,0 +1,77 @@
+//! Bearer API-key authentication for `/v1`.
+//!
+//! `Authorization: Bearer <key>` (scheme matched case-insensitively; a
+//! header without a scheme is taken verbatim as the key, as the original
+//! did). Missing, malformed, over-long, unknown, expired and revoked keys all
+//! answer 401 with the same body; a database outage answers 503, never 401
+//! and never 500. Session cookies are **not** accepted on `/v1` (the
+//! original's flaw 36: cookie auth with only SameSite=Lax against CSRF).
+
+use axum::{
+    extract::FromRequestParts,
+    http::{header, request::Parts},
+};
+use e2a_store::{StoreError, api_keys, ids::{ApiKeyId, UserId}};
+
+use crate::{AppState, error::ApiError};
+
+/// The authenticated caller of a `/v1` route.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The key's owner: every store call is scoped to this user.
+    pub user_id: UserId,
+    /// The key that authenticated the request.
+    pub key_id: ApiKeyId,
+}
+
+/// Extracts the presented token from an `Authorization` header value.
+pub fn bearer_token(value: &str) -> Option<&str> {
+    let value = value.trim();
+    match value.split_once(' ') {
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => Some(rest.trim()),
+        Some(_) => None,
+        None if value.is_empty() => None,
+        None => Some(value),
+    }
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let token = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(bearer_token)
+            .ok_or_else(ApiError::unauthorized)?;
+        if !api_keys::is_well_formed(token) {
+            return Err(ApiError::unauthorized());
+        }
+        let client = state.store.client().await?;
+        match api_keys::authenticate(&client, token).await {
+            Ok(p) => {
+                tracing::Span::current().record("user.id", p.user_id.as_str());
+                Ok(Caller { user_id: p.user_id, key_id: p.key_id })
+            }
+            Err(StoreError::NotFound) => Err(ApiError::unauthorized()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bearer_token;
+
+    #[test]
+    fn parses_bearer_schemes() {
+        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("bearer   abc "), Some("abc"));
+        assert_eq!(bearer_token("BEARER abc"), Some("abc"));
+        assert_eq!(bearer_token("abc"), Some("abc"));
+        assert_eq!(bearer_token("Basic abc"), None);
+        assert_eq!(bearer_token(""), None);
+        assert_eq!(bearer_token("   "), None);
+    }
+}

@@ -1,0 +1,99 @@
+//! The API's configuration: [`CommonArgs`] plus HTTP, deployment and
+//! default-limit settings. See `e2a-api --help`.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::Parser;
+use e2a_runtime::{Service, config::CommonArgs};
+use e2a_store::account_limits::Limits;
+
+/// Ops port used when `E2A_OPS_ADDR` is unset.
+pub const DEFAULT_OPS_PORT: u16 = 9090;
+
+/// e2a REST API: agents, domains, messages and account over HTTP (`/v1`).
+#[derive(Debug, Clone, Parser)]
+#[command(name = "e2a-api", version, about, long_about = None)]
+pub struct Config {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub common: CommonArgs,
+
+    /// Address the HTTP API listens on.
+    #[arg(long, env = "E2A_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    pub http_addr: SocketAddr,
+
+    /// Shared agent domain: enables `<slug>@<domain>` agents and is reserved from custom registration. Empty disables slugs.
+    #[arg(long, env = "E2A_SHARED_DOMAIN", default_value = "")]
+    pub shared_domain: String,
+
+    /// Public base URL of this deployment (shown by /v1/info, used in links).
+    #[arg(long, env = "E2A_PUBLIC_URL")]
+    pub public_url: Option<String>,
+
+    /// Seconds a request may take before it is answered 408.
+    #[arg(long, env = "E2A_HTTP_REQUEST_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub request_timeout_secs: u64,
+
+    /// Maximum request body for ordinary JSON requests, in bytes.
+    #[arg(long, env = "E2A_HTTP_MAX_BODY_BYTES", default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1024..=(64 << 20)))]
+    pub max_body_bytes: u64,
+
+    /// Plan code for accounts without an account_limits row.
+    #[arg(long, env = "E2A_LIMITS_PLAN_CODE", default_value = "default")]
+    pub limits_plan_code: String,
+
+    /// Default maximum agents per account.
+    #[arg(long, env = "E2A_LIMITS_MAX_AGENTS", default_value_t = 1_000_000, value_parser = clap::value_parser!(i32).range(0..))]
+    pub limits_max_agents: i32,
+
+    /// Default maximum custom domains per account.
+    #[arg(long, env = "E2A_LIMITS_MAX_DOMAINS", default_value_t = 1_000_000, value_parser = clap::value_parser!(i32).range(0..))]
+    pub limits_max_domains: i32,
+
+    /// Default maximum messages per account per UTC month.
+    #[arg(long, env = "E2A_LIMITS_MAX_MESSAGES_MONTH", default_value_t = 1_000_000_000, value_parser = clap::value_parser!(i32).range(0..))]
+    pub limits_max_messages_month: i32,
+
+    /// Default maximum stored bytes per account.
+    #[arg(long, env = "E2A_LIMITS_MAX_STORAGE_BYTES", default_value_t = 1 << 50, value_parser = clap::value_parser!(i64).range(0..))]
+    pub limits_max_storage_bytes: i64,
+
+    /// Default maximum webhooks per account.
+    #[arg(long, env = "E2A_LIMITS_MAX_WEBHOOKS", default_value_t = 50, value_parser = clap::value_parser!(i32).range(0..))]
+    pub limits_max_webhooks: i32,
+}
+
+impl Service for Config {
+    const NAME: &'static str = "api";
+    fn common(&self) -> &CommonArgs {
+        &self.common
+    }
+}
+
+impl Config {
+    /// A configuration for tests and embedding: the given database,
+    /// defaults everywhere else (addresses unused by [`crate::run`]).
+    pub fn for_database(url: impl Into<String>) -> Self {
+        let mut config = Config::parse_from(["e2a-api"]);
+        config.common = CommonArgs::for_database(url);
+        config
+    }
+
+    /// Limits for users without an `account_limits` row.
+    pub fn default_limits(&self) -> Limits {
+        Limits {
+            plan_code: self.limits_plan_code.clone(),
+            max_agents: self.limits_max_agents,
+            max_domains: self.limits_max_domains,
+            max_messages_month: self.limits_max_messages_month,
+            max_storage_bytes: self.limits_max_storage_bytes,
+            max_webhooks: self.limits_max_webhooks,
+            upgrade_url: String::new(),
+        }
+    }
+
+    /// Request timeout.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_secs)
+    }
+}

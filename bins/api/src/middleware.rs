@@ -1,0 +1,84 @@
+//! Cross-cutting HTTP behaviour: request ids (`X-Request-Id` echoed or
+//! minted as `req_` + 24 hex), `X-Content-Type-Options: nosniff`, one access
+//! log line and request metrics per request. Only the method, the matched
+//! route template and the status are logged — never headers, query strings
+//! or bodies (they may carry keys or mail).
+
+use std::time::Instant;
+
+use axum::{
+    extract::{MatchedPath, Request},
+    http::{HeaderName, HeaderValue, header},
+    middleware::Next,
+    response::Response,
+};
+
+use axum::response::IntoResponse;
+
+use crate::error::{ApiError, REQUEST_ID, default_code};
+
+/// The request-id header.
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+fn acceptable_request_id(v: &HeaderValue) -> Option<String> {
+    let s = v.to_str().ok()?;
+    (!s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic())).then(|| s.to_owned())
+}
+
+/// Assigns the request id, runs the request inside its task-local scope and
+/// decorates the response.
+pub async fn request_context(req: Request, next: Next) -> Response {
+    let request_id = req
+        .headers()
+        .get(&X_REQUEST_ID)
+        .and_then(acceptable_request_id)
+        .unwrap_or_else(|| format!("req_{}", e2a_store::secret::random_hex::<12>()));
+    let method = req.method().clone();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let span = tracing::info_span!("http", request.id = %request_id, %method, %route, user.id = tracing::field::Empty);
+    let started = Instant::now();
+    let mut response = {
+        use tracing::Instrument;
+        let work = async move { json_errors(next.run(req).await) };
+        REQUEST_ID.scope(request_id.clone(), work).instrument(span.clone()).await
+    };
+    let status = response.status().as_u16();
+    let elapsed = started.elapsed();
+    span.in_scope(|| {
+        tracing::info!(status, duration_ms = elapsed.as_secs_f64() * 1000.0, "request");
+    });
+    metrics::counter!("e2a_http_requests_total", "service" => "api", "method" => method.to_string(), "route" => route.clone(), "status" => status.to_string()).increment(1);
+    metrics::histogram!("e2a_http_request_duration_seconds", "service" => "api", "route" => route).record(elapsed.as_secs_f64());
+    let headers = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        headers.insert(X_REQUEST_ID.clone(), v);
+    }
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    response
+}
+
+/// Gives framework-generated errors (body limit 413, timeout 408, panic
+/// 500, unmatched method 405, …) the contract's JSON error body.
+fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let message = status.canonical_reason().unwrap_or("error").to_ascii_lowercase();
+    let mut replaced = ApiError::new(status, default_code(status), message).into_response();
+    for name in [header::ALLOW, header::RETRY_AFTER] {
+        if let Some(v) = response.headers().get(&name) {
+            replaced.headers_mut().insert(name, v.clone());
+        }
+    }
+    replaced
+}

@@ -1,0 +1,37 @@
+//! The HTTP routes and the layers around them.
+
+pub mod account;
+pub mod health;
+pub mod info;
+
+use axum::{Router, http::StatusCode, middleware::from_fn, routing::get};
+use tower_http::{catch_panic::CatchPanicLayer, limit::RequestBodyLimitLayer, timeout::TimeoutLayer};
+
+use crate::{AppState, Config, error::ApiError};
+
+/// All routes with their middleware. Unknown paths answer 404 and wrong
+/// methods 405, both with the JSON error body.
+pub fn router(state: AppState, config: &Config) -> Router {
+    Router::new()
+        .route("/api/health", get(health::health).head(health::health))
+        .route("/v1/info", get(info::get_info))
+        .route("/v1/account", get(account::get_account))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+        // Innermost first: a panic becomes a 500, slow requests a 408,
+        // over-long bodies a 413; request_context (outermost) gives all of
+        // them the JSON error body and a request id.
+        .layer(CatchPanicLayer::new())
+        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, config.request_timeout()))
+        .layer(RequestBodyLimitLayer::new(config.max_body_bytes as usize))
+        .layer(from_fn(crate::middleware::request_context))
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route")
+}

@@ -1,0 +1,216 @@
+//! Configuration shared by every service, read from `E2A_*` environment
+//! variables (and `DATABASE_URL`) or the equivalent flags.
+//!
+//! Each binary's clap `Parser` flattens [`CommonArgs`] and adds its own
+//! options; `--help` lists them all with their variables and defaults.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::{Args, ValueEnum};
+use e2a_store::{StoreConfig, migrate::MigrationMode};
+
+/// Database connection settings.
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseArgs {
+    /// PostgreSQL URL, e.g. postgres://user:pass@host:5432/e2a. Takes precedence over DATABASE_URL.
+    #[arg(long = "database-url", env = "E2A_DATABASE_URL", hide_env_values = true)]
+    pub e2a_database_url: Option<String>,
+
+    /// Fallback PostgreSQL URL when E2A_DATABASE_URL is unset.
+    #[arg(long = "database-url-fallback", env = "DATABASE_URL", hide_env_values = true, hide = true)]
+    pub database_url: Option<String>,
+
+    /// Maximum pooled database connections.
+    #[arg(long, env = "E2A_DB_POOL_SIZE", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub db_pool_size: u32,
+
+    /// Time allowed to open one database connection, in milliseconds.
+    #[arg(long, env = "E2A_DB_CONNECT_TIMEOUT_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    pub db_connect_timeout_ms: u64,
+
+    /// Longest wait for a free pooled connection, in milliseconds (then 503).
+    #[arg(long, env = "E2A_DB_ACQUIRE_TIMEOUT_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    pub db_acquire_timeout_ms: u64,
+
+    /// Server-side statement_timeout for pooled connections, in milliseconds.
+    #[arg(long, env = "E2A_DB_STATEMENT_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    pub db_statement_timeout_ms: u64,
+
+    /// How long to keep retrying an unreachable database at start-up before exiting, in seconds.
+    #[arg(long, env = "E2A_DB_STARTUP_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub db_startup_timeout_secs: u64,
+}
+
+/// Configuration errors found after parsing.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Neither database variable is set.
+    #[error("no database configured: set E2A_DATABASE_URL (or DATABASE_URL) to a postgres:// URL")]
+    MissingDatabaseUrl,
+}
+
+impl DatabaseArgs {
+    /// The effective URL: `E2A_DATABASE_URL`, else `DATABASE_URL`.
+    pub fn url(&self) -> Result<&str, ConfigError> {
+        self.e2a_database_url
+            .as_deref()
+            .or(self.database_url.as_deref())
+            .filter(|u| !u.trim().is_empty())
+            .ok_or(ConfigError::MissingDatabaseUrl)
+    }
+
+    /// The store configuration these settings describe.
+    pub fn store_config(&self) -> Result<StoreConfig, ConfigError> {
+        Ok(StoreConfig {
+            database_url: self.url()?.to_owned(),
+            pool_size: self.db_pool_size as usize,
+            connect_timeout: Duration::from_millis(self.db_connect_timeout_ms),
+            acquire_timeout: Duration::from_millis(self.db_acquire_timeout_ms),
+            statement_timeout: Duration::from_millis(self.db_statement_timeout_ms),
+        })
+    }
+
+    /// Start-up retry budget.
+    pub fn startup_timeout(&self) -> Duration {
+        Duration::from_secs(self.db_startup_timeout_secs)
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Pretty,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Deployment environment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum Environment {
+    /// Local development: relaxed checks.
+    #[default]
+    Development,
+    /// Production: strict checks (HTTPS webhooks, real DNS probes, …).
+    Production,
+}
+
+/// Settings every service reads.
+#[derive(Debug, Clone, Args)]
+pub struct CommonArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub db: DatabaseArgs,
+
+    /// What to do with the schema at start-up: auto (apply pending), verify (refuse to start unless up to date) or skip.
+    #[arg(long, env = "E2A_MIGRATION_MODE", default_value = "auto", value_parser = parse_migration_mode)]
+    pub migration_mode: MigrationMode,
+
+    /// Address of the ops listener (/healthz, /readyz, /metrics). Default: 0.0.0.0 on the service's ops port.
+    #[arg(long, env = "E2A_OPS_ADDR")]
+    pub ops_addr: Option<SocketAddr>,
+
+    /// Log format.
+    #[arg(long, env = "E2A_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
+    pub log_format: LogFormat,
+
+    /// Deployment environment.
+    #[arg(long = "env", env = "E2A_ENV", value_enum, default_value_t = Environment::Development)]
+    pub environment: Environment,
+
+    /// Seconds allowed for in-flight work to finish after SIGINT/SIGTERM.
+    #[arg(long, env = "E2A_SHUTDOWN_GRACE_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub shutdown_grace_secs: u64,
+}
+
+fn parse_migration_mode(s: &str) -> Result<MigrationMode, String> {
+    s.parse()
+}
+
+impl CommonArgs {
+    /// The drain deadline after a shutdown signal.
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
+    }
+
+    /// The ops address, or `0.0.0.0:<default_port>`.
+    pub fn ops_addr_or(&self, default_port: u16) -> SocketAddr {
+        self.ops_addr.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], default_port)))
+    }
+
+    /// Defaults suitable for tests and embedding: the given database,
+    /// `auto` migrations, short timeouts.
+    pub fn for_database(url: impl Into<String>) -> Self {
+        Self {
+            db: DatabaseArgs {
+                e2a_database_url: Some(url.into()),
+                database_url: None,
+                db_pool_size: 8,
+                db_connect_timeout_ms: 2000,
+                db_acquire_timeout_ms: 2000,
+                db_statement_timeout_ms: 10_000,
+                db_startup_timeout_secs: 5,
+            },
+            migration_mode: MigrationMode::Auto,
+            ops_addr: None,
+            log_format: LogFormat::Pretty,
+            environment: Environment::Development,
+            shutdown_grace_secs: 10,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        common: CommonArgs,
+    }
+
+    #[test]
+    fn flags_parse_and_validate() {
+        let cli = Cli::try_parse_from([
+            "x",
+            "--database-url",
+            "postgres://localhost/e2a",
+            "--migration-mode",
+            "verify",
+            "--log-format",
+            "json",
+        ])
+        .unwrap();
+        assert_eq!(cli.common.migration_mode, MigrationMode::Verify);
+        assert_eq!(cli.common.log_format, LogFormat::Json);
+        assert_eq!(cli.common.db.url().unwrap(), "postgres://localhost/e2a");
+        assert_eq!(cli.common.ops_addr_or(9090).port(), 9090);
+    }
+
+    #[test]
+    fn invalid_values_are_rejected_with_a_message() {
+        let err = Cli::try_parse_from(["x", "--migration-mode", "sometimes"]).unwrap_err();
+        assert!(err.to_string().contains("unknown migration mode"), "{err}");
+        let err = Cli::try_parse_from(["x", "--db-pool-size", "0"]).unwrap_err();
+        assert!(err.to_string().contains("db-pool-size"), "{err}");
+        let err = Cli::try_parse_from(["x", "--ops-addr", "not-an-addr"]).unwrap_err();
+        assert!(err.to_string().contains("ops-addr"), "{err}");
+    }
+
+    #[test]
+    fn missing_database_url_is_a_clear_error() {
+        let cli = Cli::try_parse_from(["x"]).unwrap();
+        let mut db = cli.common.db;
+        db.e2a_database_url = None;
+        db.database_url = None;
+        let msg = db.url().unwrap_err().to_string();
+        assert!(msg.contains("E2A_DATABASE_URL"), "{msg}");
+        db.database_url = Some("postgres://fallback/db".into());
+        assert_eq!(db.url().unwrap(), "postgres://fallback/db");
+        db.e2a_database_url = Some("postgres://primary/db".into());
+        assert_eq!(db.url().unwrap(), "postgres://primary/db");
+    }
+}

@@ -1,0 +1,33 @@
+//! `e2a-runtime`: what every e2a service binary shares.
+//!
+//! * [`config`] — `E2A_*` environment configuration parsed with clap, so
+//!   every binary has `--help` and invalid values fail start-up clearly.
+//! * [`telemetry`] — tracing (human-readable by default, JSON with
+//!   `E2A_LOG_FORMAT=json`, filtered by `RUST_LOG`).
+//! * [`shutdown`] — SIGINT/SIGTERM to a [`CancellationToken`] with a drain
+//!   deadline.
+//! * [`ops`] — the ops listener: `/healthz`, `/readyz`, `/metrics`.
+//! * [`boot`] — connect to Postgres with a bounded retry and migrate per
+//!   `E2A_MIGRATION_MODE`.
+//! * [`main`] — the few lines each `main.rs` calls.
+
+pub mod boot;
+pub mod config;
+pub mod ops;
+pub mod shutdown;
+pub mod telemetry;
+
+mod entry;
+
+pub use entry::{error_chain, main, BoxError, Service};
+pub use tokio_util::sync::CancellationToken;
+
+/// Installs rustls' `ring` crypto provider as the process default, once.
+/// Every binary calls this at start (reqwest and tokio-rustls need it).
+pub fn install_crypto_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Err means another provider was installed first; keep that one.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}

@@ -1,0 +1,100 @@
+//! The ops listener every service runs beside its main one:
+//!
+//! * `GET /healthz` — liveness: the process answers; touches nothing.
+//! * `GET /readyz` — readiness: a bounded `SELECT 1`; 503 when the database
+//!   is unreachable or the service is draining.
+//! * `GET /metrics` — Prometheus text, including database pool usage.
+
+use std::{sync::OnceLock, time::Duration};
+
+use axum::{
+    Router,
+    extract::State,
+    http::{StatusCode, header},
+    response::IntoResponse,
+    routing::get,
+};
+use e2a_store::Store;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// How long `/readyz` waits for the database.
+pub const READINESS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The process-wide Prometheus recorder (installed on first use).
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            // Fails only if another recorder was installed first (embedding);
+            // then our handle renders an empty registry, which is harmless.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+#[derive(Clone)]
+struct OpsState {
+    service: &'static str,
+    store: Store,
+    shutdown: CancellationToken,
+    metrics: PrometheusHandle,
+}
+
+/// The ops router for `service`.
+pub fn router(service: &'static str, store: Store, shutdown: CancellationToken) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(render_metrics))
+        .with_state(OpsState { service, store, shutdown, metrics: metrics_handle() })
+}
+
+/// Serves the ops router on `listener` until `shutdown` is cancelled.
+pub async fn serve(
+    listener: TcpListener,
+    service: &'static str,
+    store: Store,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let app = router(service, store, shutdown.clone());
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+async fn healthz() -> impl IntoResponse {
+    (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], r#"{"status":"ok"}"#)
+}
+
+async fn readyz(State(state): State<OpsState>) -> impl IntoResponse {
+    let json = [(header::CONTENT_TYPE, "application/json")];
+    if state.shutdown.is_cancelled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, json, r#"{"status":"draining"}"#);
+    }
+    match state.store.ping(READINESS_TIMEOUT).await {
+        Ok(()) => (StatusCode::OK, json, r#"{"status":"ready"}"#),
+        Err(e) => {
+            tracing::warn!(service = state.service, error = %e, "readiness check failed");
+            (StatusCode::SERVICE_UNAVAILABLE, json, r#"{"status":"database_unavailable"}"#)
+        }
+    }
+}
+
+async fn render_metrics(State(state): State<OpsState>) -> impl IntoResponse {
+    let pool = state.store.pool_status();
+    let service = state.service;
+    metrics::gauge!("e2a_db_pool_max_connections", "service" => service).set(pool.max_size as f64);
+    metrics::gauge!("e2a_db_pool_connections", "service" => service).set(pool.size as f64);
+    metrics::gauge!("e2a_db_pool_idle_connections", "service" => service).set(pool.available as f64);
+    metrics::gauge!("e2a_db_pool_waiting", "service" => service).set(pool.waiting as f64);
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        state.metrics.render(),
+    )
+}

@@ -1,0 +1,118 @@
+//! Typed store errors. The edge (HTTP, SMTP) maps these once; nothing here is
+//! stringified on the way: database errors keep their `tokio_postgres::Error`
+//! as the source so the SQLSTATE stays reachable.
+
+use tokio_postgres::error::SqlState;
+
+/// Result alias for store operations.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// What can go wrong in a store call, in domain terms.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The row does not exist **or belongs to another tenant**: the two are
+    /// deliberately indistinguishable.
+    #[error("not found")]
+    NotFound,
+    /// A uniqueness rule was violated; `what` names the rule in domain terms
+    /// (e.g. `"email"`).
+    #[error("conflict: {what} already exists")]
+    Conflict {
+        /// Domain name of the violated rule.
+        what: &'static str,
+    },
+    /// The input was rejected before reaching the database.
+    #[error("invalid input: {0}")]
+    Invalid(String),
+    /// The database cannot be reached right now (pool exhausted, connection
+    /// refused or lost, server shutting down). Callers answer "try again"
+    /// (HTTP 503, SMTP 451), never success.
+    #[error("database unavailable")]
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// Any other database error.
+    #[error("database error")]
+    Database(#[source] tokio_postgres::Error),
+}
+
+impl StoreError {
+    /// True when retrying the whole transaction may succeed (serialization
+    /// failure or deadlock).
+    pub fn is_retryable_conflict(&self) -> bool {
+        match self {
+            StoreError::Database(e) => matches!(
+                e.code(),
+                Some(c) if *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::T_R_DEADLOCK_DETECTED
+            ),
+            _ => false,
+        }
+    }
+
+    /// True for [`StoreError::Unavailable`].
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+
+    /// Maps a database error, turning unique violations of the named
+    /// constraints into [`StoreError::Conflict`].
+    ///
+    /// `uniques` pairs a constraint (or unique index) name with the domain
+    /// name reported in the conflict.
+    pub fn from_pg_with(err: tokio_postgres::Error, uniques: &[(&str, &'static str)]) -> StoreError {
+        if let Some(db) = err.as_db_error() {
+            if *db.code() == SqlState::UNIQUE_VIOLATION {
+                if let Some(name) = db.constraint() {
+                    if let Some((_, what)) = uniques.iter().find(|(c, _)| *c == name) {
+                        return StoreError::Conflict { what };
+                    }
+                }
+            }
+        }
+        StoreError::from(err)
+    }
+}
+
+/// SQLSTATE classes that mean "the server is not there right now".
+fn is_unavailable_code(code: &SqlState) -> bool {
+    let c = code.code();
+    c.starts_with("08") // connection exception
+        || c == "57P01" // admin_shutdown
+        || c == "57P02" // crash_shutdown
+        || c == "57P03" // cannot_connect_now
+        || c == "53300" // too_many_connections
+}
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(err: tokio_postgres::Error) -> Self {
+        let unavailable = err.is_closed()
+            || match err.code() {
+                Some(code) => is_unavailable_code(code),
+                // No SQLSTATE and not a row/conversion problem: an I/O error.
+                None => err.as_db_error().is_none() && is_io_error(&err),
+            };
+        if unavailable {
+            StoreError::Unavailable(Box::new(err))
+        } else {
+            StoreError::Database(err)
+        }
+    }
+}
+
+fn is_io_error(err: &tokio_postgres::Error) -> bool {
+    let mut source = std::error::Error::source(err);
+    while let Some(s) = source {
+        if s.is::<std::io::Error>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
+impl From<deadpool_postgres::PoolError> for StoreError {
+    fn from(err: deadpool_postgres::PoolError) -> Self {
+        match err {
+            deadpool_postgres::PoolError::Backend(e) => StoreError::from(e),
+            other => StoreError::Unavailable(Box::new(other)),
+        }
+    }
+}

@@ -1,0 +1,27 @@
+//! Store integration tests against a real PostgreSQL (one fresh database per
+//! test, from `e2a-testkit`). One test binary for the whole crate keeps link
+//! time down; each aggregate has its own module.
+
+mod account_limits;
+mod api_keys;
+mod migrate;
+mod sessions;
+mod store;
+mod users;
+
+use e2a_store::{Store, StoreConfig, address::EmailAddress, ids::UserId};
+use e2a_testkit::TestDb;
+
+/// A store on a fresh migrated database. Keep the `TestDb` alive for the
+/// test's duration.
+pub async fn store() -> (TestDb, Store) {
+    let db = TestDb::new().await;
+    let store = Store::new(&StoreConfig::new(db.url())).expect("store config");
+    (db, store)
+}
+
+/// Creates a user with a unique address.
+pub async fn user(store: &Store, email: &str) -> UserId {
+    let client = store.client().await.unwrap();
+    e2a_store::users::create(&client, &EmailAddress::parse(email).unwrap(), "Test").await.unwrap().id
+}

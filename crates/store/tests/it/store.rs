@@ -1,0 +1,111 @@
+//! The Store: transactions, retries, availability errors.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use e2a_store::{IsolationLevel, Store, StoreConfig, StoreError};
+
+#[tokio::test]
+async fn transaction_commits_or_rolls_back_as_a_unit() {
+    let (db, store) = super::store().await;
+    let raw = db.client().await;
+    raw.batch_execute("CREATE TABLE t (v int)").await.unwrap();
+    store
+        .transaction(|tx| {
+            Box::pin(async move {
+                tx.execute("INSERT INTO t VALUES (1)", &[]).await?;
+                tx.execute("INSERT INTO t VALUES (2)", &[]).await?;
+                Ok(())
+            })
+        })
+        .await
+        .unwrap();
+    let err = store
+        .transaction(|tx| {
+            Box::pin(async move {
+                tx.execute("INSERT INTO t VALUES (3)", &[]).await?;
+                Err::<(), _>(StoreError::Invalid("stop".into()))
+            })
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Invalid(_)));
+    let n: i64 = raw.query_one("SELECT count(*) FROM t", &[]).await.unwrap().get(0);
+    assert_eq!(n, 2);
+}
+
+#[tokio::test]
+async fn serialization_failures_are_retried_until_both_commit() {
+    let (db, store) = super::store().await;
+    db.client()
+        .await
+        .batch_execute("CREATE TABLE counter (v int); INSERT INTO counter VALUES (0)")
+        .await
+        .unwrap();
+    let attempts = Arc::new(AtomicU32::new(0));
+    let barrier = Arc::new(tokio::sync::Barrier::new(2));
+    let run = |store: Store, attempts: Arc<AtomicU32>, barrier: Arc<tokio::sync::Barrier>| async move {
+        store
+            .transaction_with(IsolationLevel::Serializable, move |tx| {
+                let first = attempts.fetch_add(1, Ordering::SeqCst) < 2;
+                let barrier = barrier.clone();
+                Box::pin(async move {
+                    let v: i32 = tx.query_one("SELECT v FROM counter", &[]).await?.get(0);
+                    if first {
+                        // Both first attempts read before either writes: a
+                        // guaranteed serialization conflict.
+                        barrier.wait().await;
+                    }
+                    tx.execute("UPDATE counter SET v = $1", &[&(v + 1)]).await?;
+                    Ok(())
+                })
+            })
+            .await
+    };
+    let (a, b) = tokio::join!(
+        run(store.clone(), attempts.clone(), barrier.clone()),
+        run(store.clone(), attempts.clone(), barrier.clone())
+    );
+    a.unwrap();
+    b.unwrap();
+    let v: i32 = db.client().await.query_one("SELECT v FROM counter", &[]).await.unwrap().get(0);
+    assert_eq!(v, 2, "no lost update");
+    assert!(attempts.load(Ordering::SeqCst) >= 3, "one transaction was retried");
+}
+
+#[tokio::test]
+async fn an_unreachable_database_is_unavailable_within_the_timeouts() {
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut config = StoreConfig::new(format!("postgres://postgres@127.0.0.1:{port}/nothing"));
+    config.connect_timeout = Duration::from_millis(500);
+    config.acquire_timeout = Duration::from_millis(500);
+    let store = Store::new(&config).unwrap();
+    let err = store.client().await.unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+    let started = Instant::now();
+    let err = store.wait_until_ready(Duration::from_secs(1)).await.unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[tokio::test]
+async fn invalid_urls_are_configuration_errors() {
+    assert!(Store::new(&StoreConfig::new("postgres://host:notaport/db")).is_err());
+}
+
+#[tokio::test]
+async fn pool_status_reflects_use() {
+    let (_db, store) = super::store().await;
+    let c = store.client().await.unwrap();
+    let s = store.pool_status();
+    assert_eq!(s.max_size, 16);
+    assert!(s.size >= 1);
+    drop(c);
+    store.ping(Duration::from_secs(2)).await.unwrap();
+}

@@ -1,0 +1,652 @@
+//! Real PostgreSQL for e2a tests: one fresh, migrated database per test.
+//!
+//! ```no_run
+//! # async fn example() {
+//! let db = e2a_testkit::TestDb::new().await; // cloned from the migrated template
+//! let client = db.client().await;
+//! client.simple_query("SELECT 1").await.unwrap();
+//! # }
+//! // dropping `db` drops the database
+//! ```
+//!
+//! Where the server comes from:
+//! * `E2A_TEST_DATABASE_URL` set: that server (its user must be able to
+//!   `CREATE DATABASE`). Leftover `e2a_t_<pid>_<n>` databases of processes
+//!   that no longer run are swept on first use.
+//! * otherwise: one throwaway cluster per test process (see [`cluster`]),
+//!   started lazily on first use under `<target>/e2a-testpg/<pid>-<n>` and
+//!   stopped and removed when the process exits, however it exits.
+//!
+//! Either way the schema is migrated once per process into the template
+//! database [`TEMPLATE_DB`] with `e2a_store::migrate::run` (`Auto`), and each
+//! [`TestDb::new`] is a `CREATE DATABASE … TEMPLATE e2a_template`.
+//!
+//! **Never skipped**: when no server can be found or started, [`TestDb::new`]
+//! panics with a message saying how to install one, so the suite fails.
+//!
+//! Each `#[tokio::test]` has its own runtime, so the process-wide state holds
+//! only plain data (URLs, the cluster handle); every connection is made per
+//! use, on the caller's runtime.
+
+pub mod cluster;
+
+use std::error::Error as StdError;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::OnceCell;
+use tokio::task::JoinHandle;
+use tokio_postgres::{Client, NoTls};
+
+use cluster::{Cluster, ClusterError, ClusterOptions, PgBinaries, PortChoice, Reaper};
+
+/// Environment variable naming an external server to use instead of a throwaway cluster.
+pub const DATABASE_URL_ENV: &str = "E2A_TEST_DATABASE_URL";
+
+/// The migrated template every [`TestDb::new`] database is cloned from.
+pub const TEMPLATE_DB: &str = "e2a_template";
+
+/// Prefix of every per-test database name (`e2a_t_<pid>_<n>`).
+pub const TEST_DB_PREFIX: &str = "e2a_t_";
+
+/// Advisory lock guarding the template: exclusive while it is (re)built,
+/// shared while a database is cloned from it. `"e2a_tmpl"` as big-endian bytes.
+const TEMPLATE_LOCK_KEY: i64 = 0x6532_615f_746d_706c;
+
+/// Bound on any single setup or teardown step against the server.
+const STEP_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Sub-directory of the cargo target directory holding test clusters.
+const TEST_CLUSTERS_DIR: &str = "e2a-testpg";
+
+static SERVER: OnceCell<Result<Server, String>> = OnceCell::const_new();
+static DB_COUNTER: AtomicU64 = AtomicU64::new(0);
+static CLUSTER_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// The server this process's tests use. Plain data only (no runtime-bound objects).
+struct Server {
+    /// URL of the maintenance database (admin connections: CREATE/DROP DATABASE).
+    admin_url: String,
+    /// The throwaway cluster and its reaper; `None` for an external server.
+    /// Never dropped: the reaper's pipe closes when the process exits.
+    _cluster: Option<(Cluster, Reaper)>,
+}
+
+/// A fresh database for one test, dropped (with `WITH (FORCE)`) when this value is dropped.
+#[derive(Debug)]
+pub struct TestDb {
+    name: String,
+    url: String,
+    admin_url: String,
+}
+
+impl TestDb {
+    /// A fresh database cloned from the migrated template.
+    ///
+    /// The first call in a process starts (or connects to) the server and
+    /// migrates the template; later calls only clone it. Panics — never
+    /// skips — with an install hint when PostgreSQL is unavailable, and with
+    /// the cause when migrating or cloning fails.
+    pub async fn new() -> TestDb {
+        let server = server().await;
+        let name = next_db_name();
+        let sql = format!("CREATE DATABASE {name} TEMPLATE {TEMPLATE_DB}");
+        let created = async {
+            let (admin, conn) = connect(&server.admin_url).await?;
+            // Shared: many clones at once, but never while the template is rebuilt.
+            admin
+                .execute("SELECT pg_advisory_lock_shared($1)", &[&TEMPLATE_LOCK_KEY])
+                .await?;
+            admin.batch_execute(&sql).await?;
+            close(admin, conn).await;
+            Ok::<_, tokio_postgres::Error>(())
+        };
+        match tokio::time::timeout(STEP_TIMEOUT, created).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => panic!("e2a-testkit: `{sql}` failed: {}", chain(&e)),
+            Err(_) => panic!("e2a-testkit: `{sql}` timed out after {STEP_TIMEOUT:?}"),
+        }
+        TestDb::named(server, name)
+    }
+
+    /// A fresh EMPTY database (no migrations applied) on the same server, for
+    /// migration tests. Panics like [`TestDb::new`].
+    pub async fn empty() -> TestDb {
+        let server = server().await;
+        let name = next_db_name();
+        let sql = create_empty_sql(&name);
+        let created = async {
+            let (admin, conn) = connect(&server.admin_url).await?;
+            admin.batch_execute(&sql).await?;
+            close(admin, conn).await;
+            Ok::<_, tokio_postgres::Error>(())
+        };
+        match tokio::time::timeout(STEP_TIMEOUT, created).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => panic!("e2a-testkit: `{sql}` failed: {}", chain(&e)),
+            Err(_) => panic!("e2a-testkit: `{sql}` timed out after {STEP_TIMEOUT:?}"),
+        }
+        TestDb::named(server, name)
+    }
+
+    fn named(server: &Server, name: String) -> TestDb {
+        TestDb {
+            url: with_database(&server.admin_url, &name),
+            admin_url: server.admin_url.clone(),
+            name,
+        }
+    }
+
+    /// A `postgres://` URL (or the key=value form of `E2A_TEST_DATABASE_URL`)
+    /// for this database, usable by any client library.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The database name (`e2a_t_<pid>_<n>`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A new connection to this database; its connection task is spawned on
+    /// the caller's runtime. Panics when the connection fails.
+    pub async fn client(&self) -> Client {
+        match connect(&self.url).await {
+            Ok((client, _task)) => client,
+            Err(e) => panic!(
+                "e2a-testkit: connecting to test database {} failed: {}",
+                self.name,
+                chain(&e)
+            ),
+        }
+    }
+}
+
+impl Drop for TestDb {
+    /// Drops the database synchronously (on a helper thread with its own
+    /// runtime, so it works inside and outside async code). Never panics: a
+    /// failure is reported on stderr and the name-based sweep or the
+    /// cluster's removal cleans up later.
+    fn drop(&mut self) {
+        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        if let Err(e) = run_detached(self.admin_url.clone(), sql.clone()) {
+            eprintln!("e2a-testkit: warning: `{sql}` failed: {e}");
+        }
+    }
+}
+
+/// A cluster of its own for tests that stop and restart the database
+/// (outage tests: "database stopped → /readyz 503, recovery when it returns").
+///
+/// It holds a migrated database [`PrivateCluster::DATABASE`], keeps its port
+/// across [`stop`](PrivateCluster::stop) / [`start_again`](PrivateCluster::start_again),
+/// and is stopped and removed when dropped or when the process exits.
+/// Always needs local server binaries (`E2A_TEST_DATABASE_URL` is not used).
+#[derive(Debug)]
+pub struct PrivateCluster {
+    cluster: Cluster,
+    _reaper: Reaper,
+}
+
+impl PrivateCluster {
+    /// The migrated database created on every private cluster.
+    pub const DATABASE: &'static str = "e2a";
+
+    /// Creates and starts a throwaway cluster and migrates [`Self::DATABASE`].
+    /// Panics with an install hint when PostgreSQL is unavailable.
+    pub async fn start() -> PrivateCluster {
+        let started = tokio::task::spawn_blocking(start_throwaway_cluster).await;
+        let (cluster, reaper) = match started {
+            Ok(Ok(pair)) => pair,
+            Ok(Err(e)) => panic!("e2a-testkit: cannot start a private PostgreSQL cluster: {e}"),
+            Err(e) => panic!("e2a-testkit: starting a private cluster panicked: {e}"),
+        };
+        let admin_url = cluster.url("postgres");
+        let setup = async {
+            let (admin, conn) = connect(&admin_url).await.map_err(|e| chain(&e))?;
+            admin
+                .batch_execute(&create_empty_sql(Self::DATABASE))
+                .await
+                .map_err(|e| chain(&e))?;
+            close(admin, conn).await;
+            migrate(&cluster.url(Self::DATABASE)).await
+        };
+        match tokio::time::timeout(STEP_TIMEOUT, setup).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => panic!("e2a-testkit: preparing the private cluster failed: {e}"),
+            Err(_) => panic!("e2a-testkit: preparing the private cluster timed out"),
+        }
+        PrivateCluster {
+            cluster,
+            _reaper: reaper,
+        }
+    }
+
+    /// `postgres://postgres@127.0.0.1:<port>/<dbname>` on this cluster.
+    pub fn url(&self, dbname: &str) -> String {
+        self.cluster.url(dbname)
+    }
+
+    /// The URL of the migrated database [`Self::DATABASE`].
+    pub fn database_url(&self) -> String {
+        self.cluster.url(Self::DATABASE)
+    }
+
+    /// The TCP port, the same before and after a restart.
+    pub fn port(&self) -> u16 {
+        self.cluster.port()
+    }
+
+    /// Stops the server (fast shutdown: open sessions are terminated) and
+    /// returns once it is down. Panics when it cannot be stopped.
+    pub async fn stop(&self) {
+        let cluster = self.cluster.clone();
+        match tokio::task::spawn_blocking(move || cluster.stop()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => panic!("e2a-testkit: stopping the private cluster failed: {e}"),
+            Err(e) => panic!("e2a-testkit: stopping the private cluster panicked: {e}"),
+        }
+    }
+
+    /// Starts the server again on the same port and returns once it accepts
+    /// connections. Panics when it cannot start (e.g. the port was taken).
+    pub async fn start_again(&self) {
+        let mut cluster = self.cluster.clone();
+        match tokio::task::spawn_blocking(move || cluster.start(PortChoice::Same)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => panic!("e2a-testkit: restarting the private cluster failed: {e}"),
+            Err(e) => panic!("e2a-testkit: restarting the private cluster panicked: {e}"),
+        }
+    }
+
+    /// Whether the server is running. Panics when `pg_ctl status` cannot run.
+    pub async fn is_running(&self) -> bool {
+        let cluster = self.cluster.clone();
+        match tokio::task::spawn_blocking(move || cluster.status()).await {
+            Ok(Ok(status)) => status == cluster::ClusterStatus::Running,
+            Ok(Err(e)) => panic!("e2a-testkit: `pg_ctl status` failed: {e}"),
+            Err(e) => panic!("e2a-testkit: `pg_ctl status` panicked: {e}"),
+        }
+    }
+}
+
+/// The cargo target directory of the workspace running this code, if found:
+/// `CARGO_TARGET_DIR`, else the nearest ancestor of the current executable
+/// holding cargo's `CACHEDIR.TAG`, else a `target` directory next to a
+/// `Cargo.lock` above `CARGO_MANIFEST_DIR` (run time, then build time).
+pub fn target_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR").filter(|d| !d.is_empty()) {
+        return std::path::absolute(dir).ok();
+    }
+    if let Ok(exe) = std::env::current_exe()
+        && let Some(dir) = exe.ancestors().find(|d| d.join("CACHEDIR.TAG").is_file())
+    {
+        return Some(dir.to_owned());
+    }
+    let manifest_dirs = [
+        std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from),
+        Some(PathBuf::from(env!("CARGO_MANIFEST_DIR"))),
+    ];
+    manifest_dirs.into_iter().flatten().find_map(|start| {
+        start
+            .ancestors()
+            .find(|d| d.join("Cargo.lock").is_file() && d.join("target").is_dir())
+            .map(|d| d.join("target"))
+    })
+}
+
+/// `url` with its database replaced by `dbname`. Handles `postgres://` /
+/// `postgresql://` URLs (query parameters kept) and the key=value form.
+pub fn with_database(url: &str, dbname: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return format!("{url} dbname={dbname}");
+    };
+    let rest_start = scheme_end + 3;
+    let rest = &url[rest_start..];
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let after = &rest[authority_end..];
+    let query = after.find('?').map_or("", |q| &after[q..]);
+    format!(
+        "{}{}/{dbname}{query}",
+        &url[..rest_start],
+        &rest[..authority_end]
+    )
+}
+
+async fn server() -> &'static Server {
+    let server = SERVER.get_or_init(|| async { init_server().await }).await;
+    match server {
+        Ok(server) => server,
+        Err(msg) => panic!("e2a-testkit: no PostgreSQL for tests: {msg}"),
+    }
+}
+
+/// Starts or connects to the server and rebuilds the template. Runs once per process.
+async fn init_server() -> Result<Server, String> {
+    let external = std::env::var(DATABASE_URL_ENV)
+        .ok()
+        .filter(|u| !u.trim().is_empty());
+    let (admin_url, cluster) = match external {
+        Some(url) => (url, None),
+        None => {
+            let started = tokio::task::spawn_blocking(start_throwaway_cluster)
+                .await
+                .map_err(|e| format!("starting the test cluster panicked: {e}"))?
+                .map_err(|e| e.to_string())?;
+            (started.0.url("postgres"), Some(started))
+        }
+    };
+    let is_external = cluster.is_none();
+    let prepared = async {
+        if is_external {
+            sweep_dead_databases(&admin_url).await?;
+        }
+        rebuild_template(&admin_url).await
+    };
+    match tokio::time::timeout(STEP_TIMEOUT, prepared).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) if is_external => {
+            return Err(format!(
+                "{e}\n(using {DATABASE_URL_ENV}={admin_url}: check that the server runs and its \
+                 user may CREATE DATABASE, or unset {DATABASE_URL_ENV} to let the tests start \
+                 their own cluster)"
+            ));
+        }
+        Ok(Err(e)) => return Err(e),
+        Err(_) => {
+            return Err(format!(
+                "preparing the test server timed out after {STEP_TIMEOUT:?}"
+            ));
+        }
+    }
+    Ok(Server {
+        admin_url,
+        _cluster: cluster,
+    })
+}
+
+/// (Re)creates [`TEMPLATE_DB`] and migrates it, under the exclusive template lock.
+///
+/// Rebuilt once per process so the template always matches this build's
+/// migrations, even on an external server shared with other checkouts.
+async fn rebuild_template(admin_url: &str) -> Result<(), String> {
+    let step =
+        |what: &'static str| move |e: tokio_postgres::Error| format!("{what}: {}", chain(&e));
+    let (admin, conn) = connect(admin_url)
+        .await
+        .map_err(step("connecting to the server"))?;
+    admin
+        .execute("SELECT pg_advisory_lock($1)", &[&TEMPLATE_LOCK_KEY])
+        .await
+        .map_err(step("locking the template"))?;
+    // Separate statements: a multi-statement string is an implicit transaction block.
+    admin
+        .batch_execute(&format!(
+            "DROP DATABASE IF EXISTS {TEMPLATE_DB} WITH (FORCE)"
+        ))
+        .await
+        .map_err(step("dropping the old template database"))?;
+    admin
+        .batch_execute(&create_empty_sql(TEMPLATE_DB))
+        .await
+        .map_err(step("creating the template database"))?;
+    migrate(&with_database(admin_url, TEMPLATE_DB)).await?;
+    // Closing the admin connection releases the lock.
+    close(admin, conn).await;
+    Ok(())
+}
+
+/// Migrates the database at `url` with the store's migrator and closes the
+/// connection fully before returning (a template must have no sessions).
+async fn migrate(url: &str) -> Result<(), String> {
+    let (mut client, conn) = connect(url)
+        .await
+        .map_err(|e| format!("connecting to {url}: {}", chain(&e)))?;
+    e2a_store::migrate::run(&mut client, e2a_store::migrate::MigrationMode::Auto)
+        .await
+        .map_err(|e| format!("migrating {url}: {}", chain(&e)))?;
+    close(client, conn).await;
+    Ok(())
+}
+
+/// Drops `e2a_t_<pid>_<n>` databases whose process is gone (external servers only).
+async fn sweep_dead_databases(admin_url: &str) -> Result<(), String> {
+    let (admin, conn) = connect(admin_url)
+        .await
+        .map_err(|e| format!("connecting to the server: {}", chain(&e)))?;
+    let rows = admin
+        .query(
+            "SELECT datname::text FROM pg_database WHERE starts_with(datname, $1)",
+            &[&TEST_DB_PREFIX],
+        )
+        .await
+        .map_err(|e| format!("listing databases: {}", chain(&e)))?;
+    let me = std::process::id();
+    for row in rows {
+        let name: String = row.get(0);
+        let Some(pid) = db_pid(&name) else { continue };
+        if pid == me || pid_alive(pid) {
+            continue;
+        }
+        if let Err(e) = admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await
+        {
+            eprintln!(
+                "e2a-testkit: warning: sweeping leftover database {name} failed: {}",
+                chain(&e)
+            );
+        }
+    }
+    close(admin, conn).await;
+    Ok(())
+}
+
+/// The pid embedded in `e2a_t_<pid>_<n>`.
+fn db_pid(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix(TEST_DB_PREFIX)?;
+    let (pid, n) = rest.split_once('_')?;
+    n.parse::<u64>().ok()?;
+    pid.parse().ok()
+}
+
+fn pid_alive(pid: u32) -> bool {
+    if Path::new("/proc/self").exists() {
+        return Path::new("/proc").join(pid.to_string()).exists();
+    }
+    std::process::Command::new("kill")
+        .args(["-0", &pid.to_string()])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn next_db_name() -> String {
+    format!(
+        "{TEST_DB_PREFIX}{}_{}",
+        std::process::id(),
+        DB_COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// `CREATE DATABASE` from `template0` with UTF8 and the C collation, so
+/// results do not depend on the server's locale.
+fn create_empty_sql(name: &str) -> String {
+    format!("CREATE DATABASE {name} TEMPLATE template0 ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C'")
+}
+
+/// Creates, starts and ties to this process a throwaway cluster under the
+/// target directory (the OS temp dir when that is unusable). Blocking.
+fn start_throwaway_cluster() -> Result<(Cluster, Reaper), ClusterError> {
+    let bins = PgBinaries::find()?;
+    let mut bases: Vec<PathBuf> = target_dir()
+        .map(|t| t.join(TEST_CLUSTERS_DIR))
+        .into_iter()
+        .collect();
+    bases.push(std::env::temp_dir().join(TEST_CLUSTERS_DIR));
+    let mut last_err = None;
+    for base in bases {
+        sweep_dead_cluster_dirs(&base);
+        let dir = base.join(format!(
+            "{}-{}",
+            std::process::id(),
+            CLUSTER_COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        // Same pid as a crashed earlier process: its directory is stale.
+        let _ = std::fs::remove_dir_all(&dir);
+        if let Err(e) = std::fs::create_dir_all(&base) {
+            last_err = Some(ClusterError::Io {
+                context: format!("creating {}", base.display()),
+                source: e,
+            });
+            continue;
+        }
+        // Before initdb, so that even an interrupted creation is removed;
+        // dropping it (on any error below) removes the directory.
+        let reaper = Reaper::spawn(&bins, &dir)?;
+        match Cluster::init(bins.clone(), &dir, &ClusterOptions::throwaway()) {
+            Ok(mut cluster) => {
+                cluster.start(PortChoice::AnyFree)?;
+                return Ok((cluster, reaper));
+            }
+            Err(e @ ClusterError::DataDirNotAccessible { .. }) => last_err = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last_err.unwrap_or(ClusterError::Io {
+        context: "finding a directory for the test cluster".into(),
+        source: std::io::Error::other("no candidate directory"),
+    }))
+}
+
+/// Removes `<pid>-<n>` cluster directories whose process is gone (their
+/// reaper was killed too). Best effort, once per base directory and process.
+fn sweep_dead_cluster_dirs(base: &Path) {
+    static SWEPT: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+    {
+        let mut swept = SWEPT.lock().unwrap_or_else(|p| p.into_inner());
+        if swept.iter().any(|b| b == base) {
+            return;
+        }
+        swept.push(base.to_owned());
+    }
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == std::process::id() || pid_alive(pid) {
+            continue;
+        }
+        let path = entry.path();
+        match Cluster::open(&path) {
+            Ok(cluster) => {
+                let _ = cluster.destroy();
+            }
+            Err(_) => {
+                let _ = std::fs::remove_dir_all(&path);
+            }
+        }
+    }
+}
+
+async fn connect(url: &str) -> Result<(Client, JoinHandle<()>), tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
+    let task = tokio::spawn(async move {
+        // Errors surface on the client's next call; nothing to do here.
+        let _ = connection.await;
+    });
+    Ok((client, task))
+}
+
+/// Drops the client and waits until its connection is closed.
+async fn close(client: Client, task: JoinHandle<()>) {
+    drop(client);
+    let _ = task.await;
+}
+
+/// Runs `sql` on `admin_url` on a helper thread with its own runtime and waits for it.
+fn run_detached(admin_url: String, sql: String) -> Result<(), String> {
+    let worker = std::thread::Builder::new()
+        .name("e2a-testkit-drop".into())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| format!("building a runtime: {e}"))?;
+            runtime.block_on(async {
+                let work = async {
+                    let (admin, conn) = connect(&admin_url).await?;
+                    admin.batch_execute(&sql).await?;
+                    close(admin, conn).await;
+                    Ok::<_, tokio_postgres::Error>(())
+                };
+                match tokio::time::timeout(STEP_TIMEOUT, work).await {
+                    Ok(result) => result.map_err(|e| chain(&e)),
+                    Err(_) => Err(format!("timed out after {STEP_TIMEOUT:?}")),
+                }
+            })
+        })
+        .map_err(|e| format!("spawning a thread: {e}"))?;
+    worker
+        .join()
+        .unwrap_or_else(|_| Err("the helper thread panicked".into()))
+}
+
+/// An error and all its sources, `: `-separated.
+fn chain(error: &dyn StdError) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let next = e.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = e.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn with_database_replaces_the_path_only() {
+        assert_eq!(
+            with_database("postgres://u:p@h:5/old?sslmode=disable", "new"),
+            "postgres://u:p@h:5/new?sslmode=disable"
+        );
+        assert_eq!(with_database("postgres://h", "x"), "postgres://h/x");
+        assert_eq!(
+            with_database("postgresql://h/?a=b", "x"),
+            "postgresql://h/x?a=b"
+        );
+        assert_eq!(
+            with_database("host=h user=u", "x"),
+            "host=h user=u dbname=x"
+        );
+    }
+
+    #[test]
+    fn db_pid_parses_only_our_names() {
+        assert_eq!(db_pid("e2a_t_123_4"), Some(123));
+        assert_eq!(db_pid("e2a_t_x_4"), None);
+        assert_eq!(db_pid("e2a_template"), None);
+        assert_eq!(db_pid("other_123_4"), None);
+    }
+
+    #[test]
+    fn own_process_is_alive() {
+        assert!(pid_alive(std::process::id()));
+    }
+}
