@@ -1,0 +1,297 @@
+//! The API end to end: a real server on a port-0 listener, a real Postgres
+//! from the testkit, a real HTTP client.
+
+use std::time::Duration;
+
+use e2a_api::{Config, Listeners};
+use e2a_runtime::CancellationToken;
+use e2a_store::{Store, StoreConfig, address::EmailAddress, api_keys, migrate::MigrationMode, users};
+use e2a_testkit::{PrivateCluster, TestDb};
+use reqwest::{StatusCode, header};
+use serde_json::Value;
+use tokio::{net::TcpListener, task::JoinHandle};
+
+/// A running API: base URLs, its token and its task.
+struct Running {
+    base: String,
+    ops: String,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), e2a_runtime::BoxError>>,
+    http: reqwest::Client,
+}
+
+impl Running {
+    async fn start(config: Config) -> Running {
+        e2a_runtime::install_crypto_provider();
+        let http_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ops_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", http_listener.local_addr().unwrap());
+        let ops = format!("http://{}", ops_listener.local_addr().unwrap());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(e2a_api::run(
+            config,
+            Listeners { http: http_listener, ops: ops_listener },
+            shutdown.clone(),
+        ));
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap();
+        Running { base, ops, shutdown, task, http }
+    }
+
+    async fn get(&self, path: &str, key: Option<&str>) -> reqwest::Response {
+        let mut req = self.http.get(format!("{}{path}", self.base));
+        if let Some(key) = key {
+            req = req.header(header::AUTHORIZATION, key);
+        }
+        req.send().await.unwrap()
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(15), self.task)
+            .await
+            .expect("api did not stop in time")
+            .unwrap()
+            .expect("api stopped with an error");
+    }
+}
+
+async fn key_for(db_url: &str, email: &str) -> String {
+    let store = Store::new(&StoreConfig::new(db_url)).unwrap();
+    let c = store.client().await.unwrap();
+    let user = users::create(&c, &EmailAddress::parse(email).unwrap(), "").await.unwrap();
+    api_keys::create(&c, &user.id, "test", None).await.unwrap().plaintext
+}
+
+async fn error_body(resp: reqwest::Response) -> (StatusCode, Value) {
+    let status = resp.status();
+    let ct = resp.headers().get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap().to_owned());
+    assert_eq!(ct.as_deref(), Some("application/json"), "error bodies are JSON");
+    let body: Value = resp.json().await.unwrap();
+    let err = &body["error"];
+    assert!(err["code"].is_string() && err["message"].is_string(), "{body}");
+    assert!(err["request_id"].as_str().unwrap().starts_with("req_"), "{body}");
+    (status, body)
+}
+
+#[tokio::test]
+async fn health_info_and_request_ids() {
+    let db = TestDb::new().await;
+    let mut config = Config::for_database(db.url());
+    config.shared_domain = "Agents.LocalHost".into();
+    config.public_url = Some("http://localhost:8080".into());
+    let api = Running::start(config).await;
+
+    let resp = api.get("/api/health", None).await;
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers()["x-request-id"].to_str().unwrap().starts_with("req_"));
+    assert_eq!(resp.headers()["x-content-type-options"], "nosniff");
+    assert_eq!(resp.json::<Value>().await.unwrap(), serde_json::json!({"status": "ok"}));
+
+    let head = api.http.head(format!("{}/api/health", api.base)).send().await.unwrap();
+    assert_eq!(head.status(), 200);
+
+    let echoed = api
+        .http
+        .get(format!("{}/api/health", api.base))
+        .header("x-request-id", "trace-abc-123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(echoed.headers()["x-request-id"], "trace-abc-123");
+
+    let info: Value = api.get("/v1/info", None).await.json().await.unwrap();
+    assert_eq!(
+        info,
+        serde_json::json!({"shared_domain": "agents.localhost", "slug_registration_enabled": true, "public_url": "http://localhost:8080"})
+    );
+
+    for path in ["/healthz", "/readyz"] {
+        let resp = api.http.get(format!("{}{path}", api.ops)).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "{path}");
+    }
+    let metrics = api.http.get(format!("{}/metrics", api.ops)).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("e2a_db_pool_max_connections"), "{metrics}");
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn account_answers_limits_and_usage_for_a_valid_key() {
+    let db = TestDb::new().await;
+    let key = key_for(db.url(), "owner@example.com").await;
+    let api = Running::start(Config::for_database(db.url())).await;
+    for auth in [format!("Bearer {key}"), format!("bearer {key}"), key.clone()] {
+        let resp = api.get("/v1/account", Some(&auth)).await;
+        assert_eq!(resp.status(), 200);
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({
+                "plan_code": "default",
+                "limits": {"max_agents": 1_000_000, "max_domains": 1_000_000,
+                           "max_messages_month": 1_000_000_000, "max_storage_bytes": 1_i64 << 50},
+                "usage": {"agents": 0, "domains": 0, "messages_month": 0, "storage_bytes": 0},
+                "upgrade_url": ""
+            })
+        );
+    }
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn every_bad_credential_is_401_never_500() {
+    let db = TestDb::new().await;
+    let key = key_for(db.url(), "victim@example.com").await;
+    let revoked = {
+        let store = Store::new(&StoreConfig::new(db.url())).unwrap();
+        let c = store.client().await.unwrap();
+        let user = users::get_by_email(&c, &EmailAddress::parse("victim@example.com").unwrap()).await.unwrap();
+        let k = api_keys::create(&c, &user.id, "old", None).await.unwrap();
+        api_keys::revoke(&c, &user.id, &k.key.id).await.unwrap();
+        let expired = api_keys::create(&c, &user.id, "exp", Some(time::OffsetDateTime::now_utc() + time::Duration::hours(1)))
+            .await
+            .unwrap();
+        c.execute("UPDATE api_keys SET expires_at = now() - interval '1 second' WHERE id = $1", &[&expired.key.id])
+            .await
+            .unwrap();
+        vec![k.plaintext, expired.plaintext]
+    };
+    let api = Running::start(Config::for_database(db.url())).await;
+
+    let missing = api.get("/v1/account", None).await;
+    assert_eq!(missing.headers()[header::WWW_AUTHENTICATE], r#"Bearer realm="e2a""#);
+    let (status, body) = error_body(missing).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("unauthorized")));
+
+    let wrong_body = format!("Bearer e2a_{}", "f".repeat(64));
+    let over_long = format!("Bearer {key}{}", "a".repeat(5000));
+    let mut bad = vec![
+        "Basic dXNlcjpwYXNz".to_owned(),
+        "Bearer".to_owned(),
+        "Bearer ".to_owned(),
+        "Bearer e2a_".to_owned(),
+        "Bearer not-a-key".to_owned(),
+        wrong_body,
+        over_long,
+        format!("Bearer {}", key.to_uppercase()),
+        format!("Bearer {key} extra"),
+    ];
+    bad.extend(revoked.iter().map(|k| format!("Bearer {k}")));
+    for auth in &bad {
+        let (status, body) = error_body(api.get("/v1/account", Some(auth)).await).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{auth:.40}");
+        assert_eq!(body["error"]["code"], "unauthorized");
+    }
+    // Non-UTF-8 header bytes.
+    let resp = api
+        .http
+        .get(format!("{}/v1/account", api.base))
+        .header(header::AUTHORIZATION, header::HeaderValue::from_bytes(b"Bearer \xff\xfe").unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    // And the good key still works.
+    assert_eq!(api.get("/v1/account", Some(&format!("Bearer {key}"))).await.status(), 200);
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_get_json_errors() {
+    let db = TestDb::new().await;
+    let api = Running::start(Config::for_database(db.url())).await;
+    let (status, body) = error_body(api.get("/v1/nope", None).await).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")));
+    let resp = api.http.post(format!("{}/v1/account", api.base)).send().await.unwrap();
+    let (status, body) = error_body(resp).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::METHOD_NOT_ALLOWED, Some("method_not_allowed")));
+    let resp = api
+        .http
+        .get(format!("{}/v1/info", api.base))
+        .body(vec![b'x'; 100_000])
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = error_body(resp).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::PAYLOAD_TOO_LARGE, Some("payload_too_large")));
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn database_outage_gives_503_and_recovers() {
+    let cluster = PrivateCluster::start().await;
+    let key = key_for(&cluster.database_url(), "outage@example.com").await;
+    let api = Running::start(Config::for_database(cluster.database_url())).await;
+    let auth = format!("Bearer {key}");
+    assert_eq!(api.get("/v1/account", Some(&auth)).await.status(), 200);
+    let readyz = || async { api.http.get(format!("{}/readyz", api.ops)).send().await.unwrap().status() };
+    assert_eq!(readyz().await, 200);
+
+    cluster.stop().await;
+    assert_eq!(readyz().await, 503);
+    let (status, body) = error_body(api.get("/v1/account", Some(&auth)).await).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    // Liveness does not depend on the database.
+    assert_eq!(api.get("/api/health", None).await.status(), 200);
+    assert_eq!(api.http.get(format!("{}/healthz", api.ops)).send().await.unwrap().status(), 200);
+
+    cluster.start_again().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if readyz().await == 200 && api.get("/v1/account", Some(&auth)).await.status() == 200 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "did not recover after the database returned");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn unreachable_database_at_start_fails_after_a_bounded_retry() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut config = Config::for_database(format!("postgres://postgres@127.0.0.1:{port}/e2a"));
+    config.common.db.db_startup_timeout_secs = 1;
+    config.common.db.db_connect_timeout_ms = 300;
+    let api = Running::start(config).await;
+    let err = tokio::time::timeout(Duration::from_secs(15), api.task)
+        .await
+        .expect("start-up retry is bounded")
+        .unwrap()
+        .unwrap_err();
+    let message = e2a_runtime::error_chain(err.as_ref());
+    assert!(message.contains("database unreachable"), "{message}");
+}
+
+#[tokio::test]
+async fn verify_mode_refuses_an_unmigrated_database_naming_the_migrations() {
+    let db = TestDb::empty().await;
+    let mut config = Config::for_database(db.url());
+    config.common.migration_mode = MigrationMode::Verify;
+    let api = Running::start(config).await;
+    let err = tokio::time::timeout(Duration::from_secs(15), api.task).await.unwrap().unwrap().unwrap_err();
+    let message = e2a_runtime::error_chain(err.as_ref());
+    assert!(message.contains("pending migration(s)") && message.contains("V1__accounts"), "{message}");
+}
+
+#[tokio::test]
+async fn two_services_started_at_once_on_an_empty_database_both_come_up() {
+    let db = TestDb::empty().await;
+    let (a, b) = tokio::join!(
+        Running::start(Config::for_database(db.url())),
+        Running::start(Config::for_database(db.url()))
+    );
+    for api in [&a, &b] {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let ok = api.http.get(format!("{}/readyz", api.ops)).send().await.is_ok_and(|r| r.status() == 200);
+            if ok {
+                break;
+            }
+            assert!(!api.task.is_finished(), "a service failed to start");
+            assert!(tokio::time::Instant::now() < deadline, "service never became ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    a.stop().await;
+    b.stop().await;
+}
