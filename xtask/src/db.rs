@@ -139,15 +139,21 @@ fn create_database(admin_url: &str, name: &str) -> Result<(), Box<dyn std::error
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let (client, connection) = tokio_postgres::connect(admin_url, tokio_postgres::NoTls).await?;
+        let (client, connection) =
+            tokio_postgres::connect(admin_url, tokio_postgres::NoTls).await?;
         let task = tokio::spawn(connection);
         let exists = client
             .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
             .await?
             .is_some();
         if !exists {
-            match client.batch_execute(&format!("CREATE DATABASE {name}")).await {
-                Err(e) if e.code() != Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) => {
+            match client
+                .batch_execute(&format!("CREATE DATABASE {name}"))
+                .await
+            {
+                Err(e)
+                    if e.code() != Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) =>
+                {
                     return Err(e.into());
                 }
                 _ => eprintln!("created database {name}"),
@@ -157,4 +163,25 @@ fn create_database(admin_url: &str, name: &str) -> Result<(), Box<dyn std::error
         task.await??;
         Ok(())
     })
+}
+
+/// True when the dev cluster exists and is running.
+pub fn is_running() -> bool {
+    let dir = data_dir();
+    if !Cluster::exists(&dir) {
+        return false;
+    }
+    match Cluster::open(&dir) {
+        Ok(cluster) => cluster.status().is_ok_and(|s| s == ClusterStatus::Running),
+        Err(_) => false,
+    }
+}
+
+/// Stops the dev cluster (fast shutdown) if it exists.
+pub fn stop() -> Result<(), Box<dyn std::error::Error>> {
+    let dir = data_dir();
+    if Cluster::exists(&dir) {
+        Cluster::open(&dir)?.stop()?;
+    }
+    Ok(())
 }

@@ -3,12 +3,15 @@
 //! This file is only the dispatcher: one module per command. To add a
 //! command, write `src/<command>.rs` with an `Args` type (`clap::Args`) and a
 //! `run(args) -> CmdResult`, then point its variant of [`Command`] and its
-//! arm in [`main`] at it. The placeholders (`migrate`, `bootstrap`, `dev`,
-//! `bench`) currently go to [`not_yet`].
+//! arm in [`main`] at it.
 
+mod bench;
+mod bootstrap;
+mod database;
 mod db;
+mod dev;
+mod migrate;
 mod new_migration;
-mod not_yet;
 mod tidy;
 mod workspace;
 
@@ -21,7 +24,12 @@ use clap::{Parser, Subcommand};
 pub type CmdResult = Result<ExitCode, Box<dyn std::error::Error>>;
 
 #[derive(Debug, Parser)]
-#[command(name = "cargo xtask", about = "Chores for the e2a workspace", version)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Chores for the e2a workspace",
+    version
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -37,16 +45,14 @@ enum Command {
     /// `SELECT *` in the store, thin binaries); exits 1 listing every problem.
     Tidy(tidy::Args),
 
-    // ---- not yet implemented (each exits 2). Replace `not_yet::Args` with the
-    // command's own `Args` and its arm in `main` with `<module>::run(args)`.
-    /// Apply the migrations to a database (not yet implemented).
-    Migrate(not_yet::Args),
-    /// Create the first user, API key and domain (not yet implemented).
-    Bootstrap(not_yet::Args),
-    /// Run the whole gateway locally (not yet implemented).
-    Dev(not_yet::Args),
-    /// Run the benchmarks (not yet implemented).
-    Bench(not_yet::Args),
+    /// Apply (or --verify) the migrations on a database.
+    Migrate(migrate::Args),
+    /// Migrate, create or find a user and print a new API key.
+    Bootstrap(bootstrap::Args),
+    /// Run the whole gateway locally (embedded Postgres, all four services) until Ctrl-C.
+    Dev(dev::Args),
+    /// Run a benchmark in release mode (`cargo xtask bench` lists them).
+    Bench(bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -55,10 +61,10 @@ fn main() -> ExitCode {
         Command::Db(args) => db::run(args),
         Command::NewMigration(args) => new_migration::run(args),
         Command::Tidy(args) => tidy::run(args),
-        Command::Migrate(args) => not_yet::run("migrate", args),
-        Command::Bootstrap(args) => not_yet::run("bootstrap", args),
-        Command::Dev(args) => not_yet::run("dev", args),
-        Command::Bench(args) => not_yet::run("bench", args),
+        Command::Migrate(args) => migrate::run(args),
+        Command::Bootstrap(args) => bootstrap::run(args),
+        Command::Dev(args) => dev::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(code) => code,

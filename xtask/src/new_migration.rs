@@ -42,7 +42,11 @@ pub fn parse_file_name(file_name: &str) -> Option<(u64, &str)> {
 pub fn sanitise(name: &str) -> Option<String> {
     let mut out = String::with_capacity(name.len());
     for c in name.chars().flat_map(char::to_lowercase) {
-        let c = if c.is_ascii_lowercase() || c.is_ascii_digit() { c } else { '_' };
+        let c = if c.is_ascii_lowercase() || c.is_ascii_digit() {
+            c
+        } else {
+            '_'
+        };
         if !(c == '_' && (out.is_empty() || out.ends_with('_'))) {
             out.push(c);
         }
@@ -102,7 +106,10 @@ mod tests {
 
     #[test]
     fn sanitise_keeps_only_lowercase_digits_underscores() {
-        assert_eq!(sanitise("Add Webhook-Secrets!").as_deref(), Some("add_webhook_secrets"));
+        assert_eq!(
+            sanitise("Add Webhook-Secrets!").as_deref(),
+            Some("add_webhook_secrets")
+        );
         assert_eq!(sanitise("  v2 index  ").as_deref(), Some("v2_index"));
         assert_eq!(sanitise("a__b").as_deref(), Some("a_b"));
         assert_eq!(sanitise("Ünïcode").as_deref(), Some("n_code"));

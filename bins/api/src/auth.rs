@@ -11,7 +11,10 @@ use axum::{
     extract::FromRequestParts,
     http::{header, request::Parts},
 };
-use e2a_store::{StoreError, api_keys, ids::{ApiKeyId, UserId}};
+use e2a_store::{
+    StoreError, api_keys,
+    ids::{ApiKeyId, UserId},
+};
 
 use crate::{AppState, error::ApiError};
 
@@ -38,7 +41,10 @@ pub fn bearer_token(value: &str) -> Option<&str> {
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
         let token = parts
             .headers
             .get(header::AUTHORIZATION)
@@ -52,7 +58,10 @@ impl FromRequestParts<AppState> for Caller {
         match api_keys::authenticate(&client, token).await {
             Ok(p) => {
                 tracing::Span::current().record("user.id", p.user_id.as_str());
-                Ok(Caller { user_id: p.user_id, key_id: p.key_id })
+                Ok(Caller {
+                    user_id: p.user_id,
+                    key_id: p.key_id,
+                })
             }
             Err(StoreError::NotFound) => Err(ApiError::unauthorized()),
             Err(e) => Err(e.into()),

@@ -53,7 +53,12 @@ struct Body<'a> {
 impl ApiError {
     /// An error with an explicit status, code and message.
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into(), details: None }
+        Self {
+            status,
+            code,
+            message: message.into(),
+            details: None,
+        }
     }
 
     /// 400 `bad_request`-style errors with a specific code.
@@ -63,23 +68,39 @@ impl ApiError {
 
     /// 401 `unauthorized`.
     pub fn unauthorized() -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing or invalid API key")
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or invalid API key",
+        )
     }
 
     /// 404 `not_found` — also the answer for another tenant's resource.
     pub fn not_found(what: &str) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not_found", format!("{what} not found"))
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("{what} not found"),
+        )
     }
 
     /// 503 with `code`: the database is unreachable; the client should retry.
     pub fn unavailable(code: &'static str) -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, code, "service temporarily unavailable; retry shortly")
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            code,
+            "service temporarily unavailable; retry shortly",
+        )
     }
 
     /// 500 `internal_error`; the cause is logged here, once, not sent.
     pub fn internal(cause: &(dyn std::error::Error + 'static)) -> Self {
         tracing::error!(error = %e2a_runtime::error_chain(cause), "internal error");
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "internal server error")
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            "internal server error",
+        )
     }
 
     /// Attaches structured details.
@@ -112,9 +133,11 @@ impl From<StoreError> for ApiError {
     fn from(err: StoreError) -> Self {
         match err {
             StoreError::NotFound => ApiError::not_found("resource"),
-            StoreError::Conflict { what } => {
-                ApiError::new(StatusCode::CONFLICT, "conflict", format!("{what} already exists"))
-            }
+            StoreError::Conflict { what } => ApiError::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!("{what} already exists"),
+            ),
             StoreError::Invalid(msg) => ApiError::bad_request("invalid_request", msg),
             e @ StoreError::Unavailable(_) => {
                 tracing::warn!(error = %e2a_runtime::error_chain(&e), "database unavailable");
@@ -137,9 +160,10 @@ impl IntoResponse for ApiError {
         };
         let mut response = (self.status, Json(body)).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(r#"Bearer realm="e2a""#));
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(r#"Bearer realm="e2a""#),
+            );
         }
         response
     }

@@ -60,7 +60,11 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), Bo
 
 /// Connects and migrates, then serves until `shutdown` is cancelled and
 /// in-flight requests have finished.
-pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationToken) -> Result<(), BoxError> {
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), BoxError> {
     let store = e2a_runtime::boot::connect_and_migrate("api", &config.common).await?;
     let state = AppState {
         store: store.clone(),
@@ -73,7 +77,12 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         ops = %listeners.ops.local_addr()?,
         "api listening"
     );
-    let ops = tokio::spawn(e2a_runtime::ops::serve(listeners.ops, "api", store, shutdown.clone()));
+    let ops = tokio::spawn(e2a_runtime::ops::serve(
+        listeners.ops,
+        "api",
+        store,
+        shutdown.clone(),
+    ));
     let graceful = shutdown.clone();
     axum::serve(listeners.http, app)
         .with_graceful_shutdown(async move { graceful.cancelled().await })

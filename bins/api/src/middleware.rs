@@ -22,7 +22,8 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 fn acceptable_request_id(v: &HeaderValue) -> Option<String> {
     let s = v.to_str().ok()?;
-    (!s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic())).then(|| s.to_owned())
+    (!s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic()))
+        .then(|| s.to_owned())
 }
 
 /// Assigns the request id, runs the request inside its task-local scope and
@@ -44,20 +45,31 @@ pub async fn request_context(req: Request, next: Next) -> Response {
     let mut response = {
         use tracing::Instrument;
         let work = async move { json_errors(next.run(req).await) };
-        REQUEST_ID.scope(request_id.clone(), work).instrument(span.clone()).await
+        REQUEST_ID
+            .scope(request_id.clone(), work)
+            .instrument(span.clone())
+            .await
     };
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
     span.in_scope(|| {
-        tracing::info!(status, duration_ms = elapsed.as_secs_f64() * 1000.0, "request");
+        tracing::info!(
+            status,
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            "request"
+        );
     });
     metrics::counter!("e2a_http_requests_total", "service" => "api", "method" => method.to_string(), "route" => route.clone(), "status" => status.to_string()).increment(1);
-    metrics::histogram!("e2a_http_request_duration_seconds", "service" => "api", "route" => route).record(elapsed.as_secs_f64());
+    metrics::histogram!("e2a_http_request_duration_seconds", "service" => "api", "route" => route)
+        .record(elapsed.as_secs_f64());
     let headers = response.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         headers.insert(X_REQUEST_ID.clone(), v);
     }
-    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
     response
 }
 
@@ -73,7 +85,10 @@ fn json_errors(response: Response) -> Response {
     if !(status.is_client_error() || status.is_server_error()) || is_json {
         return response;
     }
-    let message = status.canonical_reason().unwrap_or("error").to_ascii_lowercase();
+    let message = status
+        .canonical_reason()
+        .unwrap_or("error")
+        .to_ascii_lowercase();
     let mut replaced = ApiError::new(status, default_code(status), message).into_response();
     for name in [header::ALLOW, header::RETRY_AFTER] {
         if let Some(v) = response.headers().get(&name) {

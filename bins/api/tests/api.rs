@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use e2a_api::{Config, Listeners};
 use e2a_runtime::CancellationToken;
-use e2a_store::{Store, StoreConfig, address::EmailAddress, api_keys, migrate::MigrationMode, users};
+use e2a_store::{
+    Store, StoreConfig, address::EmailAddress, api_keys, migrate::MigrationMode, users,
+};
 use e2a_testkit::{PrivateCluster, TestDb};
 use reqwest::{StatusCode, header};
 use serde_json::Value;
@@ -30,11 +32,23 @@ impl Running {
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(e2a_api::run(
             config,
-            Listeners { http: http_listener, ops: ops_listener },
+            Listeners {
+                http: http_listener,
+                ops: ops_listener,
+            },
             shutdown.clone(),
         ));
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap();
-        Running { base, ops, shutdown, task, http }
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(20))
+            .build()
+            .unwrap();
+        Running {
+            base,
+            ops,
+            shutdown,
+            task,
+            http,
+        }
     }
 
     async fn get(&self, path: &str, key: Option<&str>) -> reqwest::Response {
@@ -58,18 +72,36 @@ impl Running {
 async fn key_for(db_url: &str, email: &str) -> String {
     let store = Store::new(&StoreConfig::new(db_url)).unwrap();
     let c = store.client().await.unwrap();
-    let user = users::create(&c, &EmailAddress::parse(email).unwrap(), "").await.unwrap();
-    api_keys::create(&c, &user.id, "test", None).await.unwrap().plaintext
+    let user = users::create(&c, &EmailAddress::parse(email).unwrap(), "")
+        .await
+        .unwrap();
+    api_keys::create(&c, &user.id, "test", None)
+        .await
+        .unwrap()
+        .plaintext
 }
 
 async fn error_body(resp: reqwest::Response) -> (StatusCode, Value) {
     let status = resp.status();
-    let ct = resp.headers().get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap().to_owned());
-    assert_eq!(ct.as_deref(), Some("application/json"), "error bodies are JSON");
+    let ct = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap().to_owned());
+    assert_eq!(
+        ct.as_deref(),
+        Some("application/json"),
+        "error bodies are JSON"
+    );
     let body: Value = resp.json().await.unwrap();
     let err = &body["error"];
-    assert!(err["code"].is_string() && err["message"].is_string(), "{body}");
-    assert!(err["request_id"].as_str().unwrap().starts_with("req_"), "{body}");
+    assert!(
+        err["code"].is_string() && err["message"].is_string(),
+        "{body}"
+    );
+    assert!(
+        err["request_id"].as_str().unwrap().starts_with("req_"),
+        "{body}"
+    );
     (status, body)
 }
 
@@ -83,11 +115,24 @@ async fn health_info_and_request_ids() {
 
     let resp = api.get("/api/health", None).await;
     assert_eq!(resp.status(), 200);
-    assert!(resp.headers()["x-request-id"].to_str().unwrap().starts_with("req_"));
+    assert!(
+        resp.headers()["x-request-id"]
+            .to_str()
+            .unwrap()
+            .starts_with("req_")
+    );
     assert_eq!(resp.headers()["x-content-type-options"], "nosniff");
-    assert_eq!(resp.json::<Value>().await.unwrap(), serde_json::json!({"status": "ok"}));
+    assert_eq!(
+        resp.json::<Value>().await.unwrap(),
+        serde_json::json!({"status": "ok"})
+    );
 
-    let head = api.http.head(format!("{}/api/health", api.base)).send().await.unwrap();
+    let head = api
+        .http
+        .head(format!("{}/api/health", api.base))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(head.status(), 200);
 
     let echoed = api
@@ -106,10 +151,23 @@ async fn health_info_and_request_ids() {
     );
 
     for path in ["/healthz", "/readyz"] {
-        let resp = api.http.get(format!("{}{path}", api.ops)).send().await.unwrap();
+        let resp = api
+            .http
+            .get(format!("{}{path}", api.ops))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(resp.status(), 200, "{path}");
     }
-    let metrics = api.http.get(format!("{}/metrics", api.ops)).send().await.unwrap().text().await.unwrap();
+    let metrics = api
+        .http
+        .get(format!("{}/metrics", api.ops))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(metrics.contains("e2a_db_pool_max_connections"), "{metrics}");
     api.stop().await;
 }
@@ -119,7 +177,11 @@ async fn account_answers_limits_and_usage_for_a_valid_key() {
     let db = TestDb::new().await;
     let key = key_for(db.url(), "owner@example.com").await;
     let api = Running::start(Config::for_database(db.url())).await;
-    for auth in [format!("Bearer {key}"), format!("bearer {key}"), key.clone()] {
+    for auth in [
+        format!("Bearer {key}"),
+        format!("bearer {key}"),
+        key.clone(),
+    ] {
         let resp = api.get("/v1/account", Some(&auth)).await;
         assert_eq!(resp.status(), 200);
         let body: Value = resp.json().await.unwrap();
@@ -144,23 +206,39 @@ async fn every_bad_credential_is_401_never_500() {
     let revoked = {
         let store = Store::new(&StoreConfig::new(db.url())).unwrap();
         let c = store.client().await.unwrap();
-        let user = users::get_by_email(&c, &EmailAddress::parse("victim@example.com").unwrap()).await.unwrap();
+        let user = users::get_by_email(&c, &EmailAddress::parse("victim@example.com").unwrap())
+            .await
+            .unwrap();
         let k = api_keys::create(&c, &user.id, "old", None).await.unwrap();
         api_keys::revoke(&c, &user.id, &k.key.id).await.unwrap();
-        let expired = api_keys::create(&c, &user.id, "exp", Some(time::OffsetDateTime::now_utc() + time::Duration::hours(1)))
-            .await
-            .unwrap();
-        c.execute("UPDATE api_keys SET expires_at = now() - interval '1 second' WHERE id = $1", &[&expired.key.id])
-            .await
-            .unwrap();
+        let expired = api_keys::create(
+            &c,
+            &user.id,
+            "exp",
+            Some(time::OffsetDateTime::now_utc() + time::Duration::hours(1)),
+        )
+        .await
+        .unwrap();
+        c.execute(
+            "UPDATE api_keys SET expires_at = now() - interval '1 second' WHERE id = $1",
+            &[&expired.key.id],
+        )
+        .await
+        .unwrap();
         vec![k.plaintext, expired.plaintext]
     };
     let api = Running::start(Config::for_database(db.url())).await;
 
     let missing = api.get("/v1/account", None).await;
-    assert_eq!(missing.headers()[header::WWW_AUTHENTICATE], r#"Bearer realm="e2a""#);
+    assert_eq!(
+        missing.headers()[header::WWW_AUTHENTICATE],
+        r#"Bearer realm="e2a""#
+    );
     let (status, body) = error_body(missing).await;
-    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("unauthorized")));
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("unauthorized"))
+    );
 
     let wrong_body = format!("Bearer e2a_{}", "f".repeat(64));
     let over_long = format!("Bearer {key}{}", "a".repeat(5000));
@@ -185,13 +263,21 @@ async fn every_bad_credential_is_401_never_500() {
     let resp = api
         .http
         .get(format!("{}/v1/account", api.base))
-        .header(header::AUTHORIZATION, header::HeaderValue::from_bytes(b"Bearer \xff\xfe").unwrap())
+        .header(
+            header::AUTHORIZATION,
+            header::HeaderValue::from_bytes(b"Bearer \xff\xfe").unwrap(),
+        )
         .send()
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
     // And the good key still works.
-    assert_eq!(api.get("/v1/account", Some(&format!("Bearer {key}"))).await.status(), 200);
+    assert_eq!(
+        api.get("/v1/account", Some(&format!("Bearer {key}")))
+            .await
+            .status(),
+        200
+    );
     api.stop().await;
 }
 
@@ -200,10 +286,21 @@ async fn unknown_routes_and_methods_get_json_errors() {
     let db = TestDb::new().await;
     let api = Running::start(Config::for_database(db.url())).await;
     let (status, body) = error_body(api.get("/v1/nope", None).await).await;
-    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")));
-    let resp = api.http.post(format!("{}/v1/account", api.base)).send().await.unwrap();
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("not_found"))
+    );
+    let resp = api
+        .http
+        .post(format!("{}/v1/account", api.base))
+        .send()
+        .await
+        .unwrap();
     let (status, body) = error_body(resp).await;
-    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::METHOD_NOT_ALLOWED, Some("method_not_allowed")));
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::METHOD_NOT_ALLOWED, Some("method_not_allowed"))
+    );
     let resp = api
         .http
         .get(format!("{}/v1/info", api.base))
@@ -212,7 +309,10 @@ async fn unknown_routes_and_methods_get_json_errors() {
         .await
         .unwrap();
     let (status, body) = error_body(resp).await;
-    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::PAYLOAD_TOO_LARGE, Some("payload_too_large")));
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::PAYLOAD_TOO_LARGE, Some("payload_too_large"))
+    );
     api.stop().await;
 }
 
@@ -223,7 +323,14 @@ async fn database_outage_gives_503_and_recovers() {
     let api = Running::start(Config::for_database(cluster.database_url())).await;
     let auth = format!("Bearer {key}");
     assert_eq!(api.get("/v1/account", Some(&auth)).await.status(), 200);
-    let readyz = || async { api.http.get(format!("{}/readyz", api.ops)).send().await.unwrap().status() };
+    let readyz = || async {
+        api.http
+            .get(format!("{}/readyz", api.ops))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
     assert_eq!(readyz().await, 200);
 
     cluster.stop().await;
@@ -232,7 +339,15 @@ async fn database_outage_gives_503_and_recovers() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     // Liveness does not depend on the database.
     assert_eq!(api.get("/api/health", None).await.status(), 200);
-    assert_eq!(api.http.get(format!("{}/healthz", api.ops)).send().await.unwrap().status(), 200);
+    assert_eq!(
+        api.http
+            .get(format!("{}/healthz", api.ops))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
 
     cluster.start_again().await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -240,7 +355,10 @@ async fn database_outage_gives_503_and_recovers() {
         if readyz().await == 200 && api.get("/v1/account", Some(&auth)).await.status() == 200 {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "did not recover after the database returned");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "did not recover after the database returned"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     api.stop().await;
@@ -248,7 +366,11 @@ async fn database_outage_gives_503_and_recovers() {
 
 #[tokio::test]
 async fn unreachable_database_at_start_fails_after_a_bounded_retry() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let mut config = Config::for_database(format!("postgres://postgres@127.0.0.1:{port}/e2a"));
     config.common.db.db_startup_timeout_secs = 1;
     config.common.db.db_connect_timeout_ms = 300;
@@ -268,9 +390,16 @@ async fn verify_mode_refuses_an_unmigrated_database_naming_the_migrations() {
     let mut config = Config::for_database(db.url());
     config.common.migration_mode = MigrationMode::Verify;
     let api = Running::start(config).await;
-    let err = tokio::time::timeout(Duration::from_secs(15), api.task).await.unwrap().unwrap().unwrap_err();
+    let err = tokio::time::timeout(Duration::from_secs(15), api.task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err();
     let message = e2a_runtime::error_chain(err.as_ref());
-    assert!(message.contains("pending migration(s)") && message.contains("V1__accounts"), "{message}");
+    assert!(
+        message.contains("pending migration(s)") && message.contains("V1__accounts"),
+        "{message}"
+    );
 }
 
 #[tokio::test]
@@ -283,12 +412,20 @@ async fn two_services_started_at_once_on_an_empty_database_both_come_up() {
     for api in [&a, &b] {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
-            let ok = api.http.get(format!("{}/readyz", api.ops)).send().await.is_ok_and(|r| r.status() == 200);
+            let ok = api
+                .http
+                .get(format!("{}/readyz", api.ops))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200);
             if ok {
                 break;
             }
             assert!(!api.task.is_finished(), "a service failed to start");
-            assert!(tokio::time::Instant::now() < deadline, "service never became ready");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "service never became ready"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }

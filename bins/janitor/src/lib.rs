@@ -1,1 +1,94 @@
-//! placeholder
+//! `e2a-janitor`: periodic retention sweeps.
+//!
+//! [`run`] boots (connect, migrate), serves the ops endpoints, and sweeps
+//! once at start and then every `E2A_JANITOR_INTERVAL_SECS` until the
+//! shutdown token is cancelled. A failed sweep (database down, timeout) is
+//! logged and retried at the next interval; the loop never exits on a
+//! store error. The only sweep in this build is expired/revoked sessions
+//! ([`sweep`]); the others arrive in later issues. `main.rs` only calls
+//! [`e2a_runtime::main`] with [`serve`]; tests call [`run`] or
+//! [`sweep_once`] directly.
+
+pub mod config;
+pub mod sweep;
+
+use std::time::Duration;
+
+use e2a_runtime::{BoxError, CancellationToken};
+use e2a_store::Store;
+use tokio::{net::TcpListener, time::MissedTickBehavior};
+
+pub use config::Config;
+pub use sweep::{SweepReport, sweep_once};
+
+/// The listeners [`run`] serves on.
+#[derive(Debug)]
+pub struct Listeners {
+    /// `/healthz`, `/readyz`, `/metrics`.
+    pub ops: TcpListener,
+}
+
+/// Binds the configured address and runs the service (what `main` calls).
+pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), BoxError> {
+    let ops_addr = config.common.ops_addr_or(config::DEFAULT_OPS_PORT);
+    let ops = TcpListener::bind(ops_addr)
+        .await
+        .map_err(|e| format!("cannot listen on {ops_addr} (E2A_OPS_ADDR): {e}"))?;
+    run(config, Listeners { ops }, shutdown).await
+}
+
+/// Connects and migrates, then sweeps at start and every interval until
+/// `shutdown` is cancelled. A sweep in progress stops at its next batch
+/// boundary; then `run` returns `Ok`.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), BoxError> {
+    let store = e2a_runtime::boot::connect_and_migrate("janitor", &config.common).await?;
+    tracing::info!(
+        ops = %listeners.ops.local_addr()?,
+        interval_secs = config.janitor_interval_secs,
+        batch = config.janitor_batch,
+        "janitor started (sweeps: expired sessions)"
+    );
+    let ops = tokio::spawn(e2a_runtime::ops::serve(
+        listeners.ops,
+        "janitor",
+        store.clone(),
+        shutdown.clone(),
+    ));
+    sweep_loop(&store, config.interval(), config.janitor_batch, &shutdown).await;
+    shutdown.cancel();
+    ops.await??;
+    Ok(())
+}
+
+/// Sweeps now and every `interval` until cancelled, surviving errors.
+async fn sweep_loop(store: &Store, interval: Duration, batch: i64, shutdown: &CancellationToken) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            _ = ticks.tick() => {}
+        }
+        let started = tokio::time::Instant::now();
+        match sweep::sweep(store, batch, shutdown).await {
+            Ok(report) => {
+                metrics::counter!("e2a_janitor_sweeps_total", "outcome" => "ok").increment(1);
+                tracing::info!(
+                    sessions_deleted = report.sessions_deleted,
+                    duration_ms = started.elapsed().as_millis() as u64,
+                    "sweep done"
+                );
+            }
+            Err(e) => {
+                metrics::counter!("e2a_janitor_sweeps_total", "outcome" => "error").increment(1);
+                let chain = e2a_runtime::error_chain(&e);
+                tracing::warn!(error = %chain, retry_in_secs = interval.as_secs(), "sweep failed; retrying at the next interval");
+            }
+        }
+    }
+}

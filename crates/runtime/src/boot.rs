@@ -36,14 +36,23 @@ pub enum BootError {
 
 /// Connects to the database (retrying for `E2A_DB_STARTUP_TIMEOUT_SECS`),
 /// then migrates or verifies the schema. Returns the ready store.
-pub async fn connect_and_migrate(service: &'static str, common: &CommonArgs) -> Result<Store, BootError> {
+pub async fn connect_and_migrate(
+    service: &'static str,
+    common: &CommonArgs,
+) -> Result<Store, BootError> {
     let store = Store::new(&common.db.store_config()?)?;
     store
         .wait_until_ready(common.db.startup_timeout())
         .await
-        .map_err(|source| BootError::Unreachable { secs: common.db.db_startup_timeout_secs, source })?;
+        .map_err(|source| BootError::Unreachable {
+            secs: common.db.db_startup_timeout_secs,
+            source,
+        })?;
     let mode = common.migration_mode;
-    let report = store.migrate(mode).await.map_err(|source| BootError::Migrate { mode, source })?;
+    let report = store
+        .migrate(mode)
+        .await
+        .map_err(|source| BootError::Migrate { mode, source })?;
     tracing::info!(service, mode = %report.mode, applied = ?report.applied, "database ready");
     Ok(store)
 }

@@ -13,11 +13,20 @@ use e2a_store::{StoreConfig, migrate::MigrationMode};
 #[derive(Debug, Clone, Args)]
 pub struct DatabaseArgs {
     /// PostgreSQL URL, e.g. postgres://user:pass@host:5432/e2a. Takes precedence over DATABASE_URL.
-    #[arg(long = "database-url", env = "E2A_DATABASE_URL", hide_env_values = true)]
+    #[arg(
+        long = "database-url",
+        env = "E2A_DATABASE_URL",
+        hide_env_values = true
+    )]
     pub e2a_database_url: Option<String>,
 
     /// Fallback PostgreSQL URL when E2A_DATABASE_URL is unset.
-    #[arg(long = "database-url-fallback", env = "DATABASE_URL", hide_env_values = true, hide = true)]
+    #[arg(
+        long = "database-url-fallback",
+        env = "DATABASE_URL",
+        hide_env_values = true,
+        hide = true
+    )]
     pub database_url: Option<String>,
 
     /// Maximum pooled database connections.
@@ -136,7 +145,8 @@ impl CommonArgs {
 
     /// The ops address, or `0.0.0.0:<default_port>`.
     pub fn ops_addr_or(&self, default_port: u16) -> SocketAddr {
-        self.ops_addr.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], default_port)))
+        self.ops_addr
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], default_port)))
     }
 
     /// Defaults suitable for tests and embedding: the given database,

@@ -49,7 +49,10 @@ where
     crate::telemetry::init(config.common().log_format);
     crate::install_crypto_provider();
     let grace = config.common().shutdown_grace();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the Tokio runtime: {e}");

@@ -19,7 +19,7 @@ pub mod telemetry;
 
 mod entry;
 
-pub use entry::{error_chain, main, BoxError, Service};
+pub use entry::{BoxError, Service, error_chain, main};
 pub use tokio_util::sync::CancellationToken;
 
 /// Installs rustls' `ring` crypto provider as the process default, once.

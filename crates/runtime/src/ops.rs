@@ -51,7 +51,12 @@ pub fn router(service: &'static str, store: Store, shutdown: CancellationToken) 
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
-        .with_state(OpsState { service, store, shutdown, metrics: metrics_handle() })
+        .with_state(OpsState {
+            service,
+            store,
+            shutdown,
+            metrics: metrics_handle(),
+        })
 }
 
 /// Serves the ops router on `listener` until `shutdown` is cancelled.
@@ -68,19 +73,31 @@ pub async fn serve(
 }
 
 async fn healthz() -> impl IntoResponse {
-    (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], r#"{"status":"ok"}"#)
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        r#"{"status":"ok"}"#,
+    )
 }
 
 async fn readyz(State(state): State<OpsState>) -> impl IntoResponse {
     let json = [(header::CONTENT_TYPE, "application/json")];
     if state.shutdown.is_cancelled() {
-        return (StatusCode::SERVICE_UNAVAILABLE, json, r#"{"status":"draining"}"#);
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            json,
+            r#"{"status":"draining"}"#,
+        );
     }
     match state.store.ping(READINESS_TIMEOUT).await {
         Ok(()) => (StatusCode::OK, json, r#"{"status":"ready"}"#),
         Err(e) => {
             tracing::warn!(service = state.service, error = %e, "readiness check failed");
-            (StatusCode::SERVICE_UNAVAILABLE, json, r#"{"status":"database_unavailable"}"#)
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                json,
+                r#"{"status":"database_unavailable"}"#,
+            )
         }
     }
 }
@@ -90,11 +107,15 @@ async fn render_metrics(State(state): State<OpsState>) -> impl IntoResponse {
     let service = state.service;
     metrics::gauge!("e2a_db_pool_max_connections", "service" => service).set(pool.max_size as f64);
     metrics::gauge!("e2a_db_pool_connections", "service" => service).set(pool.size as f64);
-    metrics::gauge!("e2a_db_pool_idle_connections", "service" => service).set(pool.available as f64);
+    metrics::gauge!("e2a_db_pool_idle_connections", "service" => service)
+        .set(pool.available as f64);
     metrics::gauge!("e2a_db_pool_waiting", "service" => service).set(pool.waiting as f64);
     (
         StatusCode::OK,
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         state.metrics.render(),
     )
 }

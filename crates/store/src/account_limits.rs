@@ -60,7 +60,11 @@ pub struct Usage {
 }
 
 /// The user's limits: their `account_limits` row, else `defaults`.
-pub async fn effective(c: &impl GenericClient, user_id: &UserId, defaults: &Limits) -> Result<Limits> {
+pub async fn effective(
+    c: &impl GenericClient,
+    user_id: &UserId,
+    defaults: &Limits,
+) -> Result<Limits> {
     let stmt = c
         .prepare_cached(
             "SELECT plan_code, max_agents, max_domains, max_messages_month, max_storage_bytes, \
@@ -125,5 +129,10 @@ pub async fn usage(c: &impl GenericClient, user_id: &UserId) -> Result<Usage> {
         )
         .await?;
     let r = c.query_one(&stmt, &[user_id]).await?;
-    Ok(Usage { agents: r.get(0), domains: r.get(1), messages_month: r.get(2), storage_bytes: r.get(3) })
+    Ok(Usage {
+        agents: r.get(0),
+        domains: r.get(1),
+        messages_month: r.get(2),
+        storage_bytes: r.get(3),
+    })
 }

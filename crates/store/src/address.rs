@@ -12,7 +12,9 @@
 use std::fmt;
 
 /// A normalised, validated e-mail address.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, postgres_types::ToSql, serde::Serialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, postgres_types::ToSql, serde::Serialize,
+)]
 #[postgres(transparent)]
 #[serde(transparent)]
 pub struct EmailAddress(String);
@@ -158,7 +160,10 @@ mod tests {
             "usér@example.com",
             "user@example..com",
         ] {
-            assert!(EmailAddress::parse(bad).is_err(), "{bad:?} should be rejected");
+            assert!(
+                EmailAddress::parse(bad).is_err(),
+                "{bad:?} should be rejected"
+            );
         }
     }
 

@@ -79,7 +79,9 @@ fn from_row(row: &Row) -> ApiKey {
 /// True when `s` has the shape of an API key (checked before any hashing or
 /// database work, so garbage and over-long input cost nothing).
 pub fn is_well_formed(s: &str) -> bool {
-    s.len() == KEY_LEN && s.strip_prefix(KEY_PREFIX).is_some_and(|hex| secret::is_lower_hex(hex, 64))
+    s.len() == KEY_LEN
+        && s.strip_prefix(KEY_PREFIX)
+            .is_some_and(|hex| secret::is_lower_hex(hex, 64))
 }
 
 /// Creates a key for `user_id`. `expires_at`, when given, must be in the
@@ -97,7 +99,9 @@ pub async fn create(
         )));
     }
     if expires_at.is_some_and(|t| t <= OffsetDateTime::now_utc()) {
-        return Err(StoreError::Invalid("expires_at must be in the future".into()));
+        return Err(StoreError::Invalid(
+            "expires_at must be in the future".into(),
+        ));
     }
     let plaintext = format!("{KEY_PREFIX}{}", secret::random_hex::<32>());
     let sql = format!(
@@ -119,12 +123,17 @@ pub async fn create(
         )
         .await
         .map_err(|e| match StoreError::from(e) {
-            StoreError::Database(db) if db.code() == Some(&tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION) => {
+            StoreError::Database(db)
+                if db.code() == Some(&tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION) =>
+            {
                 StoreError::NotFound
             }
             other => other,
         })?;
-    Ok(CreatedApiKey { key: from_row(&row), plaintext })
+    Ok(CreatedApiKey {
+        key: from_row(&row),
+        plaintext,
+    })
 }
 
 /// The user's non-revoked keys, newest first.
@@ -134,7 +143,11 @@ pub async fn list(c: &impl GenericClient, user_id: &UserId) -> Result<Vec<ApiKey
          ORDER BY created_at DESC, id DESC"
     );
     let stmt = c.prepare_cached(&sql).await?;
-    Ok(c.query(&stmt, &[user_id]).await?.iter().map(from_row).collect())
+    Ok(c.query(&stmt, &[user_id])
+        .await?
+        .iter()
+        .map(from_row)
+        .collect())
 }
 
 /// Revokes the user's key `id`. [`StoreError::NotFound`] when the key does
@@ -179,5 +192,8 @@ pub async fn authenticate(c: &impl GenericClient, presented: &str) -> Result<Pri
         .query_opt(&stmt, &[&secret::sha256_hex(presented.as_bytes())])
         .await?
         .ok_or(StoreError::NotFound)?;
-    Ok(Principal { key_id: row.get(0), user_id: row.get(1) })
+    Ok(Principal {
+        key_id: row.get(0),
+        user_id: row.get(1),
+    })
 }

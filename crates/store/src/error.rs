@@ -57,15 +57,16 @@ impl StoreError {
     ///
     /// `uniques` pairs a constraint (or unique index) name with the domain
     /// name reported in the conflict.
-    pub fn from_pg_with(err: tokio_postgres::Error, uniques: &[(&str, &'static str)]) -> StoreError {
-        if let Some(db) = err.as_db_error() {
-            if *db.code() == SqlState::UNIQUE_VIOLATION {
-                if let Some(name) = db.constraint() {
-                    if let Some((_, what)) = uniques.iter().find(|(c, _)| *c == name) {
-                        return StoreError::Conflict { what };
-                    }
-                }
-            }
+    pub fn from_pg_with(
+        err: tokio_postgres::Error,
+        uniques: &[(&str, &'static str)],
+    ) -> StoreError {
+        if let Some(db) = err.as_db_error()
+            && *db.code() == SqlState::UNIQUE_VIOLATION
+            && let Some(name) = db.constraint()
+            && let Some((_, what)) = uniques.iter().find(|(c, _)| *c == name)
+        {
+            return StoreError::Conflict { what };
         }
         StoreError::from(err)
     }

@@ -94,7 +94,10 @@ pub enum MigrateError {
 
 /// The report of a `skip` run: nothing applied, nothing touched.
 pub fn run_skip() -> Result<MigrationReport, MigrateError> {
-    Ok(MigrationReport { mode: MigrationMode::Skip, applied: Vec::new() })
+    Ok(MigrationReport {
+        mode: MigrationMode::Skip,
+        applied: Vec::new(),
+    })
 }
 
 /// Names of every migration embedded in this build, as `V{n}__{name}`, in order.
@@ -114,7 +117,10 @@ fn label(m: &refinery::Migration) -> String {
 /// refuse unknown or changed migrations. Safe to call concurrently from many
 /// processes. The client should have no statement timeout (a long migration
 /// or a wait for the lock is expected here).
-pub async fn run(client: &mut Client, mode: MigrationMode) -> Result<MigrationReport, MigrateError> {
+pub async fn run(
+    client: &mut Client,
+    mode: MigrationMode,
+) -> Result<MigrationReport, MigrateError> {
     if mode == MigrationMode::Skip {
         return run_skip();
     }
@@ -134,7 +140,10 @@ pub async fn run(client: &mut Client, mode: MigrationMode) -> Result<MigrationRe
     result
 }
 
-async fn run_locked(client: &mut Client, mode: MigrationMode) -> Result<MigrationReport, MigrateError> {
+async fn run_locked(
+    client: &mut Client,
+    mode: MigrationMode,
+) -> Result<MigrationReport, MigrateError> {
     let mut runner = embedded::migrations::runner();
     runner.set_migration_table_name(HISTORY_TABLE);
     let known = runner.get_migrations().clone();
@@ -167,12 +176,21 @@ async fn run_locked(client: &mut Client, mode: MigrationMode) -> Result<Migratio
         .collect();
 
     match mode {
-        MigrationMode::Skip => Ok(MigrationReport { mode, applied: Vec::new() }),
-        MigrationMode::Verify if pending.is_empty() => Ok(MigrationReport { mode, applied: Vec::new() }),
+        MigrationMode::Skip => Ok(MigrationReport {
+            mode,
+            applied: Vec::new(),
+        }),
+        MigrationMode::Verify if pending.is_empty() => Ok(MigrationReport {
+            mode,
+            applied: Vec::new(),
+        }),
         MigrationMode::Verify => Err(MigrateError::Pending(pending)),
         MigrationMode::Auto => {
             if pending.is_empty() {
-                return Ok(MigrationReport { mode, applied: Vec::new() });
+                return Ok(MigrationReport {
+                    mode,
+                    applied: Vec::new(),
+                });
             }
             let report = runner
                 .set_abort_divergent(true)
@@ -239,7 +257,10 @@ mod tests {
         let names = embedded_names();
         assert!(!names.is_empty(), "no migrations embedded");
         for (i, name) in names.iter().enumerate() {
-            assert!(name.starts_with(&format!("V{}__", i + 1)), "{name} out of sequence");
+            assert!(
+                name.starts_with(&format!("V{}__", i + 1)),
+                "{name} out of sequence"
+            );
         }
     }
 }

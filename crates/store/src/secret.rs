@@ -39,7 +39,9 @@ pub fn sha256_hex(data: &[u8]) -> String {
 
 /// True when `s` is exactly `len` lowercase hex characters.
 pub fn is_lower_hex(s: &str, len: usize) -> bool {
-    s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == len
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// A random value in `0..bound` (bound > 0), for jitter.

@@ -30,29 +30,46 @@ pub struct IssuedSession {
 }
 
 fn well_formed(token: &str) -> bool {
-    token.strip_prefix(TOKEN_PREFIX).is_some_and(|hex| secret::is_lower_hex(hex, 64))
+    token
+        .strip_prefix(TOKEN_PREFIX)
+        .is_some_and(|hex| secret::is_lower_hex(hex, 64))
 }
 
 /// Issues a session for `user_id` that lasts `ttl` (must be positive).
-pub async fn create(c: &impl GenericClient, user_id: &UserId, ttl: Duration) -> Result<IssuedSession> {
+pub async fn create(
+    c: &impl GenericClient,
+    user_id: &UserId,
+    ttl: Duration,
+) -> Result<IssuedSession> {
     if ttl <= Duration::ZERO {
         return Err(StoreError::Invalid("session TTL must be positive".into()));
     }
     let token = format!("{TOKEN_PREFIX}{}", secret::random_hex::<32>());
     let expires_at = OffsetDateTime::now_utc() + ttl;
     let stmt = c
-        .prepare_cached("INSERT INTO user_sessions (token_hash, user_id, expires_at) VALUES ($1, $2, $3)")
+        .prepare_cached(
+            "INSERT INTO user_sessions (token_hash, user_id, expires_at) VALUES ($1, $2, $3)",
+        )
         .await?;
-    c.execute(&stmt, &[&secret::sha256_hex(token.as_bytes()), user_id, &expires_at])
-        .await
-        .map_err(|e| match StoreError::from(e) {
-            // The FK to users failing means the user is gone.
-            StoreError::Database(db) if db.code() == Some(&tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION) => {
-                StoreError::NotFound
-            }
-            other => other,
-        })?;
-    Ok(IssuedSession { token, user_id: user_id.clone(), expires_at })
+    c.execute(
+        &stmt,
+        &[&secret::sha256_hex(token.as_bytes()), user_id, &expires_at],
+    )
+    .await
+    .map_err(|e| match StoreError::from(e) {
+        // The FK to users failing means the user is gone.
+        StoreError::Database(db)
+            if db.code() == Some(&tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION) =>
+        {
+            StoreError::NotFound
+        }
+        other => other,
+    })?;
+    Ok(IssuedSession {
+        token,
+        user_id: user_id.clone(),
+        expires_at,
+    })
 }
 
 /// The owner of a live session. [`StoreError::NotFound`] for a malformed,
@@ -82,7 +99,9 @@ pub async fn revoke(c: &impl GenericClient, token: &str) -> Result<bool> {
     let stmt = c
         .prepare_cached("UPDATE user_sessions SET revoked_at = now() WHERE token_hash = $1 AND revoked_at IS NULL")
         .await?;
-    Ok(c.execute(&stmt, &[&secret::sha256_hex(token.as_bytes())]).await? > 0)
+    Ok(c.execute(&stmt, &[&secret::sha256_hex(token.as_bytes())])
+        .await?
+        > 0)
 }
 
 /// Deletes up to `batch` expired or revoked sessions and returns how many.

@@ -82,7 +82,9 @@ pub struct Store {
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print the URL: it may carry a password.
-        f.debug_struct("Store").field("pool", &self.pool_status()).finish()
+        f.debug_struct("Store")
+            .field("pool", &self.pool_status())
+            .finish()
     }
 }
 
@@ -90,8 +92,8 @@ impl Store {
     /// Builds the pool. Connects lazily: this never touches the network, so
     /// it succeeds while the database is down (see [`Store::wait_until_ready`]).
     pub fn new(config: &StoreConfig) -> Result<Self, ConfigError> {
-        let mut pg_config =
-            tokio_postgres::Config::from_str(&config.database_url).map_err(ConfigError::InvalidUrl)?;
+        let mut pg_config = tokio_postgres::Config::from_str(&config.database_url)
+            .map_err(ConfigError::InvalidUrl)?;
         pg_config.connect_timeout(config.connect_timeout);
         if pg_config.get_application_name().is_none() {
             pg_config.application_name("e2a");
@@ -104,7 +106,9 @@ impl Store {
         let manager = Manager::from_config(
             pooled,
             NoTls,
-            ManagerConfig { recycling_method: RecyclingMethod::Fast },
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
         );
         let pool = Pool::builder(manager)
             .max_size(config.pool_size.max(1))
@@ -160,7 +164,12 @@ impl Store {
     /// Pool usage right now.
     pub fn pool_status(&self) -> PoolStatus {
         let s = self.pool.status();
-        PoolStatus { max_size: s.max_size, size: s.size, available: s.available, waiting: s.waiting }
+        PoolStatus {
+            max_size: s.max_size,
+            size: s.size,
+            available: s.available,
+            waiting: s.waiting,
+        }
     }
 
     /// Applies or verifies migrations per `mode` on a dedicated connection
@@ -169,8 +178,11 @@ impl Store {
         if mode == MigrationMode::Skip {
             return migrate::run_skip();
         }
-        let (mut client, connection) =
-            self.pg_config.connect(NoTls).await.map_err(MigrateError::Database)?;
+        let (mut client, connection) = self
+            .pg_config
+            .connect(NoTls)
+            .await
+            .map_err(MigrateError::Database)?;
         let conn = tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "migration connection closed");
@@ -188,7 +200,8 @@ impl Store {
         T: Send,
         F: for<'t> FnMut(&'t Transaction<'t>) -> TxFuture<'t, T> + Send,
     {
-        self.transaction_with(IsolationLevel::ReadCommitted, f).await
+        self.transaction_with(IsolationLevel::ReadCommitted, f)
+            .await
     }
 
     /// Runs `f` inside one transaction at `isolation` and commits.
@@ -207,7 +220,11 @@ impl Store {
         let mut attempt = 1;
         loop {
             let outcome = async {
-                let tx = client.build_transaction().isolation_level(isolation).start().await?;
+                let tx = client
+                    .build_transaction()
+                    .isolation_level(isolation)
+                    .start()
+                    .await?;
                 let value = f(&tx).await?;
                 tx.commit().await?;
                 Ok::<T, StoreError>(value)
@@ -216,7 +233,11 @@ impl Store {
             match outcome {
                 Err(e) if e.is_retryable_conflict() && attempt < TX_MAX_ATTEMPTS => {
                     let backoff = 5 * u64::from(attempt) + crate::secret::random_below(20);
-                    tracing::debug!(attempt, backoff_ms = backoff, "retrying transaction after conflict");
+                    tracing::debug!(
+                        attempt,
+                        backoff_ms = backoff,
+                        "retrying transaction after conflict"
+                    );
                     tokio::time::sleep(Duration::from_millis(backoff)).await;
                     attempt += 1;
                 }

@@ -28,10 +28,18 @@ pub struct User {
 }
 
 const COLUMNS: &str = "id, email, name, created_at";
-const UNIQUES: &[(&str, &str)] = &[("users_email_key", "email"), ("users_google_subject_key", "google_subject")];
+const UNIQUES: &[(&str, &str)] = &[
+    ("users_email_key", "email"),
+    ("users_google_subject_key", "google_subject"),
+];
 
 fn from_row(row: &Row) -> User {
-    User { id: row.get(0), email: row.get(1), name: row.get(2), created_at: row.get(3) }
+    User {
+        id: row.get(0),
+        email: row.get(1),
+        name: row.get(2),
+        created_at: row.get(3),
+    }
 }
 
 /// Maximum length of a display name.
@@ -50,7 +58,8 @@ fn check_name(name: &str) -> Result<()> {
 /// address is taken. One statement, atomic.
 pub async fn create(c: &impl GenericClient, email: &EmailAddress, name: &str) -> Result<User> {
     check_name(name)?;
-    let sql = format!("INSERT INTO users (id, email, name) VALUES ($1, $2, $3) RETURNING {COLUMNS}");
+    let sql =
+        format!("INSERT INTO users (id, email, name) VALUES ($1, $2, $3) RETURNING {COLUMNS}");
     let stmt = c.prepare_cached(&sql).await?;
     let row = c
         .query_one(&stmt, &[&UserId::new(), &email.as_str(), &name])
@@ -63,14 +72,20 @@ pub async fn create(c: &impl GenericClient, email: &EmailAddress, name: &str) ->
 pub async fn get(c: &impl GenericClient, id: &UserId) -> Result<User> {
     let sql = format!("SELECT {COLUMNS} FROM users WHERE id = $1");
     let stmt = c.prepare_cached(&sql).await?;
-    c.query_opt(&stmt, &[id]).await?.map(|r| from_row(&r)).ok_or(StoreError::NotFound)
+    c.query_opt(&stmt, &[id])
+        .await?
+        .map(|r| from_row(&r))
+        .ok_or(StoreError::NotFound)
 }
 
 /// The user with this (normalised) e-mail, or [`StoreError::NotFound`].
 pub async fn get_by_email(c: &impl GenericClient, email: &EmailAddress) -> Result<User> {
     let sql = format!("SELECT {COLUMNS} FROM users WHERE email = $1");
     let stmt = c.prepare_cached(&sql).await?;
-    c.query_opt(&stmt, &[&email.as_str()]).await?.map(|r| from_row(&r)).ok_or(StoreError::NotFound)
+    c.query_opt(&stmt, &[&email.as_str()])
+        .await?
+        .map(|r| from_row(&r))
+        .ok_or(StoreError::NotFound)
 }
 
 /// Outcome of [`bootstrap`].
@@ -101,7 +116,10 @@ pub async fn bootstrap(c: &impl GenericClient, email: &EmailAddress) -> Result<B
          ON CONFLICT (email) DO NOTHING RETURNING {COLUMNS}"
     );
     let stmt = c.prepare_cached(&sql).await?;
-    match c.query_opt(&stmt, &[&UserId::new(), &email.as_str()]).await? {
+    match c
+        .query_opt(&stmt, &[&UserId::new(), &email.as_str()])
+        .await?
+    {
         Some(row) => Ok(Bootstrapped::Created(from_row(&row))),
         None => Ok(Bootstrapped::Existing(get_by_email(c, email).await?)),
     }

@@ -365,8 +365,9 @@ fn effective_uid() -> Option<u32> {
 pub enum Durability {
     /// Normal crash-safe settings (dev clusters, benches).
     Durable,
-    /// `fsync=off`, `synchronous_commit=off`, `full_page_writes=off` and
-    /// `initdb --no-sync`: several times faster, for test clusters only.
+    /// `fsync=off`, `synchronous_commit=off`, `full_page_writes=off`,
+    /// `wal_level=minimal` and `initdb --no-sync`: several times faster, for
+    /// test clusters only.
     Throwaway,
 }
 
@@ -802,7 +803,9 @@ fn append_settings(data_dir: &Path, options: &ClusterOptions) -> Result<()> {
             "# throwaway test cluster: fast, not crash-safe\n\
              fsync = off\n\
              synchronous_commit = off\n\
-             full_page_writes = off\n",
+             full_page_writes = off\n\
+             wal_level = minimal\n\
+             max_wal_senders = 0\n",
         );
     }
     let file = data_dir.join("postgresql.conf");

@@ -27,7 +27,7 @@ fn fake_tools(bin: &Path, tools: &[&str]) {
 fn missing_binaries_produce_the_install_hint() {
     let empty = scratch("empty");
     let path = OsString::from(empty.join("bin"));
-    let err = PgBinaries::find_in(Some(&path), &[empty.clone()], None)
+    let err = PgBinaries::find_in(Some(&path), std::slice::from_ref(&empty), None)
         .expect_err("nothing to find in an empty directory");
     assert!(matches!(err, ClusterError::BinariesNotFound { .. }));
     let message = err.to_string();
@@ -55,19 +55,19 @@ fn highest_complete_version_wins_and_path_comes_first() {
     fake_tools(&root.join("16/bin"), &["initdb"]); // incomplete: no pg_ctl
     std::fs::create_dir_all(root.join("main/bin")).expect("non-version dir");
 
-    let found = PgBinaries::find_in(None, &[root.clone()], None).expect("find");
+    let found = PgBinaries::find_in(None, std::slice::from_ref(&root), None).expect("find");
     assert_eq!(found.bin_dir, root.join("15/bin"));
     assert_eq!(found.initdb(), root.join("15/bin/initdb"));
 
     // A preferred major (the data directory's PG_VERSION) beats the highest.
-    let found = PgBinaries::find_in(None, &[root.clone()], Some("9.6")).expect("find");
+    let found = PgBinaries::find_in(None, std::slice::from_ref(&root), Some("9.6")).expect("find");
     assert_eq!(found.bin_dir, root.join("9.6/bin"));
 
     // PATH beats the version roots.
     let on_path = root.join("onpath");
     fake_tools(&on_path, &["initdb", "pg_ctl"]);
     let path = std::env::join_paths([root.join("nothing-here"), on_path.clone()]).expect("join");
-    let found = PgBinaries::find_in(Some(&path), &[root.clone()], None).expect("find");
+    let found = PgBinaries::find_in(Some(&path), std::slice::from_ref(&root), None).expect("find");
     assert_eq!(found.bin_dir, on_path);
 
     // Non-executable files do not count.

@@ -26,7 +26,10 @@ struct Caps {
 
 /// Reads limits and usage for the caller. 503 `limits_unavailable` when the
 /// database cannot answer.
-pub async fn get_account(State(state): State<AppState>, caller: Caller) -> Result<Json<AccountView>, ApiError> {
+pub async fn get_account(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<AccountView>, ApiError> {
     let unavailable = |e: StoreError| match e {
         StoreError::Unavailable(_) => ApiError::unavailable("limits_unavailable"),
         other => ApiError::from(other),
@@ -35,7 +38,9 @@ pub async fn get_account(State(state): State<AppState>, caller: Caller) -> Resul
     let limits = account_limits::effective(&client, &caller.user_id, &state.default_limits)
         .await
         .map_err(unavailable)?;
-    let usage = account_limits::usage(&client, &caller.user_id).await.map_err(unavailable)?;
+    let usage = account_limits::usage(&client, &caller.user_id)
+        .await
+        .map_err(unavailable)?;
     Ok(Json(AccountView {
         plan_code: limits.plan_code,
         limits: Caps {

@@ -20,7 +20,11 @@ pub struct DeploymentInfo {
 impl DeploymentInfo {
     /// Derived from configuration once at start-up.
     pub fn from_config(config: &Config) -> Self {
-        let shared_domain = config.shared_domain.trim().trim_end_matches('.').to_ascii_lowercase();
+        let shared_domain = config
+            .shared_domain
+            .trim()
+            .trim_end_matches('.')
+            .to_ascii_lowercase();
         Self {
             slug_registration_enabled: !shared_domain.is_empty(),
             shared_domain,

@@ -5,7 +5,9 @@ pub mod health;
 pub mod info;
 
 use axum::{Router, http::StatusCode, middleware::from_fn, routing::get};
-use tower_http::{catch_panic::CatchPanicLayer, limit::RequestBodyLimitLayer, timeout::TimeoutLayer};
+use tower_http::{
+    catch_panic::CatchPanicLayer, limit::RequestBodyLimitLayer, timeout::TimeoutLayer,
+};
 
 use crate::{AppState, Config, error::ApiError};
 
@@ -23,7 +25,10 @@ pub fn router(state: AppState, config: &Config) -> Router {
         // over-long bodies a 413; request_context (outermost) gives all of
         // them the JSON error body and a request id.
         .layer(CatchPanicLayer::new())
-        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, config.request_timeout()))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            config.request_timeout(),
+        ))
         .layer(RequestBodyLimitLayer::new(config.max_body_bytes as usize))
         .layer(from_fn(crate::middleware::request_context))
 }
@@ -33,5 +38,9 @@ async fn not_found() -> ApiError {
 }
 
 async fn method_not_allowed() -> ApiError {
-    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route")
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this route",
+    )
 }

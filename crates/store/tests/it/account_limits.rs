@@ -7,8 +7,17 @@ async fn defaults_apply_until_a_row_exists() {
     let (_db, store) = super::store().await;
     let user = super::user(&store, "l1@example.com").await;
     let c = store.client().await.unwrap();
-    let defaults = Limits { plan_code: "free".into(), max_agents: 3, ..Limits::default() };
-    assert_eq!(account_limits::effective(&c, &user, &defaults).await.unwrap(), defaults);
+    let defaults = Limits {
+        plan_code: "free".into(),
+        max_agents: 3,
+        ..Limits::default()
+    };
+    assert_eq!(
+        account_limits::effective(&c, &user, &defaults)
+            .await
+            .unwrap(),
+        defaults
+    );
 
     let pro = Limits {
         plan_code: "pro".into(),
@@ -20,10 +29,23 @@ async fn defaults_apply_until_a_row_exists() {
         upgrade_url: "https://example.com/upgrade".into(),
     };
     account_limits::upsert(&c, &user, &pro).await.unwrap();
-    assert_eq!(account_limits::effective(&c, &user, &defaults).await.unwrap(), pro);
-    let pro2 = Limits { max_agents: 200, ..pro };
+    assert_eq!(
+        account_limits::effective(&c, &user, &defaults)
+            .await
+            .unwrap(),
+        pro
+    );
+    let pro2 = Limits {
+        max_agents: 200,
+        ..pro
+    };
     account_limits::upsert(&c, &user, &pro2).await.unwrap();
-    assert_eq!(account_limits::effective(&c, &user, &defaults).await.unwrap(), pro2);
+    assert_eq!(
+        account_limits::effective(&c, &user, &defaults)
+            .await
+            .unwrap(),
+        pro2
+    );
 }
 
 #[tokio::test]
@@ -32,7 +54,10 @@ async fn usage_counts_only_the_callers_rows() {
     let alice = super::user(&store, "alice@example.com").await;
     let bob = super::user(&store, "bob@example.com").await;
     let c = store.client().await.unwrap();
-    assert_eq!(account_limits::usage(&c, &alice).await.unwrap(), Usage::default());
+    assert_eq!(
+        account_limits::usage(&c, &alice).await.unwrap(),
+        Usage::default()
+    );
 
     let raw = db.client().await;
     raw.batch_execute(&format!(
@@ -48,19 +73,44 @@ async fn usage_counts_only_the_callers_rows() {
     .await
     .unwrap();
     let usage = account_limits::usage(&c, &alice).await.unwrap();
-    assert_eq!(usage, Usage { agents: 2, domains: 1, messages_month: 2, storage_bytes: 8 });
-    assert_eq!(account_limits::usage(&c, &bob).await.unwrap(), Usage { domains: 1, ..Usage::default() });
+    assert_eq!(
+        usage,
+        Usage {
+            agents: 2,
+            domains: 1,
+            messages_month: 2,
+            storage_bytes: 8
+        }
+    );
+    assert_eq!(
+        account_limits::usage(&c, &bob).await.unwrap(),
+        Usage {
+            domains: 1,
+            ..Usage::default()
+        }
+    );
 
     // Deleting messages frees storage but the monthly count stays.
-    raw.execute("DELETE FROM messages WHERE id = 'msg_1'", &[]).await.unwrap();
+    raw.execute("DELETE FROM messages WHERE id = 'msg_1'", &[])
+        .await
+        .unwrap();
     let usage = account_limits::usage(&c, &alice).await.unwrap();
     assert_eq!((usage.storage_bytes, usage.messages_month), (3, 2));
 
     // A counter from an earlier month restarts.
-    raw.execute("UPDATE account_usage SET month_start = month_start - 40 WHERE user_id = $1", &[&alice])
-        .await
-        .unwrap();
-    assert_eq!(account_limits::usage(&c, &alice).await.unwrap().messages_month, 0);
+    raw.execute(
+        "UPDATE account_usage SET month_start = month_start - 40 WHERE user_id = $1",
+        &[&alice],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        account_limits::usage(&c, &alice)
+            .await
+            .unwrap()
+            .messages_month,
+        0
+    );
     raw.execute(
         "INSERT INTO messages (id, user_id, agent_id, direction, body_sha256, inbox_status)
          VALUES ('msg_3', $1, 'x@alice.example', 'inbound', repeat('c', 64), 'unread')",
@@ -68,5 +118,11 @@ async fn usage_counts_only_the_callers_rows() {
     )
     .await
     .unwrap();
-    assert_eq!(account_limits::usage(&c, &alice).await.unwrap().messages_month, 1);
+    assert_eq!(
+        account_limits::usage(&c, &alice)
+            .await
+            .unwrap()
+            .messages_month,
+        1
+    );
 }

@@ -23,5 +23,8 @@ pub async fn store() -> (TestDb, Store) {
 /// Creates a user with a unique address.
 pub async fn user(store: &Store, email: &str) -> UserId {
     let client = store.client().await.unwrap();
-    e2a_store::users::create(&client, &EmailAddress::parse(email).unwrap(), "Test").await.unwrap().id
+    e2a_store::users::create(&client, &EmailAddress::parse(email).unwrap(), "Test")
+        .await
+        .unwrap()
+        .id
 }

@@ -18,14 +18,22 @@ async fn auto_applies_everything_once_then_nothing() {
     assert_eq!(first.applied, migrate::embedded_names());
     let second = store.migrate(MigrationMode::Auto).await.unwrap();
     assert!(second.applied.is_empty());
-    store.migrate(MigrationMode::Verify).await.expect("verify after auto");
+    store
+        .migrate(MigrationMode::Verify)
+        .await
+        .expect("verify after auto");
 }
 
 #[tokio::test]
 async fn verify_on_an_unmigrated_database_names_every_pending_migration() {
     let db = TestDb::empty().await;
-    let err = store_for(&db).migrate(MigrationMode::Verify).await.unwrap_err();
-    let MigrateError::Pending(pending) = &err else { panic!("expected Pending, got {err:?}") };
+    let err = store_for(&db)
+        .migrate(MigrationMode::Verify)
+        .await
+        .unwrap_err();
+    let MigrateError::Pending(pending) = &err else {
+        panic!("expected Pending, got {err:?}")
+    };
     assert_eq!(pending, &migrate::embedded_names());
     let message = err.to_string();
     assert!(message.contains("V1__accounts"), "{message}");
@@ -46,7 +54,10 @@ async fn skip_touches_nothing() {
     assert!(report.applied.is_empty());
     let client = db.client().await;
     let exists: bool = client
-        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&migrate::HISTORY_TABLE])
+        .query_one(
+            "SELECT to_regclass($1) IS NOT NULL",
+            &[&migrate::HISTORY_TABLE],
+        )
         .await
         .unwrap()
         .get(0);
@@ -70,7 +81,10 @@ async fn unknown_applied_migrations_are_refused_by_name() {
     let store = store_for(&db);
     for mode in [MigrationMode::Auto, MigrationMode::Verify] {
         let err = store.migrate(mode).await.unwrap_err();
-        assert!(matches!(&err, MigrateError::Unknown(v) if v == &["V999__from_the_future".to_owned()]), "{err:?}");
+        assert!(
+            matches!(&err, MigrateError::Unknown(v) if v == &["V999__from_the_future".to_owned()]),
+            "{err:?}"
+        );
     }
 }
 
@@ -81,7 +95,10 @@ async fn concurrent_migrations_against_an_empty_database_both_succeed() {
     // nothing pending.
     let db = TestDb::empty().await;
     let (a, b) = (store_for(&db), store_for(&db));
-    let (ra, rb) = tokio::join!(a.migrate(MigrationMode::Auto), b.migrate(MigrationMode::Auto));
+    let (ra, rb) = tokio::join!(
+        a.migrate(MigrationMode::Auto),
+        b.migrate(MigrationMode::Auto)
+    );
     let (ra, rb) = (ra.expect("first migrator"), rb.expect("second migrator"));
     let mut counts = [ra.applied.len(), rb.applied.len()];
     counts.sort();
@@ -93,25 +110,43 @@ async fn the_lock_serialises_a_migrator_behind_a_holder() {
     // Hold the lock from another session: the migrator must wait, then run.
     let db = TestDb::empty().await;
     let holder = db.client().await;
-    holder.execute("SELECT pg_advisory_lock($1)", &[&migrate::MIGRATION_LOCK_KEY]).await.unwrap();
+    holder
+        .execute(
+            "SELECT pg_advisory_lock($1)",
+            &[&migrate::MIGRATION_LOCK_KEY],
+        )
+        .await
+        .unwrap();
     let store = store_for(&db);
     let task = tokio::spawn(async move { store.migrate(MigrationMode::Auto).await });
     // Wait until the migrator is blocked on the lock (visible in pg_locks).
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
         let waiting: i64 = holder
-            .query_one("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted", &[])
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+                &[],
+            )
             .await
             .unwrap()
             .get(0);
         if waiting > 0 {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "migrator never waited for the lock");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "migrator never waited for the lock"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     assert!(!task.is_finished());
-    holder.execute("SELECT pg_advisory_unlock($1)", &[&migrate::MIGRATION_LOCK_KEY]).await.unwrap();
+    holder
+        .execute(
+            "SELECT pg_advisory_unlock($1)",
+            &[&migrate::MIGRATION_LOCK_KEY],
+        )
+        .await
+        .unwrap();
     let report = task.await.unwrap().unwrap();
     assert_eq!(report.applied.len(), migrate::embedded_names().len());
 }

@@ -35,7 +35,11 @@ async fn transaction_commits_or_rolls_back_as_a_unit() {
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Invalid(_)));
-    let n: i64 = raw.query_one("SELECT count(*) FROM t", &[]).await.unwrap().get(0);
+    let n: i64 = raw
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(n, 2);
 }
 
@@ -73,15 +77,28 @@ async fn serialization_failures_are_retried_until_both_commit() {
     );
     a.unwrap();
     b.unwrap();
-    let v: i32 = db.client().await.query_one("SELECT v FROM counter", &[]).await.unwrap().get(0);
+    let v: i32 = db
+        .client()
+        .await
+        .query_one("SELECT v FROM counter", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(v, 2, "no lost update");
-    assert!(attempts.load(Ordering::SeqCst) >= 3, "one transaction was retried");
+    assert!(
+        attempts.load(Ordering::SeqCst) >= 3,
+        "one transaction was retried"
+    );
 }
 
 #[tokio::test]
 async fn an_unreachable_database_is_unavailable_within_the_timeouts() {
     // A port nothing listens on.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let mut config = StoreConfig::new(format!("postgres://postgres@127.0.0.1:{port}/nothing"));
     config.connect_timeout = Duration::from_millis(500);
     config.acquire_timeout = Duration::from_millis(500);
@@ -89,7 +106,10 @@ async fn an_unreachable_database_is_unavailable_within_the_timeouts() {
     let err = store.client().await.unwrap_err();
     assert!(err.is_unavailable(), "{err:?}");
     let started = Instant::now();
-    let err = store.wait_until_ready(Duration::from_secs(1)).await.unwrap_err();
+    let err = store
+        .wait_until_ready(Duration::from_secs(1))
+        .await
+        .unwrap_err();
     assert!(err.is_unavailable(), "{err:?}");
     assert!(started.elapsed() < Duration::from_secs(10));
 }

@@ -22,14 +22,19 @@ async fn duplicate_email_is_a_conflict() {
     let email = EmailAddress::parse("bob@example.com").unwrap();
     users::create(&c, &email, "").await.unwrap();
     let err = users::create(&c, &email, "").await.unwrap_err();
-    assert!(matches!(err, StoreError::Conflict { what: "email" }), "{err:?}");
+    assert!(
+        matches!(err, StoreError::Conflict { what: "email" }),
+        "{err:?}"
+    );
 }
 
 #[tokio::test]
 async fn unknown_user_is_not_found() {
     let (_db, store) = super::store().await;
     let c = store.client().await.unwrap();
-    let err = users::get(&c, &e2a_store::ids::UserId::new()).await.unwrap_err();
+    let err = users::get(&c, &e2a_store::ids::UserId::new())
+        .await
+        .unwrap_err();
     assert!(matches!(err, StoreError::NotFound));
 }
 
@@ -38,8 +43,14 @@ async fn invalid_names_are_rejected() {
     let (_db, store) = super::store().await;
     let c = store.client().await.unwrap();
     let email = EmailAddress::parse("n@example.com").unwrap();
-    assert!(matches!(users::create(&c, &email, "bad\nname").await, Err(StoreError::Invalid(_))));
-    assert!(matches!(users::create(&c, &email, &"x".repeat(201)).await, Err(StoreError::Invalid(_))));
+    assert!(matches!(
+        users::create(&c, &email, "bad\nname").await,
+        Err(StoreError::Invalid(_))
+    ));
+    assert!(matches!(
+        users::create(&c, &email, &"x".repeat(201)).await,
+        Err(StoreError::Invalid(_))
+    ));
 }
 
 #[tokio::test]
@@ -57,8 +68,13 @@ async fn bootstrap_is_idempotent_and_race_free() {
         }
     );
     assert_eq!(a.user().id, b.user().id);
-    let created = [&a, &b].iter().filter(|o| matches!(o, users::Bootstrapped::Created(_))).count();
+    let created = [&a, &b]
+        .iter()
+        .filter(|o| matches!(o, users::Bootstrapped::Created(_)))
+        .count();
     assert_eq!(created, 1);
     let c = store.client().await.unwrap();
-    assert!(matches!(users::bootstrap(&c, &email).await.unwrap(), users::Bootstrapped::Existing(u) if u.id == a.user().id));
+    assert!(
+        matches!(users::bootstrap(&c, &email).await.unwrap(), users::Bootstrapped::Existing(u) if u.id == a.user().id)
+    );
 }

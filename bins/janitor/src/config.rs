@@ -1,0 +1,83 @@
+//! The janitor's configuration: [`CommonArgs`] plus the sweep interval and
+//! batch size. See `e2a-janitor --help`.
+
+use std::time::Duration;
+
+use clap::Parser;
+use e2a_runtime::{Service, config::CommonArgs};
+
+/// Ops port used when `E2A_OPS_ADDR` is unset.
+pub const DEFAULT_OPS_PORT: u16 = 9093;
+
+/// One-line `--help` summary.
+const ABOUT: &str =
+    "e2a janitor: periodic sweeps (this build sweeps expired and revoked dashboard sessions only).";
+
+/// `--help` description: what this build sweeps and, plainly, what it does not yet.
+const LONG_ABOUT: &str = "\
+e2a janitor: deletes data that has outlived its retention, in small batches.
+
+It sweeps once at start, then every E2A_JANITOR_INTERVAL_SECS, until stopped. \
+The only sweep in this build removes expired and revoked dashboard sessions. \
+The other sweeps (message TTL, webhook deliveries, events, idempotency keys) \
+are not implemented yet and arrive in later issues. Several replicas may run \
+at once (rows are claimed with SKIP LOCKED). A failed sweep (e.g. the database \
+is down) is logged and retried at the next interval.";
+
+/// e2a janitor (see [`LONG_ABOUT`]).
+#[derive(Debug, Clone, Parser)]
+#[command(name = "e2a-janitor", version, about = ABOUT, long_about = LONG_ABOUT)]
+pub struct Config {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub common: CommonArgs,
+
+    /// Seconds between sweeps (the first runs at start).
+    #[arg(long, env = "E2A_JANITOR_INTERVAL_SECS", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..=604_800))]
+    pub janitor_interval_secs: u64,
+
+    /// Rows deleted per statement; a sweep repeats while full batches are deleted.
+    #[arg(long, env = "E2A_JANITOR_BATCH", default_value_t = 1000, value_parser = clap::value_parser!(i64).range(1..=1_000_000))]
+    pub janitor_batch: i64,
+}
+
+impl Service for Config {
+    const NAME: &'static str = "janitor";
+    fn common(&self) -> &CommonArgs {
+        &self.common
+    }
+}
+
+impl Config {
+    /// A configuration for tests and embedding: the given database,
+    /// defaults everywhere else.
+    pub fn for_database(url: impl Into<String>) -> Self {
+        let mut config = Config::parse_from(["e2a-janitor"]);
+        config.common = CommonArgs::for_database(url);
+        config
+    }
+
+    /// Time between sweeps.
+    pub fn interval(&self) -> Duration {
+        Duration::from_secs(self.janitor_interval_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_limits_and_help() {
+        use clap::CommandFactory;
+        let c = Config::for_database("postgres://localhost/e2a");
+        assert_eq!(c.interval(), Duration::from_secs(3600));
+        assert_eq!(c.janitor_batch, 1000);
+        assert_eq!(c.common.ops_addr_or(DEFAULT_OPS_PORT).port(), 9093);
+        assert!(Config::try_parse_from(["x", "--janitor-interval-secs", "0"]).is_err());
+        assert!(Config::try_parse_from(["x", "--janitor-batch", "0"]).is_err());
+        let help = Config::command().render_long_help().to_string();
+        assert!(help.contains("not implemented yet"), "{help}");
+        assert!(help.contains("E2A_JANITOR_INTERVAL_SECS"), "{help}");
+    }
+}

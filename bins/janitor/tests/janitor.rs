@@ -1,0 +1,227 @@
+//! The janitor against real databases: `sweep_once` deletes exactly the
+//! dead sessions (in batches), `run` serves ops and stops on cancel, and the
+//! loop survives a database outage.
+
+use std::{net::SocketAddr, time::Duration};
+
+use e2a_janitor::{Config, Listeners, SweepReport, sweep_once};
+use e2a_runtime::CancellationToken;
+use e2a_store::{Store, StoreConfig, address::EmailAddress, ids::UserId, secret, sessions};
+use e2a_testkit::{PrivateCluster, TestDb};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+const PROMPT: Duration = Duration::from_secs(30);
+
+/// `GET path` over a raw HTTP/1.1 connection: (status, body).
+async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(PROMPT, stream.read_to_string(&mut response))
+        .await
+        .expect("HTTP response in time")
+        .unwrap();
+    let status = response.split(' ').nth(1).unwrap_or_default();
+    let status = status
+        .parse()
+        .unwrap_or_else(|_| panic!("not an HTTP response: {response:?}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+async fn user(store: &Store, email: &str) -> UserId {
+    let c = store.client().await.unwrap();
+    e2a_store::users::create(&c, &EmailAddress::parse(email).unwrap(), "Test")
+        .await
+        .unwrap()
+        .id
+}
+
+/// A session for `user` that expired a minute ago; returns its token.
+async fn expired_session(store: &Store, user: &UserId) -> String {
+    let c = store.client().await.unwrap();
+    let s = sessions::create(&c, user, time::Duration::hours(1))
+        .await
+        .unwrap();
+    c.execute(
+        "UPDATE user_sessions SET expires_at = now() - interval '1 minute' WHERE token_hash = $1",
+        &[&secret::sha256_hex(s.token.as_bytes())],
+    )
+    .await
+    .unwrap();
+    s.token
+}
+
+async fn session_hashes(store: &Store) -> Vec<String> {
+    let c = store.client().await.unwrap();
+    let rows = c
+        .query(
+            "SELECT token_hash FROM user_sessions ORDER BY token_hash",
+            &[],
+        )
+        .await
+        .unwrap();
+    rows.iter().map(|r| r.get(0)).collect()
+}
+
+/// Polls `check` every 50 ms until it holds or [`PROMPT`] passes.
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + PROMPT;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn sweep_once_deletes_exactly_the_dead_sessions() {
+    let db = TestDb::new().await;
+    let store = Store::new(&StoreConfig::new(db.url())).unwrap();
+    let alice = user(&store, "alice@example.com").await;
+    let bob = user(&store, "bob@example.com").await;
+    let c = store.client().await.unwrap();
+    let live_a = sessions::create(&c, &alice, time::Duration::hours(1))
+        .await
+        .unwrap();
+    let live_b = sessions::create(&c, &bob, sessions::SESSION_TTL)
+        .await
+        .unwrap();
+    let revoked = sessions::create(&c, &bob, time::Duration::hours(1))
+        .await
+        .unwrap();
+    sessions::revoke(&c, &revoked.token).await.unwrap();
+    for _ in 0..4 {
+        expired_session(&store, &alice).await;
+    }
+    expired_session(&store, &bob).await;
+
+    // Batch 2 with 6 dead rows: the sweep repeats until the queue is empty.
+    let report = sweep_once(&store, 2).await.unwrap();
+    assert_eq!(
+        report,
+        SweepReport {
+            sessions_deleted: 6
+        }
+    );
+    let mut want = vec![
+        secret::sha256_hex(live_a.token.as_bytes()),
+        secret::sha256_hex(live_b.token.as_bytes()),
+    ];
+    want.sort();
+    assert_eq!(session_hashes(&store).await, want);
+    assert_eq!(
+        sessions::authenticate(&c, &live_a.token).await.unwrap(),
+        alice
+    );
+    assert_eq!(
+        sessions::authenticate(&c, &live_b.token).await.unwrap(),
+        bob
+    );
+
+    assert_eq!(
+        sweep_once(&store, 1000).await.unwrap(),
+        SweepReport::default(),
+        "nothing left to sweep"
+    );
+}
+
+#[tokio::test]
+async fn run_sweeps_at_start_serves_ops_and_stops_on_cancel() {
+    let db = TestDb::new().await;
+    let store = Store::new(&StoreConfig::new(db.url())).unwrap();
+    let carol = user(&store, "carol@example.com").await;
+    expired_session(&store, &carol).await;
+
+    let ops = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ops_addr = ops.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    // Default interval (1 h): only the sweep at start can delete the row.
+    let task = tokio::spawn(e2a_janitor::run(
+        Config::for_database(db.url()),
+        Listeners { ops },
+        shutdown.clone(),
+    ));
+
+    assert_eq!(http_get(ops_addr, "/readyz").await.0, 200);
+    eventually("the start-up sweep", || async {
+        session_hashes(&store).await.is_empty()
+    })
+    .await;
+
+    let cancelled_at = std::time::Instant::now();
+    shutdown.cancel();
+    let result = tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("run returns promptly");
+    result.unwrap().expect("run returns Ok");
+    assert!(
+        cancelled_at.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        cancelled_at.elapsed()
+    );
+}
+
+/// `e2a_janitor_sweeps_total{outcome="error"}` from `/metrics`.
+async fn failed_sweeps(ops: SocketAddr) -> u64 {
+    let (status, body) = http_get(ops, "/metrics").await;
+    assert_eq!(status, 200);
+    body.lines()
+        .find_map(|l| l.strip_prefix("e2a_janitor_sweeps_total{outcome=\"error\"} "))
+        .map_or(0, |n| n.trim().parse::<f64>().unwrap() as u64)
+}
+
+#[tokio::test]
+async fn the_loop_survives_a_database_outage() {
+    let cluster = PrivateCluster::start().await;
+    let url = cluster.database_url();
+    let store = Store::new(&StoreConfig::new(url.clone())).unwrap();
+    let dave = user(&store, "dave@example.com").await;
+
+    let mut config = Config::for_database(url);
+    config.janitor_interval_secs = 1;
+    let ops = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ops_addr = ops.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(e2a_janitor::run(
+        config,
+        Listeners { ops },
+        shutdown.clone(),
+    ));
+    assert_eq!(http_get(ops_addr, "/readyz").await.0, 200);
+
+    let before = failed_sweeps(ops_addr).await;
+    cluster.stop().await;
+    eventually("a failed sweep", || async {
+        failed_sweeps(ops_addr).await > before
+    })
+    .await;
+    assert!(!task.is_finished(), "the loop must survive the outage");
+
+    cluster.start_again().await;
+    expired_session(&store, &dave).await;
+    eventually("a sweep after recovery", || async {
+        session_hashes(&store).await.is_empty()
+    })
+    .await;
+
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("run returns promptly")
+        .unwrap()
+        .unwrap();
+}

@@ -1,0 +1,142 @@
+//! The relay's configuration: [`CommonArgs`] plus the SMTP listener and its
+//! limits. See `e2a-relay --help`.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::Parser;
+use e2a_runtime::{Service, config::CommonArgs};
+
+use crate::session::SessionConfig;
+
+/// Ops port used when `E2A_OPS_ADDR` is unset.
+pub const DEFAULT_OPS_PORT: u16 = 9091;
+
+/// One-line `--help` summary.
+const ABOUT: &str =
+    "e2a SMTP relay: inbound SMTP listener (mail acceptance is not enabled in this build).";
+
+/// `--help` description: what this build does and, plainly, what it does not.
+const LONG_ABOUT: &str = "\
+e2a SMTP relay: the inbound SMTP listener of e2a.
+
+This build runs the SMTP session only: greeting, EHLO/HELO, NOOP, RSET, VRFY, \
+HELP and QUIT, with pipelining, line-length, idle, session and connection \
+limits. MAIL ACCEPTANCE IS NOT ENABLED YET: every MAIL FROM is answered \
+`451 4.3.2 mail acceptance is not enabled in this build; try again later`, a \
+temporary failure, so sending servers keep the message and retry later. \
+Nothing is stored and nothing pretends to be delivered.";
+
+/// e2a SMTP relay (see [`LONG_ABOUT`]).
+#[derive(Debug, Clone, Parser)]
+#[command(name = "e2a-relay", version, about = ABOUT, long_about = LONG_ABOUT)]
+pub struct Config {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub common: CommonArgs,
+
+    /// Address the SMTP listener binds.
+    #[arg(long, env = "E2A_SMTP_ADDR", default_value = "0.0.0.0:2525")]
+    pub smtp_addr: SocketAddr,
+
+    /// Host name announced in the 220 greeting and the EHLO/HELO reply.
+    #[arg(long, env = "E2A_SMTP_DOMAIN", default_value = "localhost", value_parser = parse_domain)]
+    pub smtp_domain: String,
+
+    /// Largest message accepted, in bytes (announced as SIZE in the EHLO reply).
+    #[arg(long, env = "E2A_SMTP_MAX_MESSAGE_BYTES", default_value_t = 10 << 20, value_parser = clap::value_parser!(u64).range(1024..=(1 << 30)))]
+    pub smtp_max_message_bytes: u64,
+
+    /// Most recipients accepted per message.
+    #[arg(long, env = "E2A_SMTP_MAX_RECIPIENTS", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub smtp_max_recipients: u32,
+
+    /// Seconds a client may stay silent (or leave our reply unread) before `421 4.4.2` and close.
+    #[arg(long, env = "E2A_SMTP_IDLE_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub smtp_idle_timeout_secs: u64,
+
+    /// Longest a whole SMTP session may last, in seconds, before `421 4.4.2` and close.
+    #[arg(long, env = "E2A_SMTP_SESSION_TIMEOUT_SECS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub smtp_session_timeout_secs: u64,
+
+    /// Most simultaneous SMTP connections; beyond it a client gets `421 4.3.2 too many connections`.
+    #[arg(long, env = "E2A_SMTP_MAX_CONNECTIONS", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub smtp_max_connections: u32,
+}
+
+impl Service for Config {
+    const NAME: &'static str = "relay";
+    fn common(&self) -> &CommonArgs {
+        &self.common
+    }
+}
+
+impl Config {
+    /// A configuration for tests and embedding: the given database,
+    /// defaults everywhere else (addresses unused by [`crate::run`]).
+    pub fn for_database(url: impl Into<String>) -> Self {
+        let mut config = Config::parse_from(["e2a-relay"]);
+        config.common = CommonArgs::for_database(url);
+        config
+    }
+
+    /// The per-session settings these options describe.
+    pub fn session_config(&self) -> SessionConfig {
+        SessionConfig {
+            domain: self.smtp_domain.clone(),
+            max_message_bytes: usize::try_from(self.smtp_max_message_bytes).unwrap_or(usize::MAX),
+            max_recipients: self.smtp_max_recipients as usize,
+            idle_timeout: Duration::from_secs(self.smtp_idle_timeout_secs),
+            session_timeout: Duration::from_secs(self.smtp_session_timeout_secs),
+        }
+    }
+}
+
+/// Accepts a host name or address literal made of printable ASCII without
+/// spaces: it is echoed verbatim in SMTP replies.
+fn parse_domain(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    if s.is_empty() || s.len() > 255 {
+        return Err("must be 1 to 255 characters".into());
+    }
+    if !s.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(
+            "must be printable ASCII without spaces (a host name such as mx.example.com)".into(),
+        );
+    }
+    Ok(s.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_spec() {
+        let c = Config::for_database("postgres://localhost/e2a");
+        assert_eq!(c.smtp_addr.port(), 2525);
+        assert_eq!(c.smtp_domain, "localhost");
+        assert_eq!(c.smtp_max_message_bytes, 10 * 1024 * 1024);
+        assert_eq!(c.smtp_max_recipients, 50);
+        assert_eq!(c.smtp_idle_timeout_secs, 30);
+        assert_eq!(c.smtp_session_timeout_secs, 600);
+        assert_eq!(c.smtp_max_connections, 1000);
+        assert_eq!(c.common.ops_addr_or(DEFAULT_OPS_PORT).port(), 9091);
+    }
+
+    #[test]
+    fn bad_values_are_rejected() {
+        assert!(Config::try_parse_from(["x", "--smtp-domain", "two words"]).is_err());
+        assert!(Config::try_parse_from(["x", "--smtp-idle-timeout-secs", "0"]).is_err());
+        assert!(Config::try_parse_from(["x", "--smtp-max-connections", "0"]).is_err());
+        let c = Config::try_parse_from(["x", "--smtp-domain", "mx.example.com"]).unwrap();
+        assert_eq!(c.session_config().domain, "mx.example.com");
+    }
+
+    #[test]
+    fn help_says_mail_is_not_accepted() {
+        use clap::CommandFactory;
+        let help = Config::command().render_long_help().to_string();
+        assert!(help.contains("MAIL ACCEPTANCE IS NOT ENABLED"), "{help}");
+        assert!(help.contains("E2A_SMTP_MAX_CONNECTIONS"), "{help}");
+    }
+}

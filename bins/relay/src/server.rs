@@ -1,0 +1,97 @@
+//! The SMTP accept loop: one tracked task per connection, a semaphore cap
+//! on simultaneous sessions, and a graceful drain.
+//!
+//! A connection beyond the cap is answered `421 4.3.2 too many connections`
+//! and closed at once, without a session. On shutdown the loop stops
+//! accepting (the listener is dropped), every open session finishes its
+//! current command, answers `421 4.3.0 shutting down` and closes, and
+//! [`serve`] returns once all of them are done.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::{net::TcpListener, sync::Semaphore};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::Instrument;
+
+use crate::session::{Session, SessionConfig};
+
+/// Sent, without a session, to a connection beyond the cap.
+pub const TOO_MANY_CONNECTIONS: &[u8] = b"421 4.3.2 too many connections\r\n";
+
+/// Pause after a failed `accept` (e.g. out of file descriptors) so the loop
+/// does not spin.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+/// Accepts connections on `listener` and runs a [`Session`] for each, at
+/// most `max_connections` at a time, until `shutdown` is cancelled; then
+/// drains: returns only when every session has ended.
+pub async fn serve(
+    listener: TcpListener,
+    config: Arc<SessionConfig>,
+    max_connections: usize,
+    shutdown: CancellationToken,
+) {
+    static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+    let slots = Arc::new(Semaphore::new(max_connections.max(1)));
+    let sessions = TaskTracker::new();
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting an SMTP connection failed");
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(ACCEPT_ERROR_PAUSE) => continue,
+                }
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            metrics::counter!("e2a_smtp_connections_rejected_total").increment(1);
+            tracing::warn!(%peer, max_connections, "connection limit reached; refusing connection");
+            // A fresh socket's send buffer is empty: this never blocks.
+            let _ = stream.try_write(TOO_MANY_CONNECTIONS);
+            continue;
+        };
+        metrics::counter!("e2a_smtp_connections_total").increment(1);
+        let _ = stream.set_nodelay(true);
+        let conn_id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let span = tracing::info_span!("smtp", conn_id, %peer);
+        let session = Session::new(stream, config.clone(), shutdown.clone());
+        sessions.spawn(
+            async move {
+                let _permit = permit;
+                let started = tokio::time::Instant::now();
+                tracing::info!("connection opened");
+                let end = session.run().await;
+                let duration_ms = started.elapsed().as_millis() as u64;
+                match &end {
+                    crate::session::SessionEnd::Io(e) => {
+                        tracing::info!(outcome = end.as_str(), error = %e, duration_ms, "connection closed");
+                    }
+                    _ => tracing::info!(outcome = end.as_str(), duration_ms, "connection closed"),
+                }
+            }
+            .instrument(span),
+        );
+    }
+    drop(listener);
+    sessions.close();
+    if !sessions.is_empty() {
+        tracing::info!(
+            open = sessions.len(),
+            "SMTP listener closed; draining sessions"
+        );
+    }
+    sessions.wait().await;
+}

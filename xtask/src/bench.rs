@@ -1,0 +1,49 @@
+//! `cargo xtask bench NAME`: runs one benchmark in release mode. Each
+//! benchmark measures its reference limit in the same run and prints JSON
+//! lines (figures named with their unit, the comparison as `ratio`).
+
+use std::process::{Command, ExitCode};
+
+use crate::{CmdResult, workspace};
+
+/// Known benchmarks: name → (package, bench target, what it measures).
+const BENCHES: &[(&str, &str, &str)] = &[(
+    "auth",
+    "e2a-api",
+    "authenticated GET /v1/account vs GET /api/health requests/s at 32 connections",
+)];
+
+/// `cargo xtask bench` arguments.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Benchmark to run (`auth`); omit to list them.
+    name: Option<String>,
+    /// Extra arguments passed to the benchmark binary.
+    #[arg(last = true)]
+    rest: Vec<String>,
+}
+
+/// Runs the named benchmark through `cargo bench`.
+pub fn run(args: Args) -> CmdResult {
+    let Some(name) = args.name else {
+        for (name, _, what) in BENCHES {
+            println!("{name:8} {what}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    };
+    let Some((_, package, _)) = BENCHES.iter().find(|(n, _, _)| *n == name) else {
+        let known: Vec<&str> = BENCHES.iter().map(|(n, _, _)| *n).collect();
+        return Err(format!("unknown benchmark {name:?}; known: {}", known.join(", ")).into());
+    };
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .current_dir(workspace::root())
+        .args(["bench", "--quiet", "-p", package, "--bench", &name, "--"])
+        .args(&args.rest)
+        .status()?;
+    Ok(if status.success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
