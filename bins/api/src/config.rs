@@ -10,9 +10,14 @@ use e2a_store::account_limits::Limits;
 /// Ops port used when `E2A_OPS_ADDR` is unset.
 pub const DEFAULT_OPS_PORT: u16 = 9090;
 
-/// e2a REST API: agents, domains, messages and account over HTTP (`/v1`).
+/// e2a REST API: the public `/v1` HTTP API of the gateway.
+///
+/// This build serves `GET /api/health`, `GET /v1/info` and `GET /v1/account`
+/// (bearer API key). Agents, domains, messages, webhooks and events arrive in
+/// later issues; other paths answer 404 with the JSON error body. Ops
+/// endpoints (/healthz, /readyz, /metrics) are on E2A_OPS_ADDR.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "e2a-api", version, about, long_about = None)]
+#[command(name = "e2a-api", version)]
 pub struct Config {
     #[command(flatten)]
     #[allow(missing_docs)]

@@ -2,6 +2,8 @@
 //! `E2A_LOG_FORMAT=json`; `RUST_LOG` filters (default `info`).
 //! Never log secrets, tokens, API keys or message bodies.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::{EnvFilter, fmt};
 
 use crate::config::LogFormat;
@@ -10,7 +12,11 @@ use crate::config::LogFormat;
 /// no-op.
 pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = fmt().with_env_filter(filter).with_target(true);
+    // Colours only for a terminal: piped or collected logs stay plain text.
+    let builder = fmt()
+        .with_env_filter(filter)
+        .with_target(true)
+        .with_ansi(std::io::stdout().is_terminal());
     let _ = match format {
         LogFormat::Pretty => builder.try_init(),
         LogFormat::Json => builder

@@ -117,6 +117,47 @@ pub async fn upsert(c: &impl GenericClient, user_id: &UserId, limits: &Limits) -
     Ok(())
 }
 
+/// The user's limits (row or `defaults`) and usage, read in one statement
+/// and one round trip (a consistent snapshot) — what `GET /v1/account` shows.
+pub async fn overview(
+    c: &impl GenericClient,
+    user_id: &UserId,
+    defaults: &Limits,
+) -> Result<(Limits, Usage)> {
+    let stmt = c
+        .prepare_cached(
+            "SELECT l.plan_code, l.max_agents, l.max_domains, l.max_messages_month, l.max_storage_bytes, \
+                    l.max_webhooks, l.upgrade_url, \
+                    (SELECT count(*) FROM agents WHERE user_id = $1), \
+                    (SELECT count(*) FROM domains WHERE user_id = $1), \
+                    COALESCE((SELECT messages_month FROM account_usage WHERE user_id = $1 \
+                              AND month_start = date_trunc('month', now() AT TIME ZONE 'UTC')::date), 0), \
+                    COALESCE((SELECT storage_bytes FROM account_usage WHERE user_id = $1), 0) \
+             FROM (SELECT 1) AS one LEFT JOIN account_limits l ON l.user_id = $1",
+        )
+        .await?;
+    let r = c.query_one(&stmt, &[user_id]).await?;
+    let limits = match r.get::<_, Option<String>>(0) {
+        Some(plan_code) => Limits {
+            plan_code,
+            max_agents: r.get(1),
+            max_domains: r.get(2),
+            max_messages_month: r.get(3),
+            max_storage_bytes: r.get(4),
+            max_webhooks: r.get(5),
+            upgrade_url: r.get(6),
+        },
+        None => defaults.clone(),
+    };
+    let usage = Usage {
+        agents: r.get(7),
+        domains: r.get(8),
+        messages_month: r.get(9),
+        storage_bytes: r.get(10),
+    };
+    Ok((limits, usage))
+}
+
 /// The user's current usage, read in one statement (a consistent snapshot).
 pub async fn usage(c: &impl GenericClient, user_id: &UserId) -> Result<Usage> {
     let stmt = c
