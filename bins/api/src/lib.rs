@@ -48,13 +48,8 @@ pub fn app(state: AppState, config: &Config) -> Router {
 
 /// Binds the configured addresses and runs the service (what `main` calls).
 pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), BoxError> {
-    let http = TcpListener::bind(config.http_addr)
-        .await
-        .map_err(|e| format!("cannot listen on {} (E2A_HTTP_ADDR): {e}", config.http_addr))?;
-    let ops_addr = config.common.ops_addr_or(config::DEFAULT_OPS_PORT);
-    let ops = TcpListener::bind(ops_addr)
-        .await
-        .map_err(|e| format!("cannot listen on {ops_addr} (E2A_OPS_ADDR): {e}"))?;
+    let http = e2a_runtime::bind(config.http_addr, "E2A_HTTP_ADDR").await?;
+    let ops = e2a_runtime::bind_ops(&config.common, config::DEFAULT_OPS_PORT).await?;
     run(config, Listeners { http, ops }, shutdown).await
 }
 
@@ -77,17 +72,11 @@ pub async fn run(
         ops = %listeners.ops.local_addr()?,
         "api listening"
     );
-    let ops = tokio::spawn(e2a_runtime::ops::serve(
-        listeners.ops,
-        "api",
-        store,
-        shutdown.clone(),
-    ));
+    let ops = e2a_runtime::ops::OpsServer::spawn(listeners.ops, "api", store, shutdown.clone());
     let graceful = shutdown.clone();
     axum::serve(listeners.http, app)
         .with_graceful_shutdown(async move { graceful.cancelled().await })
         .await?;
-    shutdown.cancel();
-    ops.await??;
+    ops.stop(&shutdown).await?;
     Ok(())
 }

@@ -28,10 +28,7 @@ pub struct Listeners {
 
 /// Binds the configured address and runs the service (what `main` calls).
 pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), BoxError> {
-    let ops_addr = config.common.ops_addr_or(config::DEFAULT_OPS_PORT);
-    let ops = TcpListener::bind(ops_addr)
-        .await
-        .map_err(|e| format!("cannot listen on {ops_addr} (E2A_OPS_ADDR): {e}"))?;
+    let ops = e2a_runtime::bind_ops(&config.common, config::DEFAULT_OPS_PORT).await?;
     run(config, Listeners { ops }, shutdown).await
 }
 
@@ -60,15 +57,10 @@ pub async fn run_with(
         ops = %listeners.ops.local_addr()?,
         "deliverer started (webhook and mail delivery are not implemented yet; only waiting for work)"
     );
-    let ops = tokio::spawn(e2a_runtime::ops::serve(
-        listeners.ops,
-        "deliverer",
-        store,
-        shutdown.clone(),
-    ));
+    let ops =
+        e2a_runtime::ops::OpsServer::spawn(listeners.ops, "deliverer", store, shutdown.clone());
     wake::wait_for_work(listen_config, wakeups, shutdown.clone()).await;
-    shutdown.cancel();
-    ops.await??;
+    ops.stop(&shutdown).await?;
     Ok(())
 }
 

@@ -2,34 +2,14 @@
 //! wake-ups, reconnection after the listening connection is killed, and a
 //! prompt clean exit on cancellation.
 
-use std::{net::SocketAddr, time::Duration};
+use std::time::Duration;
 
 use e2a_deliverer::{Config, Listeners, WakeStats, Wakeups};
 use e2a_runtime::CancellationToken;
-use e2a_testkit::TestDb;
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
-    sync::watch,
-};
+use e2a_testkit::{TestDb, http_get};
+use tokio::{net::TcpListener, sync::watch};
 
 const PROMPT: Duration = Duration::from_secs(30);
-
-/// `GET path` over a raw HTTP/1.1 connection; returns the status code.
-async fn http_status(addr: SocketAddr, path: &str) -> u16 {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    tokio::time::timeout(PROMPT, stream.read_to_string(&mut response))
-        .await
-        .expect("HTTP response in time")
-        .unwrap();
-    let status = response.split(' ').nth(1).unwrap_or_default();
-    status
-        .parse()
-        .unwrap_or_else(|_| panic!("not an HTTP response: {response:?}"))
-}
 
 /// Waits (bounded) until the counters satisfy `pred`.
 async fn until(
@@ -64,8 +44,8 @@ async fn listens_for_work_serves_ops_reconnects_and_stops_on_cancel() {
 
     until(&mut rx, "LISTEN", |s| s.listening).await;
     until(&mut rx, "a fallback tick", |s| s.ticks >= 1).await;
-    assert_eq!(http_status(ops_addr, "/healthz").await, 200);
-    assert_eq!(http_status(ops_addr, "/readyz").await, 200);
+    assert_eq!(http_get(ops_addr, "/healthz").await.0, 200);
+    assert_eq!(http_get(ops_addr, "/readyz").await.0, 200);
 
     let sql = db.client().await;
     sql.batch_execute("NOTIFY webhook_events_new")

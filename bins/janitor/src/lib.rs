@@ -30,10 +30,7 @@ pub struct Listeners {
 
 /// Binds the configured address and runs the service (what `main` calls).
 pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), BoxError> {
-    let ops_addr = config.common.ops_addr_or(config::DEFAULT_OPS_PORT);
-    let ops = TcpListener::bind(ops_addr)
-        .await
-        .map_err(|e| format!("cannot listen on {ops_addr} (E2A_OPS_ADDR): {e}"))?;
+    let ops = e2a_runtime::bind_ops(&config.common, config::DEFAULT_OPS_PORT).await?;
     run(config, Listeners { ops }, shutdown).await
 }
 
@@ -52,15 +49,14 @@ pub async fn run(
         batch = config.janitor_batch,
         "janitor started (sweeps: expired sessions)"
     );
-    let ops = tokio::spawn(e2a_runtime::ops::serve(
+    let ops = e2a_runtime::ops::OpsServer::spawn(
         listeners.ops,
         "janitor",
         store.clone(),
         shutdown.clone(),
-    ));
+    );
     sweep_loop(&store, config.interval(), config.janitor_batch, &shutdown).await;
-    shutdown.cancel();
-    ops.await??;
+    ops.stop(&shutdown).await?;
     Ok(())
 }
 

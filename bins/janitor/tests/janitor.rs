@@ -7,34 +7,10 @@ use std::{net::SocketAddr, time::Duration};
 use e2a_janitor::{Config, Listeners, SweepReport, sweep_once};
 use e2a_runtime::CancellationToken;
 use e2a_store::{Store, StoreConfig, address::EmailAddress, ids::UserId, secret, sessions};
-use e2a_testkit::{PrivateCluster, TestDb};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
-};
+use e2a_testkit::{PrivateCluster, TestDb, http_get};
+use tokio::net::TcpListener;
 
 const PROMPT: Duration = Duration::from_secs(30);
-
-/// `GET path` over a raw HTTP/1.1 connection: (status, body).
-async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    tokio::time::timeout(PROMPT, stream.read_to_string(&mut response))
-        .await
-        .expect("HTTP response in time")
-        .unwrap();
-    let status = response.split(' ').nth(1).unwrap_or_default();
-    let status = status
-        .parse()
-        .unwrap_or_else(|_| panic!("not an HTTP response: {response:?}"));
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
 
 async fn user(store: &Store, email: &str) -> UserId {
     let c = store.client().await.unwrap();

@@ -34,13 +34,8 @@ pub struct Listeners {
 
 /// Binds the configured addresses and runs the service (what `main` calls).
 pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), BoxError> {
-    let smtp = TcpListener::bind(config.smtp_addr)
-        .await
-        .map_err(|e| format!("cannot listen on {} (E2A_SMTP_ADDR): {e}", config.smtp_addr))?;
-    let ops_addr = config.common.ops_addr_or(config::DEFAULT_OPS_PORT);
-    let ops = TcpListener::bind(ops_addr)
-        .await
-        .map_err(|e| format!("cannot listen on {ops_addr} (E2A_OPS_ADDR): {e}"))?;
+    let smtp = e2a_runtime::bind(config.smtp_addr, "E2A_SMTP_ADDR").await?;
+    let ops = e2a_runtime::bind_ops(&config.common, config::DEFAULT_OPS_PORT).await?;
     run(config, Listeners { smtp, ops }, shutdown).await
 }
 
@@ -59,12 +54,7 @@ pub async fn run(
         max_connections = config.smtp_max_connections,
         "relay listening (mail acceptance is not enabled in this build: MAIL FROM gets 451)"
     );
-    let ops = tokio::spawn(e2a_runtime::ops::serve(
-        listeners.ops,
-        "relay",
-        store,
-        shutdown.clone(),
-    ));
+    let ops = e2a_runtime::ops::OpsServer::spawn(listeners.ops, "relay", store, shutdown.clone());
     server::serve(
         listeners.smtp,
         Arc::new(config.session_config()),
@@ -72,7 +62,6 @@ pub async fn run(
         shutdown.clone(),
     )
     .await;
-    shutdown.cancel();
-    ops.await??;
+    ops.stop(&shutdown).await?;
     Ok(())
 }

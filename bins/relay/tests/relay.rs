@@ -5,9 +5,9 @@ use std::{net::SocketAddr, time::Duration};
 
 use e2a_relay::{Config, Listeners};
 use e2a_runtime::{BoxError, CancellationToken};
-use e2a_testkit::TestDb;
+use e2a_testkit::{TestDb, http_get};
 use tokio::{
-    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
     net::{TcpListener, TcpStream},
     task::JoinHandle,
 };
@@ -90,22 +90,6 @@ impl Smtp {
     }
 }
 
-/// `GET path` over a raw HTTP/1.1 connection; returns the status code.
-async fn http_status(addr: SocketAddr, path: &str) -> u16 {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    tokio::time::timeout(PROMPT, stream.read_to_string(&mut response))
-        .await
-        .expect("HTTP response in time")
-        .unwrap();
-    let status = response.split(' ').nth(1).unwrap_or_default();
-    status
-        .parse()
-        .unwrap_or_else(|_| panic!("not an HTTP response: {response:?}"))
-}
-
 #[tokio::test]
 async fn serves_smtp_and_ops_then_drains_on_cancel() {
     let relay = start(|_| {}).await;
@@ -129,8 +113,8 @@ async fn serves_smtp_and_ops_then_drains_on_cancel() {
     assert_eq!(c.line().await, "221 2.0.0 Bye");
     assert_eq!(c.line().await, "", "closed after QUIT");
 
-    assert_eq!(http_status(relay.ops, "/readyz").await, 200);
-    assert_eq!(http_status(relay.ops, "/healthz").await, 200);
+    assert_eq!(http_get(relay.ops, "/readyz").await.0, 200);
+    assert_eq!(http_get(relay.ops, "/healthz").await.0, 200);
 
     // A client mid-session when shutdown starts gets 421 and `run` returns.
     let mut open = Smtp::connect(relay.smtp).await;

@@ -22,6 +22,25 @@ mod entry;
 pub use entry::{BoxError, Service, error_chain, main};
 pub use tokio_util::sync::CancellationToken;
 
+/// Binds a listener, naming the variable that configures it in the error
+/// (`cannot listen on 0.0.0.0:8080 (E2A_HTTP_ADDR): Address in use`).
+pub async fn bind(
+    addr: std::net::SocketAddr,
+    variable: &str,
+) -> Result<tokio::net::TcpListener, BoxError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr} ({variable}): {e}").into())
+}
+
+/// Binds the ops listener: `E2A_OPS_ADDR`, else `0.0.0.0:<default_port>`.
+pub async fn bind_ops(
+    common: &config::CommonArgs,
+    default_port: u16,
+) -> Result<tokio::net::TcpListener, BoxError> {
+    bind(common.ops_addr_or(default_port), "E2A_OPS_ADDR").await
+}
+
 /// Installs rustls' `ring` crypto provider as the process default, once.
 /// Every binary calls this at start (reqwest and tokio-rustls need it).
 pub fn install_crypto_provider() {

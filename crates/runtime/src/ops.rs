@@ -59,6 +59,30 @@ pub fn router(service: &'static str, store: Store, shutdown: CancellationToken) 
         })
 }
 
+/// A running ops server (see [`OpsServer::spawn`]).
+#[derive(Debug)]
+pub struct OpsServer(tokio::task::JoinHandle<std::io::Result<()>>);
+
+impl OpsServer {
+    /// Serves the ops endpoints for `service` on `listener` in a background
+    /// task until `shutdown` is cancelled.
+    pub fn spawn(
+        listener: TcpListener,
+        service: &'static str,
+        store: Store,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self(tokio::spawn(serve(listener, service, store, shutdown)))
+    }
+
+    /// Cancels `shutdown` (if the service has not already) and waits for the
+    /// ops server to finish; returns its error, if any.
+    pub async fn stop(self, shutdown: &CancellationToken) -> Result<(), crate::BoxError> {
+        shutdown.cancel();
+        Ok(self.0.await??)
+    }
+}
+
 /// Serves the ops router on `listener` until `shutdown` is cancelled.
 pub async fn serve(
     listener: TcpListener,

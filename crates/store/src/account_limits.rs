@@ -59,6 +59,20 @@ pub struct Usage {
     pub storage_bytes: i64,
 }
 
+/// Limits from the first seven columns of `row` (the `account_limits`
+/// columns in declaration order); `None` when they are NULL (no row joined).
+fn limits_from_row(r: &tokio_postgres::Row) -> Option<Limits> {
+    Some(Limits {
+        plan_code: r.get::<_, Option<String>>(0)?,
+        max_agents: r.get(1),
+        max_domains: r.get(2),
+        max_messages_month: r.get(3),
+        max_storage_bytes: r.get(4),
+        max_webhooks: r.get(5),
+        upgrade_url: r.get(6),
+    })
+}
+
 /// The user's limits: their `account_limits` row, else `defaults`.
 pub async fn effective(
     c: &impl GenericClient,
@@ -72,18 +86,11 @@ pub async fn effective(
              FROM account_limits WHERE user_id = $1",
         )
         .await?;
-    Ok(match c.query_opt(&stmt, &[user_id]).await? {
-        Some(r) => Limits {
-            plan_code: r.get(0),
-            max_agents: r.get(1),
-            max_domains: r.get(2),
-            max_messages_month: r.get(3),
-            max_storage_bytes: r.get(4),
-            max_webhooks: r.get(5),
-            upgrade_url: r.get(6),
-        },
-        None => defaults.clone(),
-    })
+    let row = c.query_opt(&stmt, &[user_id]).await?;
+    Ok(row
+        .as_ref()
+        .and_then(limits_from_row)
+        .unwrap_or_else(|| defaults.clone()))
 }
 
 /// Sets the user's limits (the provisioner's write). Idempotent upsert.
@@ -137,18 +144,7 @@ pub async fn overview(
         )
         .await?;
     let r = c.query_one(&stmt, &[user_id]).await?;
-    let limits = match r.get::<_, Option<String>>(0) {
-        Some(plan_code) => Limits {
-            plan_code,
-            max_agents: r.get(1),
-            max_domains: r.get(2),
-            max_messages_month: r.get(3),
-            max_storage_bytes: r.get(4),
-            max_webhooks: r.get(5),
-            upgrade_url: r.get(6),
-        },
-        None => defaults.clone(),
-    };
+    let limits = limits_from_row(&r).unwrap_or_else(|| defaults.clone());
     let usage = Usage {
         agents: r.get(7),
         domains: r.get(8),

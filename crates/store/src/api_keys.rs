@@ -122,14 +122,7 @@ pub async fn create(
             ],
         )
         .await
-        .map_err(|e| match StoreError::from(e) {
-            StoreError::Database(db)
-                if db.code() == Some(&tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION) =>
-            {
-                StoreError::NotFound
-            }
-            other => other,
-        })?;
+        .map_err(crate::error::missing_parent_is_not_found)?;
     Ok(CreatedApiKey {
         key: from_row(&row),
         plaintext,

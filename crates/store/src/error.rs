@@ -72,6 +72,18 @@ impl StoreError {
     }
 }
 
+/// Maps a database error for an insert whose foreign key names the owning
+/// parent (e.g. a user): a foreign-key violation means the parent does not
+/// exist, which is [`StoreError::NotFound`]; anything else maps as usual.
+pub(crate) fn missing_parent_is_not_found(err: tokio_postgres::Error) -> StoreError {
+    match StoreError::from(err) {
+        StoreError::Database(db) if db.code() == Some(&SqlState::FOREIGN_KEY_VIOLATION) => {
+            StoreError::NotFound
+        }
+        other => other,
+    }
+}
+
 /// SQLSTATE classes that mean "the server is not there right now".
 fn is_unavailable_code(code: &SqlState) -> bool {
     let c = code.code();

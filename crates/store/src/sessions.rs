@@ -56,15 +56,7 @@ pub async fn create(
         &[&secret::sha256_hex(token.as_bytes()), user_id, &expires_at],
     )
     .await
-    .map_err(|e| match StoreError::from(e) {
-        // The FK to users failing means the user is gone.
-        StoreError::Database(db)
-            if db.code() == Some(&tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION) =>
-        {
-            StoreError::NotFound
-        }
-        other => other,
-    })?;
+    .map_err(crate::error::missing_parent_is_not_found)?;
     Ok(IssuedSession {
         token,
         user_id: user_id.clone(),

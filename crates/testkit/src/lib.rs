@@ -278,6 +278,38 @@ impl PrivateCluster {
     }
 }
 
+/// `GET path` over a fresh raw HTTP/1.1 connection to `addr` (no client
+/// library needed); returns the status code and the response body (after the headers).
+/// Panics, naming the problem, on connection errors, a response that is not
+/// HTTP, or no response within 30 s — for service tests probing `/readyz`.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await?;
+        Ok::<_, std::io::Error>(response)
+    };
+    let response = match tokio::time::timeout(Duration::from_secs(30), exchange).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => panic!("GET http://{addr}{path}: {e}"),
+        Err(_) => panic!("GET http://{addr}{path}: no response within 30 s"),
+    };
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("GET http://{addr}{path}: not an HTTP response: {response:?}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
 /// The cargo target directory of the workspace running this code, if found:
 /// `CARGO_TARGET_DIR`, else the nearest ancestor of the current executable
 /// holding cargo's `CACHEDIR.TAG`, else a `target` directory next to a
