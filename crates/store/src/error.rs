@@ -21,6 +21,21 @@ pub enum StoreError {
         /// Domain name of the violated rule.
         what: &'static str,
     },
+    /// An account cap would be exceeded (`what` = `"agents"`, `"domains"`, …).
+    #[error("{what} limit of {limit} reached")]
+    LimitExceeded {
+        /// What is capped.
+        what: &'static str,
+        /// The cap in force.
+        limit: i64,
+    },
+    /// The row cannot be deleted while others depend on it (e.g. a domain
+    /// that still has agents).
+    #[error("still referenced by {what}")]
+    HasDependents {
+        /// What still refers to the row.
+        what: &'static str,
+    },
     /// The input was rejected before reaching the database.
     #[error("invalid input: {0}")]
     Invalid(String),

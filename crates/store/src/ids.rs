@@ -31,6 +31,11 @@ macro_rules! define_id {
                 crate::secret::is_lower_hex(rest, 32).then(|| Self(s.to_owned()))
             }
 
+            /// An id from 32 lowercase hex characters (e.g. a digest prefix).
+            pub fn from_hex(hex: &str) -> Option<Self> {
+                crate::secret::is_lower_hex(hex, 32).then(|| Self(format!("{}{}", $prefix, hex)))
+            }
+
             /// The id as text.
             pub fn as_str(&self) -> &str {
                 &self.0

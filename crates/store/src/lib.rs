@@ -12,12 +12,17 @@
 
 pub mod account_limits;
 pub mod address;
+pub mod agents;
 pub mod api_keys;
+pub mod domains;
 pub mod error;
+pub mod events;
 pub mod ids;
+pub mod inbound;
 pub mod migrate;
 pub mod secret;
 pub mod sessions;
+pub mod signing_secrets;
 mod store;
 pub mod users;
 

@@ -195,37 +195,38 @@ impl Store {
     }
 
     /// Runs `f` in a READ COMMITTED transaction; see [`Store::transaction_with`].
-    pub async fn transaction<T, F>(&self, f: F) -> Result<T>
+    pub async fn transaction<C, T, F>(&self, ctx: &C, f: F) -> Result<T>
     where
+        C: Sync + ?Sized,
         T: Send,
-        F: for<'t> FnMut(&'t Transaction<'t>) -> TxFuture<'t, T> + Send,
+        F: for<'t> FnMut(&'t Transaction<'t>, &'t C) -> TxFuture<'t, T> + Send,
     {
-        self.transaction_with(IsolationLevel::ReadCommitted, f)
-            .await
+        self.transaction_with(IsolationLevel::ReadCommitted, ctx, f).await
     }
 
-    /// Runs `f` inside one transaction at `isolation` and commits.
+    /// Runs `f(tx, ctx)` inside one transaction at `isolation` and commits.
     ///
     /// Atomic: either everything `f` wrote commits or nothing does. If `f`
     /// or the commit fails with a serialization failure or deadlock
     /// (SQLSTATE 40001/40P01), the whole transaction is retried from scratch
     /// (so `f` must be safe to re-run) up to [`TX_MAX_ATTEMPTS`] times with
     /// jittered backoff. Any other error rolls back and is returned.
-    pub async fn transaction_with<T, F>(&self, isolation: IsolationLevel, mut f: F) -> Result<T>
+    ///
+    /// `ctx` is handed to every attempt: borrow the caller's data through it
+    /// (a closure capturing borrowed data cannot satisfy the higher-ranked
+    /// bound that lets its future borrow the transaction).
+    pub async fn transaction_with<C, T, F>(&self, isolation: IsolationLevel, ctx: &C, mut f: F) -> Result<T>
     where
+        C: Sync + ?Sized,
         T: Send,
-        F: for<'t> FnMut(&'t Transaction<'t>) -> TxFuture<'t, T> + Send,
+        F: for<'t> FnMut(&'t Transaction<'t>, &'t C) -> TxFuture<'t, T> + Send,
     {
         let mut client = self.client().await?;
         let mut attempt = 1;
         loop {
             let outcome = async {
-                let tx = client
-                    .build_transaction()
-                    .isolation_level(isolation)
-                    .start()
-                    .await?;
-                let value = f(&tx).await?;
+                let tx = client.build_transaction().isolation_level(isolation).start().await?;
+                let value = f(&tx, ctx).await?;
                 tx.commit().await?;
                 Ok::<T, StoreError>(value)
             }
@@ -233,11 +234,7 @@ impl Store {
             match outcome {
                 Err(e) if e.is_retryable_conflict() && attempt < TX_MAX_ATTEMPTS => {
                     let backoff = 5 * u64::from(attempt) + crate::secret::random_below(20);
-                    tracing::debug!(
-                        attempt,
-                        backoff_ms = backoff,
-                        "retrying transaction after conflict"
-                    );
+                    tracing::debug!(attempt, backoff_ms = backoff, "retrying transaction after conflict");
                     tokio::time::sleep(Duration::from_millis(backoff)).await;
                     attempt += 1;
                 }

@@ -124,3 +124,12 @@ pub async fn bootstrap(c: &impl GenericClient, email: &EmailAddress) -> Result<B
         None => Ok(Bootstrapped::Existing(get_by_email(c, email).await?)),
     }
 }
+
+/// Takes the user's row lock (`SELECT … FOR UPDATE`) for the rest of the
+/// transaction `c` must be. Serialises the user's cap-checked creations
+/// (count, then insert) so two concurrent requests cannot both pass the
+/// cap. [`StoreError::NotFound`] if the user does not exist.
+pub async fn lock(c: &impl GenericClient, id: &UserId) -> Result<()> {
+    let stmt = c.prepare_cached("SELECT 1 FROM users WHERE id = $1 FOR UPDATE").await?;
+    c.query_opt(&stmt, &[id]).await?.map(|_| ()).ok_or(StoreError::NotFound)
+}

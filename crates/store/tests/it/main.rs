@@ -3,7 +3,10 @@
 //! time down; each aggregate has its own module.
 
 mod account_limits;
+mod agents;
 mod api_keys;
+mod domains;
+mod inbound;
 mod migrate;
 mod sessions;
 mod store;

@@ -16,7 +16,7 @@ async fn transaction_commits_or_rolls_back_as_a_unit() {
     let raw = db.client().await;
     raw.batch_execute("CREATE TABLE t (v int)").await.unwrap();
     store
-        .transaction(|tx| {
+        .transaction(&(), |tx, ()| {
             Box::pin(async move {
                 tx.execute("INSERT INTO t VALUES (1)", &[]).await?;
                 tx.execute("INSERT INTO t VALUES (2)", &[]).await?;
@@ -26,7 +26,7 @@ async fn transaction_commits_or_rolls_back_as_a_unit() {
         .await
         .unwrap();
     let err = store
-        .transaction(|tx| {
+        .transaction(&(), |tx, ()| {
             Box::pin(async move {
                 tx.execute("INSERT INTO t VALUES (3)", &[]).await?;
                 Err::<(), _>(StoreError::Invalid("stop".into()))
@@ -55,7 +55,7 @@ async fn serialization_failures_are_retried_until_both_commit() {
     let barrier = Arc::new(tokio::sync::Barrier::new(2));
     let run = |store: Store, attempts: Arc<AtomicU32>, barrier: Arc<tokio::sync::Barrier>| async move {
         store
-            .transaction_with(IsolationLevel::Serializable, move |tx| {
+            .transaction_with(IsolationLevel::Serializable, &(), move |tx, ()| {
                 let first = attempts.fetch_add(1, Ordering::SeqCst) < 2;
                 let barrier = barrier.clone();
                 Box::pin(async move {

@@ -1,0 +1,25 @@
+//! The mail library of e2a: everything the relay needs to understand an
+//! inbound message, with no SQL and no knowledge of the database.
+//!
+//! - [`parse`]: best-effort MIME parsing into the fields the API returns; never
+//!   panics, never fails.
+//! - [`auth`]: SPF (on the envelope), DKIM (every signature) and DMARC (with
+//!   alignment) behind a resolver the caller injects.
+//! - [`headers`]: the signed `X-E2A-Auth-*` verdict headers.
+//! - [`conversation`]: when the `X-E2A-Conversation-Id` header may be trusted,
+//!   and minting new conversation ids.
+//! - [`dkim_keys`]: per-domain RSA-2048 DKIM key pairs and their DNS records.
+
+pub mod auth;
+pub mod conversation;
+pub mod dkim_keys;
+pub mod headers;
+pub mod parse;
+
+mod hex;
+
+pub use auth::{
+    AuthInput, AuthVerdict, Authenticator, DkimPass, DkimResult, DmarcPolicy, DmarcResult,
+    RecordCache, SpfResult,
+};
+pub use parse::{AttachmentInfo, Mailbox, ParsedMessage, parse};
