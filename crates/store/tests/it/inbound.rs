@@ -1,1 +1,238 @@
-//! placeholder, being written
+//! Inbound ingest: fan-out, atomicity, dedupe of MTA retries, threading,
+//! events written with the message and announced at commit.
+
+use e2a_store::{
+    StoreError,
+    ids::{MessageId, UserId},
+    inbound::{self, Delivery, InboundMail, Outcome},
+};
+use serde_json::{Value, json};
+use tokio_postgres::{AsyncMessage, NoTls};
+
+struct Mail {
+    raw: Vec<u8>,
+    message_id: String,
+    refs: Vec<String>,
+    to: Vec<String>,
+}
+
+impl Mail {
+    fn new(message_id: &str, body: &str) -> Self {
+        Mail {
+            raw: format!("Message-ID: <{message_id}>\r\nSubject: hi\r\n\r\n{body}\r\n").into_bytes(),
+            message_id: message_id.into(),
+            refs: Vec::new(),
+            to: vec!["a@alice.example".into()],
+        }
+    }
+
+    fn view(&self) -> InboundMail<'_> {
+        InboundMail {
+            raw: &self.raw,
+            email_message_id: &self.message_id,
+            sender: "sender@remote.example",
+            subject: "hi",
+            to: &self.to,
+            cc: &[],
+            reply_to: &[],
+            thread_refs: &self.refs,
+            trusted_conversation_id: None,
+            spf: "pass",
+            dkim: "none",
+            dmarc: "none",
+        }
+    }
+}
+
+fn delivery(agent: &str, user: &UserId) -> Delivery {
+    Delivery {
+        message_id: MessageId::new(),
+        agent_id: agent.into(),
+        agent_domain: agent.split_once('@').unwrap().1.into(),
+        user_id: user.clone(),
+        auth_headers: json!({"X-E2A-Auth-Verified": "false"}),
+    }
+}
+
+async fn count(db: &e2a_testkit::TestDb, sql: &str) -> i64 {
+    db.client().await.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+#[tokio::test]
+async fn fans_out_one_row_and_one_event_per_recipient() {
+    let (db, store) = super::store().await;
+    let alice = super::user(&store, "alice@example.com").await;
+    let bob = super::user(&store, "bob@example.com").await;
+    super::agents::verified_domain(&store, &alice, "alice.example").await;
+    super::agents::verified_domain(&store, &bob, "bob.example").await;
+    super::agents::agent(&store, &alice, "a@alice.example").await;
+    super::agents::agent(&store, &bob, "b@bob.example").await;
+
+    let mail = Mail::new("m1@remote.example", "hello");
+    let deliveries = [delivery("a@alice.example", &alice), delivery("b@bob.example", &bob)];
+    let outcomes = inbound::ingest(&store, &mail.view(), &deliveries).await.unwrap();
+    assert_eq!(outcomes.len(), 2);
+    let mut conversations = Vec::new();
+    for (o, d) in outcomes.iter().zip(&deliveries) {
+        let Outcome::Stored { message_id, conversation_id } = o else { panic!("{o:?}") };
+        assert_eq!(message_id, &d.message_id);
+        assert!(conversation_id.starts_with("cnv_") && conversation_id.len() == 36, "minted: {conversation_id}");
+        conversations.push(conversation_id.clone());
+    }
+    assert_ne!(conversations[0], conversations[1], "conversations are per agent");
+
+    let raw = db.client().await;
+    let rows = raw
+        .query(
+            "SELECT user_id, agent_id, inbox_status, body_sha256, email_message_id, status, direction FROM messages ORDER BY agent_id",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0].get::<_, String>(0), alice.as_str());
+    assert_eq!(rows[0].get::<_, &str>(2), "unread", "flaw 14: every inbound row is unread");
+    assert_eq!(rows[0].get::<_, &str>(4), "m1@remote.example");
+
+    let events = raw
+        .query("SELECT user_id, type, envelope, agent_id, message_id, conversation_id FROM webhook_events ORDER BY agent_id", &[])
+        .await
+        .unwrap();
+    assert_eq!(events.len(), 2);
+    let envelope: Value = events[0].get(2);
+    assert_eq!(envelope["event"], "email.received");
+    assert!(envelope["id"].as_str().unwrap().starts_with("evt_"));
+    let data = &envelope["data"];
+    assert_eq!(data["message_id"], deliveries[0].message_id.as_str());
+    assert_eq!(data["conversation_id"], conversations[0].as_str());
+    assert_eq!(data["agent"], json!({"id": "a@alice.example", "email": "a@alice.example", "domain": "alice.example"}));
+    assert_eq!(data["recipient"], "a@alice.example");
+    assert_eq!(data["from"], "sender@remote.example");
+    use base64::Engine;
+    assert_eq!(base64::engine::general_purpose::STANDARD.decode(data["raw_message"].as_str().unwrap()).unwrap(), mail.raw);
+    assert_eq!(events[0].get::<_, String>(0), alice.as_str());
+    assert_eq!(events[1].get::<_, String>(0), bob.as_str());
+}
+
+#[tokio::test]
+async fn an_mta_retry_creates_no_second_message_or_event() {
+    let (db, store) = super::store().await;
+    let alice = super::user(&store, "alice@example.com").await;
+    super::agents::verified_domain(&store, &alice, "alice.example").await;
+    super::agents::agent(&store, &alice, "a@alice.example").await;
+    let mail = Mail::new("retry@remote.example", "same bytes");
+    let first = inbound::ingest(&store, &mail.view(), &[delivery("a@alice.example", &alice)]).await.unwrap();
+    let Outcome::Stored { message_id, .. } = &first[0] else { panic!() };
+    let again = inbound::ingest(&store, &mail.view(), &[delivery("a@alice.example", &alice)]).await.unwrap();
+    assert_eq!(again, vec![Outcome::Duplicate { message_id: message_id.clone() }]);
+    assert_eq!(count(&db, "SELECT count(*) FROM messages").await, 1);
+    assert_eq!(count(&db, "SELECT count(*) FROM webhook_events").await, 1);
+
+    // Same Message-ID, different bytes: a different message.
+    let changed = Mail::new("retry@remote.example", "other bytes");
+    let third = inbound::ingest(&store, &changed.view(), &[delivery("a@alice.example", &alice)]).await.unwrap();
+    assert!(matches!(third[0], Outcome::Stored { .. }));
+    assert_eq!(count(&db, "SELECT count(*) FROM messages").await, 2);
+}
+
+#[tokio::test]
+async fn concurrent_retries_store_exactly_once() {
+    let (db, store) = super::store().await;
+    let alice = super::user(&store, "alice@example.com").await;
+    super::agents::verified_domain(&store, &alice, "alice.example").await;
+    super::agents::agent(&store, &alice, "a@alice.example").await;
+    let tasks: Vec<_> = (0..6)
+        .map(|_| {
+            let (store, alice) = (store.clone(), alice.clone());
+            tokio::spawn(async move {
+                let mail = Mail::new("race@remote.example", "x");
+                inbound::ingest(&store, &mail.view(), &[delivery("a@alice.example", &alice)]).await.unwrap()
+            })
+        })
+        .collect();
+    let mut stored = 0;
+    for t in tasks {
+        if matches!(t.await.unwrap()[0], Outcome::Stored { .. }) {
+            stored += 1;
+        }
+    }
+    assert_eq!(stored, 1);
+    assert_eq!(count(&db, "SELECT count(*) FROM messages").await, 1);
+    assert_eq!(count(&db, "SELECT count(*) FROM webhook_events").await, 1);
+}
+
+#[tokio::test]
+async fn a_failure_for_one_recipient_stores_nothing_for_any() {
+    let (db, store) = super::store().await;
+    let alice = super::user(&store, "alice@example.com").await;
+    super::agents::verified_domain(&store, &alice, "alice.example").await;
+    super::agents::agent(&store, &alice, "a@alice.example").await;
+    let mail = Mail::new("atomic@remote.example", "x");
+    // The second delivery names an agent that does not exist: FK violation.
+    let deliveries = [delivery("a@alice.example", &alice), delivery("ghost@alice.example", &alice)];
+    let err = inbound::ingest(&store, &mail.view(), &deliveries).await.unwrap_err();
+    assert!(matches!(err, StoreError::Database(_)), "{err:?}");
+    assert_eq!(count(&db, "SELECT count(*) FROM messages").await, 0);
+    assert_eq!(count(&db, "SELECT count(*) FROM webhook_events").await, 0);
+}
+
+#[tokio::test]
+async fn replies_join_the_thread_and_trusted_ids_are_used_as_given() {
+    let (_db, store) = super::store().await;
+    let alice = super::user(&store, "alice@example.com").await;
+    super::agents::verified_domain(&store, &alice, "alice.example").await;
+    super::agents::agent(&store, &alice, "a@alice.example").await;
+    let parent = Mail::new("parent@remote.example", "first");
+    let Outcome::Stored { conversation_id: thread, .. } =
+        inbound::ingest(&store, &parent.view(), &[delivery("a@alice.example", &alice)]).await.unwrap().remove(0)
+    else {
+        panic!()
+    };
+
+    let mut reply = Mail::new("child@remote.example", "second");
+    reply.refs = vec!["unknown@x".into(), "parent@remote.example".into()];
+    let Outcome::Stored { conversation_id, .. } =
+        inbound::ingest(&store, &reply.view(), &[delivery("a@alice.example", &alice)]).await.unwrap().remove(0)
+    else {
+        panic!()
+    };
+    assert_eq!(conversation_id, thread, "a reply inherits the parent's conversation");
+
+    let trusted = Mail::new("trusted@remote.example", "third");
+    let mut view = trusted.view();
+    view.trusted_conversation_id = Some("cnv_fromheader");
+    let Outcome::Stored { conversation_id, .. } =
+        inbound::ingest(&store, &view, &[delivery("a@alice.example", &alice)]).await.unwrap().remove(0)
+    else {
+        panic!()
+    };
+    assert_eq!(conversation_id, "cnv_fromheader");
+
+    // Threading never crosses agents: another agent's copy of the parent does not count.
+    let c = store.client().await.unwrap();
+    assert_eq!(inbound::thread_of(&c, "other@alice.example", &reply.refs).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn the_event_is_announced_at_commit() {
+    let (db, store) = super::store().await;
+    let alice = super::user(&store, "alice@example.com").await;
+    super::agents::verified_domain(&store, &alice, "alice.example").await;
+    super::agents::agent(&store, &alice, "a@alice.example").await;
+
+    let (listener, mut connection) = tokio_postgres::connect(db.url(), NoTls).await.unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(Ok(msg)) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            if let AsyncMessage::Notification(n) = msg {
+                let _ = tx.send(n.channel().to_owned());
+            }
+        }
+    });
+    listener.batch_execute("LISTEN webhook_events_new").await.unwrap();
+
+    let mail = Mail::new("notify@remote.example", "x");
+    inbound::ingest(&store, &mail.view(), &[delivery("a@alice.example", &alice)]).await.unwrap();
+    let channel = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv()).await.unwrap().unwrap();
+    assert_eq!(channel, "webhook_events_new");
+}
