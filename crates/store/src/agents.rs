@@ -118,7 +118,8 @@ fn from_row(r: &Row) -> Agent {
         created_at: r.get(6),
         hitl_enabled: r.get(7),
         hitl_ttl_seconds: r.get(8),
-        hitl_expiration_action: ExpirationAction::parse(r.get(9)).unwrap_or(ExpirationAction::Reject),
+        hitl_expiration_action: ExpirationAction::parse(r.get(9))
+            .unwrap_or(ExpirationAction::Reject),
         reject_dmarc_failures: r.get(10),
         domain_verified: r.get(11),
     }
@@ -162,7 +163,9 @@ impl From<tokio_postgres::Error> for CreateError {
 
 fn check_name(name: &str) -> Result<()> {
     if name.chars().count() > 200 || name.chars().any(char::is_control) {
-        return Err(StoreError::Invalid("name must be at most 200 characters without control characters".into()));
+        return Err(StoreError::Invalid(
+            "name must be at most 200 characters without control characters".into(),
+        ));
     }
     Ok(())
 }
@@ -188,20 +191,34 @@ pub async fn create(
     let tx = c.transaction().await?;
     users::lock(&tx, user_id).await?;
     let row = tx
-        .query_opt(&tx.prepare_cached("SELECT user_id, verified FROM domains WHERE domain = $1").await?, &[&domain])
+        .query_opt(
+            &tx.prepare_cached("SELECT user_id, verified FROM domains WHERE domain = $1")
+                .await?,
+            &[&domain],
+        )
         .await?;
     match row.map(|r| (r.get::<_, Option<UserId>>(0), r.get::<_, bool>(1))) {
         None => return Err(CreateError::DomainNotRegistered(domain)),
-        Some((Some(owner), _)) if &owner != user_id => return Err(CreateError::DomainNotRegistered(domain)),
+        Some((Some(owner), _)) if &owner != user_id => {
+            return Err(CreateError::DomainNotRegistered(domain));
+        }
         Some((Some(_), false)) => return Err(CreateError::DomainNotVerified(domain)),
         Some(_) => {}
     }
     let count: i64 = tx
-        .query_one(&tx.prepare_cached("SELECT count(*) FROM agents WHERE user_id = $1").await?, &[user_id])
+        .query_one(
+            &tx.prepare_cached("SELECT count(*) FROM agents WHERE user_id = $1")
+                .await?,
+            &[user_id],
+        )
         .await?
         .get(0);
     if count >= i64::from(max_agents) {
-        return Err(StoreError::LimitExceeded { what: "agents", limit: i64::from(max_agents) }.into());
+        return Err(StoreError::LimitExceeded {
+            what: "agents",
+            limit: i64::from(max_agents),
+        }
+        .into());
     }
     let inserted = tx
         .execute(
@@ -224,7 +241,9 @@ pub async fn create(
 /// The caller's agent by address (normalise it first), or
 /// [`StoreError::NotFound`].
 pub async fn get(c: &impl GenericClient, user_id: &UserId, address: &str) -> Result<Agent> {
-    let sql = format!("SELECT {COLUMNS} FROM agents a JOIN domains d ON d.domain = a.domain WHERE a.id = $1 AND a.user_id = $2");
+    let sql = format!(
+        "SELECT {COLUMNS} FROM agents a JOIN domains d ON d.domain = a.domain WHERE a.id = $1 AND a.user_id = $2"
+    );
     c.query_opt(&c.prepare_cached(&sql).await?, &[&address, user_id])
         .await?
         .map(|r| from_row(&r))
@@ -237,7 +256,11 @@ pub async fn list(c: &impl GenericClient, user_id: &UserId) -> Result<Vec<Agent>
         "SELECT {COLUMNS} FROM agents a JOIN domains d ON d.domain = a.domain WHERE a.user_id = $1 \
          ORDER BY a.created_at DESC, a.id"
     );
-    Ok(c.query(&c.prepare_cached(&sql).await?, &[user_id]).await?.iter().map(from_row).collect())
+    Ok(c.query(&c.prepare_cached(&sql).await?, &[user_id])
+        .await?
+        .iter()
+        .map(from_row)
+        .collect())
 }
 
 /// Fields to change; `None` leaves a field as it is.
@@ -275,14 +298,21 @@ impl AgentPatch {
 /// Applies `patch` to the caller's agent in one statement and returns the
 /// updated agent. [`StoreError::NotFound`] if not theirs; [`StoreError::Invalid`]
 /// for an out-of-range TTL or a cloud agent left without webhook URL.
-pub async fn update(c: &impl GenericClient, user_id: &UserId, address: &str, patch: &AgentPatch) -> Result<Agent> {
+pub async fn update(
+    c: &impl GenericClient,
+    user_id: &UserId,
+    address: &str,
+    patch: &AgentPatch,
+) -> Result<Agent> {
     if let Some(name) = &patch.name {
         check_name(name)?;
     }
     if let Some(ttl) = patch.hitl_ttl_seconds
         && !(1..=MAX_HITL_TTL_SECONDS).contains(&ttl)
     {
-        return Err(StoreError::Invalid(format!("hitl_ttl_seconds must be between 1 and {MAX_HITL_TTL_SECONDS}")));
+        return Err(StoreError::Invalid(format!(
+            "hitl_ttl_seconds must be between 1 and {MAX_HITL_TTL_SECONDS}"
+        )));
     }
     let stmt = c
         .prepare_cached(
@@ -311,7 +341,9 @@ pub async fn update(c: &impl GenericClient, user_id: &UserId, address: &str, pat
         )
         .await
         .map_err(|e| match e.as_db_error().and_then(|d| d.constraint()) {
-            Some("agents_cloud_webhook_url_check") => StoreError::Invalid("cloud agents need a webhook_url".into()),
+            Some("agents_cloud_webhook_url_check") => {
+                StoreError::Invalid("cloud agents need a webhook_url".into())
+            }
             _ => e.into(),
         })?;
     if updated == 0 {
@@ -323,7 +355,9 @@ pub async fn update(c: &impl GenericClient, user_id: &UserId, address: &str, pat
 /// Deletes the caller's agent and (by cascade) its messages.
 /// [`StoreError::NotFound`] if not theirs.
 pub async fn delete(c: &impl GenericClient, user_id: &UserId, address: &str) -> Result<()> {
-    let stmt = c.prepare_cached("DELETE FROM agents WHERE id = $1 AND user_id = $2").await?;
+    let stmt = c
+        .prepare_cached("DELETE FROM agents WHERE id = $1 AND user_id = $2")
+        .await?;
     match c.execute(&stmt, &[&address, user_id]).await? {
         0 => Err(StoreError::NotFound),
         _ => Ok(()),
@@ -346,17 +380,22 @@ pub struct Recipient {
 /// The agent that receives mail for `address` (normalised), if it exists
 /// and its domain is verified. Not tenant-scoped: SMTP recipients are
 /// public addresses.
-pub async fn resolve_recipient(c: &impl GenericClient, address: &EmailAddress) -> Result<Option<Recipient>> {
+pub async fn resolve_recipient(
+    c: &impl GenericClient,
+    address: &EmailAddress,
+) -> Result<Option<Recipient>> {
     let stmt = c
         .prepare_cached(
             "SELECT a.id, a.user_id, a.agent_mode, a.reject_dmarc_failures FROM agents a \
              JOIN domains d ON d.domain = a.domain WHERE a.id = $1 AND d.verified",
         )
         .await?;
-    Ok(c.query_opt(&stmt, &[&address.as_str()]).await?.map(|r| Recipient {
-        agent_id: r.get(0),
-        user_id: r.get(1),
-        agent_mode: AgentMode::parse(r.get(2)).unwrap_or(AgentMode::Local),
-        reject_dmarc_failures: r.get(3),
-    }))
+    Ok(c.query_opt(&stmt, &[&address.as_str()])
+        .await?
+        .map(|r| Recipient {
+            agent_id: r.get(0),
+            user_id: r.get(1),
+            agent_mode: AgentMode::parse(r.get(2)).unwrap_or(AgentMode::Local),
+            reject_dmarc_failures: r.get(3),
+        }))
 }

@@ -101,11 +101,15 @@ fn from_row(r: &Row) -> Domain {
 /// trailing dot removed, validated as an LDH name of at least two labels
 /// (IDNA is the caller's job: only ASCII is accepted here).
 pub fn normalise(input: &str) -> Result<String> {
-    let d = input.trim().trim_end_matches('.').to_ascii_lowercase();
+    let trimmed = input.trim();
+    let d = trimmed.strip_suffix('.').unwrap_or(trimmed).to_ascii_lowercase();
     if address::valid_domain(&d) {
         Ok(d)
     } else {
-        Err(StoreError::Invalid(format!("{:?} is not a valid domain name", input.trim())))
+        Err(StoreError::Invalid(format!(
+            "{:?} is not a valid domain name",
+            input.trim()
+        )))
     }
 }
 
@@ -133,11 +137,18 @@ pub async fn claim(
         };
     }
     let count: i64 = tx
-        .query_one(&tx.prepare_cached("SELECT count(*) FROM domains WHERE user_id = $1").await?, &[user_id])
+        .query_one(
+            &tx.prepare_cached("SELECT count(*) FROM domains WHERE user_id = $1")
+                .await?,
+            &[user_id],
+        )
         .await?
         .get(0);
     if count >= i64::from(max_domains) {
-        return Err(StoreError::LimitExceeded { what: "domains", limit: i64::from(max_domains) });
+        return Err(StoreError::LimitExceeded {
+            what: "domains",
+            limit: i64::from(max_domains),
+        });
     }
     let token = format!("e2a-verify={}", secret::random_hex::<16>());
     let inserted = tx
@@ -162,7 +173,9 @@ pub async fn claim(
 /// Any domain row by name, owned or not (internal: callers filter by owner).
 async fn get_any(c: &impl GenericClient, domain: &str) -> Result<Option<Domain>> {
     let sql = format!("SELECT {COLUMNS} FROM domains d WHERE d.domain = $1");
-    Ok(c.query_opt(&c.prepare_cached(&sql).await?, &[&domain]).await?.map(|r| from_row(&r)))
+    Ok(c.query_opt(&c.prepare_cached(&sql).await?, &[&domain])
+        .await?
+        .map(|r| from_row(&r)))
 }
 
 /// The caller's domain, or [`StoreError::NotFound`] (also for another
@@ -177,14 +190,22 @@ pub async fn get(c: &impl GenericClient, user_id: &UserId, domain: &str) -> Resu
 
 /// The caller's domains, newest first.
 pub async fn list(c: &impl GenericClient, user_id: &UserId) -> Result<Vec<Domain>> {
-    let sql = format!("SELECT {COLUMNS} FROM domains d WHERE d.user_id = $1 ORDER BY d.created_at DESC, d.domain");
-    Ok(c.query(&c.prepare_cached(&sql).await?, &[user_id]).await?.iter().map(from_row).collect())
+    let sql = format!(
+        "SELECT {COLUMNS} FROM domains d WHERE d.user_id = $1 ORDER BY d.created_at DESC, d.domain"
+    );
+    Ok(c.query(&c.prepare_cached(&sql).await?, &[user_id])
+        .await?
+        .iter()
+        .map(from_row)
+        .collect())
 }
 
 /// Deletes the caller's domain. [`StoreError::NotFound`] if not theirs;
 /// [`StoreError::HasDependents`] `{ what: "agents" }` while agents use it.
 pub async fn delete(c: &impl GenericClient, user_id: &UserId, domain: &str) -> Result<()> {
-    let stmt = c.prepare_cached("DELETE FROM domains WHERE domain = $1 AND user_id = $2").await?;
+    let stmt = c
+        .prepare_cached("DELETE FROM domains WHERE domain = $1 AND user_id = $2")
+        .await?;
     match c.execute(&stmt, &[&domain, user_id]).await {
         Ok(0) => Err(StoreError::NotFound),
         Ok(_) => Ok(()),
@@ -198,7 +219,12 @@ pub async fn delete(c: &impl GenericClient, user_id: &UserId, domain: &str) -> R
 /// Records a verification attempt: `last_checked_at = now()`, and when
 /// `proven` marks the domain verified (never un-verifies). Returns the
 /// updated row; [`StoreError::NotFound`] if not the caller's.
-pub async fn record_check(c: &impl GenericClient, user_id: &UserId, domain: &str, proven: bool) -> Result<Domain> {
+pub async fn record_check(
+    c: &impl GenericClient,
+    user_id: &UserId,
+    domain: &str,
+    proven: bool,
+) -> Result<Domain> {
     let stmt = c
         .prepare_cached(
             "UPDATE domains SET last_checked_at = now(), \

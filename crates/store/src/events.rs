@@ -17,8 +17,13 @@ use crate::{
 /// `email.received`: inbound mail stored for an agent.
 pub const EMAIL_RECEIVED: &str = "email.received";
 /// The event types webhooks may subscribe to.
-pub const CATALOG: &[&str] =
-    &[EMAIL_RECEIVED, "email.sent", "email.pending_approval", "email.approved", "email.rejected"];
+pub const CATALOG: &[&str] = &[
+    EMAIL_RECEIVED,
+    "email.sent",
+    "email.pending_approval",
+    "email.approved",
+    "email.rejected",
+];
 
 /// `evt_` + the first 32 hex of sha256(parts joined by `|`): the same
 /// inputs always give the same id, so re-appending is a no-op.

@@ -107,7 +107,11 @@ struct Ctx<'a> {
 /// Stores `mail` once per delivery, atomically; see the module docs.
 /// Returns one [`Outcome`] per delivery, in order. Any error means nothing
 /// was stored (the caller answers 451).
-pub async fn ingest(store: &Store, mail: &InboundMail<'_>, deliveries: &[Delivery]) -> Result<Vec<Outcome>> {
+pub async fn ingest(
+    store: &Store,
+    mail: &InboundMail<'_>,
+    deliveries: &[Delivery],
+) -> Result<Vec<Outcome>> {
     let ctx = Ctx {
         mail,
         deliveries,
@@ -136,7 +140,9 @@ async fn store_one(tx: &Transaction<'_>, ctx: &Ctx<'_>, d: &Delivery) -> Result<
             None => mint_conversation_id(),
         },
     };
-    let now = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap_or_else(|_| OffsetDateTime::now_utc());
+    let now = OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap_or_else(|_| OffsetDateTime::now_utc());
     let insert = tx
         .prepare_cached(
             "INSERT INTO messages (id, user_id, agent_id, direction, sender, recipient, subject, email_message_id, \
@@ -182,8 +188,15 @@ async fn store_one(tx: &Transaction<'_>, ctx: &Ctx<'_>, d: &Delivery) -> Result<
                  AND direction = 'inbound'",
             )
             .await?;
-        let row = tx.query_one(&existing, &[&d.agent_id, &mail.email_message_id, &ctx.body_sha256]).await?;
-        return Ok(Outcome::Duplicate { message_id: row.get(0) });
+        let row = tx
+            .query_one(
+                &existing,
+                &[&d.agent_id, &mail.email_message_id, &ctx.body_sha256],
+            )
+            .await?;
+        return Ok(Outcome::Duplicate {
+            message_id: row.get(0),
+        });
     }
 
     let event_id = events::deterministic_id(&[d.message_id.as_str(), events::EMAIL_RECEIVED]);
@@ -201,7 +214,12 @@ async fn store_one(tx: &Transaction<'_>, ctx: &Ctx<'_>, d: &Delivery) -> Result<
         "auth_headers": d.auth_headers,
         "received_at": now.format(&Rfc3339).unwrap_or_default(),
     });
-    let envelope = events::envelope(events::EMAIL_RECEIVED, &event_id, OffsetDateTime::now_utc(), data);
+    let envelope = events::envelope(
+        events::EMAIL_RECEIVED,
+        &event_id,
+        OffsetDateTime::now_utc(),
+        data,
+    );
     events::append(
         tx,
         &NewEvent {
@@ -216,12 +234,19 @@ async fn store_one(tx: &Transaction<'_>, ctx: &Ctx<'_>, d: &Delivery) -> Result<
         },
     )
     .await?;
-    Ok(Outcome::Stored { message_id: d.message_id.clone(), conversation_id })
+    Ok(Outcome::Stored {
+        message_id: d.message_id.clone(),
+        conversation_id,
+    })
 }
 
 /// The conversation of the newest message of `agent_id` whose own
 /// Message-ID or upstream id is one of `refs`, if any.
-pub async fn thread_of(c: &impl GenericClient, agent_id: &str, refs: &[String]) -> Result<Option<String>> {
+pub async fn thread_of(
+    c: &impl GenericClient,
+    agent_id: &str,
+    refs: &[String],
+) -> Result<Option<String>> {
     if refs.is_empty() {
         return Ok(None);
     }
@@ -232,5 +257,7 @@ pub async fn thread_of(c: &impl GenericClient, agent_id: &str, refs: &[String]) 
              ORDER BY created_at DESC, id DESC LIMIT 1",
         )
         .await?;
-    Ok(c.query_opt(&stmt, &[&agent_id, &refs]).await?.map(|r| r.get(0)))
+    Ok(c.query_opt(&stmt, &[&agent_id, &refs])
+        .await?
+        .map(|r| r.get(0)))
 }

@@ -21,7 +21,9 @@ pub struct SigningSecret {
 
 impl std::fmt::Debug for SigningSecret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SigningSecret").field("id", &self.id).finish_non_exhaustive()
+        f.debug_struct("SigningSecret")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -36,9 +38,15 @@ pub async fn newest_or_create(c: &impl GenericClient, user_id: &UserId) -> Resul
         )
         .await?;
     if let Some(r) = c.query_opt(&newest, &[user_id]).await? {
-        return Ok(SigningSecret { id: r.get(0), secret: r.get(1) });
+        return Ok(SigningSecret {
+            id: r.get(0),
+            secret: r.get(1),
+        });
     }
-    let created = SigningSecret { id: SigningSecretId::new(), secret: secret::random_hex::<32>() };
+    let created = SigningSecret {
+        id: SigningSecretId::new(),
+        secret: secret::random_hex::<32>(),
+    };
     let insert = c
         .prepare_cached("INSERT INTO webhook_signing_secrets (id, user_id, secret, name) VALUES ($1, $2, $3, 'default')")
         .await?;
@@ -50,7 +58,9 @@ pub async fn newest_or_create(c: &impl GenericClient, user_id: &UserId) -> Resul
 
 /// Records that `id` signed something now (best effort for the caller).
 pub async fn touch(c: &impl GenericClient, id: &SigningSecretId) -> Result<()> {
-    let stmt = c.prepare_cached("UPDATE webhook_signing_secrets SET last_signed_at = now() WHERE id = $1").await?;
+    let stmt = c
+        .prepare_cached("UPDATE webhook_signing_secrets SET last_signed_at = now() WHERE id = $1")
+        .await?;
     c.execute(&stmt, &[id]).await?;
     Ok(())
 }
@@ -64,5 +74,11 @@ pub async fn all(c: &impl GenericClient, user_id: &UserId) -> Result<Vec<Signing
     if rows.is_empty() {
         return Err(StoreError::NotFound);
     }
-    Ok(rows.iter().map(|r| SigningSecret { id: r.get(0), secret: r.get(1) }).collect())
+    Ok(rows
+        .iter()
+        .map(|r| SigningSecret {
+            id: r.get(0),
+            secret: r.get(1),
+        })
+        .collect())
 }

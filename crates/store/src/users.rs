@@ -130,6 +130,11 @@ pub async fn bootstrap(c: &impl GenericClient, email: &EmailAddress) -> Result<B
 /// (count, then insert) so two concurrent requests cannot both pass the
 /// cap. [`StoreError::NotFound`] if the user does not exist.
 pub async fn lock(c: &impl GenericClient, id: &UserId) -> Result<()> {
-    let stmt = c.prepare_cached("SELECT 1 FROM users WHERE id = $1 FOR UPDATE").await?;
-    c.query_opt(&stmt, &[id]).await?.map(|_| ()).ok_or(StoreError::NotFound)
+    let stmt = c
+        .prepare_cached("SELECT 1 FROM users WHERE id = $1 FOR UPDATE")
+        .await?;
+    c.query_opt(&stmt, &[id])
+        .await?
+        .map(|_| ())
+        .ok_or(StoreError::NotFound)
 }

@@ -20,14 +20,18 @@ fn local(address: &str) -> NewAgent {
 /// A verified domain for `user` (claimed and proven).
 pub async fn verified_domain(store: &Store, user: &UserId, domain: &str) {
     let mut c = store.client().await.unwrap();
-    domains::claim(&mut c, user, domain, &super::domains::keys(), 100).await.unwrap();
+    domains::claim(&mut c, user, domain, &super::domains::keys(), 100)
+        .await
+        .unwrap();
     domains::record_check(&c, user, domain, true).await.unwrap();
 }
 
 /// Creates a local agent (its domain must be usable by `user`).
 pub async fn agent(store: &Store, user: &UserId, address: &str) -> agents::Agent {
     let mut c = store.client().await.unwrap();
-    agents::create(&mut c, user, &local(address), 100).await.unwrap()
+    agents::create(&mut c, user, &local(address), 100)
+        .await
+        .unwrap()
 }
 
 #[tokio::test]
@@ -36,26 +40,56 @@ async fn agents_live_on_verified_own_domains_or_the_shared_domain() {
     let alice = super::user(&store, "alice@example.com").await;
     let bob = super::user(&store, "bob@example.com").await;
     let mut c = store.client().await.unwrap();
-    domains::ensure_shared(&c, "agents.localhost").await.unwrap();
+    domains::ensure_shared(&c, "agents.localhost")
+        .await
+        .unwrap();
 
-    let err = agents::create(&mut c, &alice, &local("x@nowhere.example"), 10).await.unwrap_err();
-    assert!(matches!(err, CreateError::DomainNotRegistered(_)), "{err:?}");
+    let err = agents::create(&mut c, &alice, &local("x@nowhere.example"), 10)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, CreateError::DomainNotRegistered(_)),
+        "{err:?}"
+    );
 
-    domains::claim(&mut c, &alice, "alice.example", &super::domains::keys(), 10).await.unwrap();
-    let err = agents::create(&mut c, &alice, &local("x@alice.example"), 10).await.unwrap_err();
+    domains::claim(&mut c, &alice, "alice.example", &super::domains::keys(), 10)
+        .await
+        .unwrap();
+    let err = agents::create(&mut c, &alice, &local("x@alice.example"), 10)
+        .await
+        .unwrap_err();
     assert!(matches!(err, CreateError::DomainNotVerified(_)), "{err:?}");
-    domains::record_check(&c, &alice, "alice.example", true).await.unwrap();
-    let a = agents::create(&mut c, &alice, &local("X@Alice.Example"), 10).await.unwrap();
-    assert_eq!((a.id.as_str(), a.domain.as_str(), a.domain_verified), ("x@alice.example", "alice.example", true));
-    assert_eq!((a.hitl_enabled, a.hitl_ttl_seconds, a.hitl_expiration_action), (false, 604_800, ExpirationAction::Reject));
+    domains::record_check(&c, &alice, "alice.example", true)
+        .await
+        .unwrap();
+    let a = agents::create(&mut c, &alice, &local("X@Alice.Example"), 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        (a.id.as_str(), a.domain.as_str(), a.domain_verified),
+        ("x@alice.example", "alice.example", true)
+    );
+    assert_eq!(
+        (a.hitl_enabled, a.hitl_ttl_seconds, a.hitl_expiration_action),
+        (false, 604_800, ExpirationAction::Reject)
+    );
 
     // Bob cannot put agents on Alice's domain, verified or not.
-    let err = agents::create(&mut c, &bob, &local("y@alice.example"), 10).await.unwrap_err();
-    assert!(matches!(err, CreateError::DomainNotRegistered(_)), "{err:?}");
+    let err = agents::create(&mut c, &bob, &local("y@alice.example"), 10)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, CreateError::DomainNotRegistered(_)),
+        "{err:?}"
+    );
 
     // Anyone may use the shared domain; addresses are unique across users.
-    agents::create(&mut c, &bob, &local("demo@agents.localhost"), 10).await.unwrap();
-    let err = agents::create(&mut c, &alice, &local("demo@agents.localhost"), 10).await.unwrap_err();
+    agents::create(&mut c, &bob, &local("demo@agents.localhost"), 10)
+        .await
+        .unwrap();
+    let err = agents::create(&mut c, &alice, &local("demo@agents.localhost"), 10)
+        .await
+        .unwrap_err();
     assert!(matches!(err, CreateError::Duplicate), "{err:?}");
 }
 
@@ -65,14 +99,42 @@ async fn cloud_agents_need_a_webhook_url_and_caps_apply() {
     let alice = super::user(&store, "alice@example.com").await;
     verified_domain(&store, &alice, "alice.example").await;
     let mut c = store.client().await.unwrap();
-    let cloud = NewAgent { agent_mode: AgentMode::Cloud, ..local("c@alice.example") };
-    assert!(matches!(agents::create(&mut c, &alice, &cloud, 10).await, Err(CreateError::Store(StoreError::Invalid(_)))));
-    let cloud = NewAgent { webhook_url: "https://hooks.example/x".into(), ..cloud };
-    assert_eq!(agents::create(&mut c, &alice, &cloud, 10).await.unwrap().agent_mode, AgentMode::Cloud);
+    let cloud = NewAgent {
+        agent_mode: AgentMode::Cloud,
+        ..local("c@alice.example")
+    };
+    assert!(matches!(
+        agents::create(&mut c, &alice, &cloud, 10).await,
+        Err(CreateError::Store(StoreError::Invalid(_)))
+    ));
+    let cloud = NewAgent {
+        webhook_url: "https://hooks.example/x".into(),
+        ..cloud
+    };
+    assert_eq!(
+        agents::create(&mut c, &alice, &cloud, 10)
+            .await
+            .unwrap()
+            .agent_mode,
+        AgentMode::Cloud
+    );
 
-    agents::create(&mut c, &alice, &local("two@alice.example"), 2).await.unwrap();
-    let err = agents::create(&mut c, &alice, &local("three@alice.example"), 2).await.unwrap_err();
-    assert!(matches!(err, CreateError::Store(StoreError::LimitExceeded { what: "agents", limit: 2 })), "{err:?}");
+    agents::create(&mut c, &alice, &local("two@alice.example"), 2)
+        .await
+        .unwrap();
+    let err = agents::create(&mut c, &alice, &local("three@alice.example"), 2)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            CreateError::Store(StoreError::LimitExceeded {
+                what: "agents",
+                limit: 2
+            })
+        ),
+        "{err:?}"
+    );
 }
 
 #[tokio::test]
@@ -94,24 +156,54 @@ async fn update_get_list_and_delete_are_tenant_scoped() {
     };
     let updated = agents::update(&c, &alice, &a.id, &patch).await.unwrap();
     assert_eq!(
-        (updated.name.as_str(), updated.hitl_enabled, updated.hitl_ttl_seconds, updated.hitl_expiration_action, updated.reject_dmarc_failures),
+        (
+            updated.name.as_str(),
+            updated.hitl_enabled,
+            updated.hitl_ttl_seconds,
+            updated.hitl_expiration_action,
+            updated.reject_dmarc_failures
+        ),
         ("Bot", true, 3600, ExpirationAction::Approve, true)
     );
     for ttl in [0, 604_801] {
-        let bad = AgentPatch { hitl_ttl_seconds: Some(ttl), ..AgentPatch::default() };
-        assert!(matches!(agents::update(&c, &alice, &a.id, &bad).await, Err(StoreError::Invalid(_))));
+        let bad = AgentPatch {
+            hitl_ttl_seconds: Some(ttl),
+            ..AgentPatch::default()
+        };
+        assert!(matches!(
+            agents::update(&c, &alice, &a.id, &bad).await,
+            Err(StoreError::Invalid(_))
+        ));
     }
-    let to_cloud = AgentPatch { agent_mode: Some(AgentMode::Cloud), ..AgentPatch::default() };
-    assert!(matches!(agents::update(&c, &alice, &a.id, &to_cloud).await, Err(StoreError::Invalid(_))));
+    let to_cloud = AgentPatch {
+        agent_mode: Some(AgentMode::Cloud),
+        ..AgentPatch::default()
+    };
+    assert!(matches!(
+        agents::update(&c, &alice, &a.id, &to_cloud).await,
+        Err(StoreError::Invalid(_))
+    ));
 
-    assert!(matches!(agents::get(&c, &mallory, &a.id).await, Err(StoreError::NotFound)));
-    assert!(matches!(agents::update(&c, &mallory, &a.id, &patch).await, Err(StoreError::NotFound)));
-    assert!(matches!(agents::delete(&c, &mallory, &a.id).await, Err(StoreError::NotFound)));
+    assert!(matches!(
+        agents::get(&c, &mallory, &a.id).await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        agents::update(&c, &mallory, &a.id, &patch).await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        agents::delete(&c, &mallory, &a.id).await,
+        Err(StoreError::NotFound)
+    ));
     assert!(agents::list(&c, &mallory).await.unwrap().is_empty());
     assert_eq!(agents::list(&c, &alice).await.unwrap().len(), 1);
 
     agents::delete(&c, &alice, &a.id).await.unwrap();
-    assert!(matches!(agents::get(&c, &alice, &a.id).await, Err(StoreError::NotFound)));
+    assert!(matches!(
+        agents::get(&c, &alice, &a.id).await,
+        Err(StoreError::NotFound)
+    ));
 }
 
 #[tokio::test]
@@ -121,9 +213,70 @@ async fn recipients_resolve_only_on_verified_domains() {
     verified_domain(&store, &alice, "alice.example").await;
     let a = agent(&store, &alice, "bot@alice.example").await;
     let c = store.client().await.unwrap();
-    let r = agents::resolve_recipient(&c, &EmailAddress::parse("BOT@alice.example").unwrap()).await.unwrap().unwrap();
+    let r = agents::resolve_recipient(&c, &EmailAddress::parse("BOT@alice.example").unwrap())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((r.agent_id, r.user_id), (a.id.clone(), alice.clone()));
-    assert!(agents::resolve_recipient(&c, &EmailAddress::parse("nobody@alice.example").unwrap()).await.unwrap().is_none());
-    c.execute("UPDATE domains SET verified = false WHERE domain = 'alice.example'", &[]).await.unwrap();
-    assert!(agents::resolve_recipient(&c, &EmailAddress::parse("bot@alice.example").unwrap()).await.unwrap().is_none());
+    assert!(
+        agents::resolve_recipient(&c, &EmailAddress::parse("nobody@alice.example").unwrap())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    c.execute(
+        "UPDATE domains SET verified = false WHERE domain = 'alice.example'",
+        &[],
+    )
+    .await
+    .unwrap();
+    assert!(
+        agents::resolve_recipient(&c, &EmailAddress::parse("bot@alice.example").unwrap())
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+#[tokio::test]
+async fn the_database_keeps_agents_on_their_owners_domains() {
+    let (_db, store) = super::store().await;
+    let alice = super::user(&store, "alice@example.com").await;
+    let bob = super::user(&store, "bob@example.com").await;
+    verified_domain(&store, &alice, "alice.example").await;
+    agent(&store, &alice, "one@alice.example").await;
+    let c = store.client().await.unwrap();
+    domains::ensure_shared(&c, "agents.localhost")
+        .await
+        .unwrap();
+    agent(&store, &bob, "bob@agents.localhost").await;
+
+    // A caller bypassing the store's checks still cannot put Bob's agent on
+    // Alice's domain.
+    let err = c
+        .execute(
+            "INSERT INTO agents (id, user_id, domain, agent_mode) VALUES ($1, $2, $3, 'local')",
+            &[&"sneaky@alice.example", &bob.as_str(), &"alice.example"],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION),
+        "{err}"
+    );
+
+    // Deleting Alice takes her domain and its agents in one statement; Bob's
+    // agent on the shared domain is untouched.
+    let deleted = c
+        .execute("DELETE FROM users WHERE id = $1", &[&alice.as_str()])
+        .await
+        .unwrap();
+    assert_eq!(deleted, 1);
+    let left: i64 = c
+        .query_one("SELECT count(*) FROM agents", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 1);
 }

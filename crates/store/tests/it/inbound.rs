@@ -19,7 +19,8 @@ struct Mail {
 impl Mail {
     fn new(message_id: &str, body: &str) -> Self {
         Mail {
-            raw: format!("Message-ID: <{message_id}>\r\nSubject: hi\r\n\r\n{body}\r\n").into_bytes(),
+            raw: format!("Message-ID: <{message_id}>\r\nSubject: hi\r\n\r\n{body}\r\n")
+                .into_bytes(),
             message_id: message_id.into(),
             refs: Vec::new(),
             to: vec!["a@alice.example".into()],
@@ -69,17 +70,34 @@ async fn fans_out_one_row_and_one_event_per_recipient() {
     super::agents::agent(&store, &bob, "b@bob.example").await;
 
     let mail = Mail::new("m1@remote.example", "hello");
-    let deliveries = [delivery("a@alice.example", &alice), delivery("b@bob.example", &bob)];
-    let outcomes = inbound::ingest(&store, &mail.view(), &deliveries).await.unwrap();
+    let deliveries = [
+        delivery("a@alice.example", &alice),
+        delivery("b@bob.example", &bob),
+    ];
+    let outcomes = inbound::ingest(&store, &mail.view(), &deliveries)
+        .await
+        .unwrap();
     assert_eq!(outcomes.len(), 2);
     let mut conversations = Vec::new();
     for (o, d) in outcomes.iter().zip(&deliveries) {
-        let Outcome::Stored { message_id, conversation_id } = o else { panic!("{o:?}") };
+        let Outcome::Stored {
+            message_id,
+            conversation_id,
+        } = o
+        else {
+            panic!("{o:?}")
+        };
         assert_eq!(message_id, &d.message_id);
-        assert!(conversation_id.starts_with("cnv_") && conversation_id.len() == 36, "minted: {conversation_id}");
+        assert!(
+            conversation_id.starts_with("cnv_") && conversation_id.len() == 36,
+            "minted: {conversation_id}"
+        );
         conversations.push(conversation_id.clone());
     }
-    assert_ne!(conversations[0], conversations[1], "conversations are per agent");
+    assert_ne!(
+        conversations[0], conversations[1],
+        "conversations are per agent"
+    );
 
     let raw = db.client().await;
     let rows = raw
@@ -91,7 +109,11 @@ async fn fans_out_one_row_and_one_event_per_recipient() {
         .unwrap();
     assert_eq!(rows.len(), 2);
     assert_eq!(rows[0].get::<_, String>(0), alice.as_str());
-    assert_eq!(rows[0].get::<_, &str>(2), "unread", "flaw 14: every inbound row is unread");
+    assert_eq!(
+        rows[0].get::<_, &str>(2),
+        "unread",
+        "flaw 14: every inbound row is unread"
+    );
     assert_eq!(rows[0].get::<_, &str>(4), "m1@remote.example");
 
     let events = raw
@@ -105,11 +127,19 @@ async fn fans_out_one_row_and_one_event_per_recipient() {
     let data = &envelope["data"];
     assert_eq!(data["message_id"], deliveries[0].message_id.as_str());
     assert_eq!(data["conversation_id"], conversations[0].as_str());
-    assert_eq!(data["agent"], json!({"id": "a@alice.example", "email": "a@alice.example", "domain": "alice.example"}));
+    assert_eq!(
+        data["agent"],
+        json!({"id": "a@alice.example", "email": "a@alice.example", "domain": "alice.example"})
+    );
     assert_eq!(data["recipient"], "a@alice.example");
     assert_eq!(data["from"], "sender@remote.example");
     use base64::Engine;
-    assert_eq!(base64::engine::general_purpose::STANDARD.decode(data["raw_message"].as_str().unwrap()).unwrap(), mail.raw);
+    assert_eq!(
+        base64::engine::general_purpose::STANDARD
+            .decode(data["raw_message"].as_str().unwrap())
+            .unwrap(),
+        mail.raw
+    );
     assert_eq!(events[0].get::<_, String>(0), alice.as_str());
     assert_eq!(events[1].get::<_, String>(0), bob.as_str());
 }
@@ -121,16 +151,33 @@ async fn an_mta_retry_creates_no_second_message_or_event() {
     super::agents::verified_domain(&store, &alice, "alice.example").await;
     super::agents::agent(&store, &alice, "a@alice.example").await;
     let mail = Mail::new("retry@remote.example", "same bytes");
-    let first = inbound::ingest(&store, &mail.view(), &[delivery("a@alice.example", &alice)]).await.unwrap();
-    let Outcome::Stored { message_id, .. } = &first[0] else { panic!() };
-    let again = inbound::ingest(&store, &mail.view(), &[delivery("a@alice.example", &alice)]).await.unwrap();
-    assert_eq!(again, vec![Outcome::Duplicate { message_id: message_id.clone() }]);
+    let first = inbound::ingest(&store, &mail.view(), &[delivery("a@alice.example", &alice)])
+        .await
+        .unwrap();
+    let Outcome::Stored { message_id, .. } = &first[0] else {
+        panic!()
+    };
+    let again = inbound::ingest(&store, &mail.view(), &[delivery("a@alice.example", &alice)])
+        .await
+        .unwrap();
+    assert_eq!(
+        again,
+        vec![Outcome::Duplicate {
+            message_id: message_id.clone()
+        }]
+    );
     assert_eq!(count(&db, "SELECT count(*) FROM messages").await, 1);
     assert_eq!(count(&db, "SELECT count(*) FROM webhook_events").await, 1);
 
     // Same Message-ID, different bytes: a different message.
     let changed = Mail::new("retry@remote.example", "other bytes");
-    let third = inbound::ingest(&store, &changed.view(), &[delivery("a@alice.example", &alice)]).await.unwrap();
+    let third = inbound::ingest(
+        &store,
+        &changed.view(),
+        &[delivery("a@alice.example", &alice)],
+    )
+    .await
+    .unwrap();
     assert!(matches!(third[0], Outcome::Stored { .. }));
     assert_eq!(count(&db, "SELECT count(*) FROM messages").await, 2);
 }
@@ -146,7 +193,9 @@ async fn concurrent_retries_store_exactly_once() {
             let (store, alice) = (store.clone(), alice.clone());
             tokio::spawn(async move {
                 let mail = Mail::new("race@remote.example", "x");
-                inbound::ingest(&store, &mail.view(), &[delivery("a@alice.example", &alice)]).await.unwrap()
+                inbound::ingest(&store, &mail.view(), &[delivery("a@alice.example", &alice)])
+                    .await
+                    .unwrap()
             })
         })
         .collect();
@@ -169,8 +218,13 @@ async fn a_failure_for_one_recipient_stores_nothing_for_any() {
     super::agents::agent(&store, &alice, "a@alice.example").await;
     let mail = Mail::new("atomic@remote.example", "x");
     // The second delivery names an agent that does not exist: FK violation.
-    let deliveries = [delivery("a@alice.example", &alice), delivery("ghost@alice.example", &alice)];
-    let err = inbound::ingest(&store, &mail.view(), &deliveries).await.unwrap_err();
+    let deliveries = [
+        delivery("a@alice.example", &alice),
+        delivery("ghost@alice.example", &alice),
+    ];
+    let err = inbound::ingest(&store, &mail.view(), &deliveries)
+        .await
+        .unwrap_err();
     assert!(matches!(err, StoreError::Database(_)), "{err:?}");
     assert_eq!(count(&db, "SELECT count(*) FROM messages").await, 0);
     assert_eq!(count(&db, "SELECT count(*) FROM webhook_events").await, 0);
@@ -183,26 +237,50 @@ async fn replies_join_the_thread_and_trusted_ids_are_used_as_given() {
     super::agents::verified_domain(&store, &alice, "alice.example").await;
     super::agents::agent(&store, &alice, "a@alice.example").await;
     let parent = Mail::new("parent@remote.example", "first");
-    let Outcome::Stored { conversation_id: thread, .. } =
-        inbound::ingest(&store, &parent.view(), &[delivery("a@alice.example", &alice)]).await.unwrap().remove(0)
+    let Outcome::Stored {
+        conversation_id: thread,
+        ..
+    } = inbound::ingest(
+        &store,
+        &parent.view(),
+        &[delivery("a@alice.example", &alice)],
+    )
+    .await
+    .unwrap()
+    .remove(0)
     else {
         panic!()
     };
 
     let mut reply = Mail::new("child@remote.example", "second");
     reply.refs = vec!["unknown@x".into(), "parent@remote.example".into()];
-    let Outcome::Stored { conversation_id, .. } =
-        inbound::ingest(&store, &reply.view(), &[delivery("a@alice.example", &alice)]).await.unwrap().remove(0)
+    let Outcome::Stored {
+        conversation_id, ..
+    } = inbound::ingest(
+        &store,
+        &reply.view(),
+        &[delivery("a@alice.example", &alice)],
+    )
+    .await
+    .unwrap()
+    .remove(0)
     else {
         panic!()
     };
-    assert_eq!(conversation_id, thread, "a reply inherits the parent's conversation");
+    assert_eq!(
+        conversation_id, thread,
+        "a reply inherits the parent's conversation"
+    );
 
     let trusted = Mail::new("trusted@remote.example", "third");
     let mut view = trusted.view();
     view.trusted_conversation_id = Some("cnv_fromheader");
-    let Outcome::Stored { conversation_id, .. } =
-        inbound::ingest(&store, &view, &[delivery("a@alice.example", &alice)]).await.unwrap().remove(0)
+    let Outcome::Stored {
+        conversation_id, ..
+    } = inbound::ingest(&store, &view, &[delivery("a@alice.example", &alice)])
+        .await
+        .unwrap()
+        .remove(0)
     else {
         panic!()
     };
@@ -210,7 +288,12 @@ async fn replies_join_the_thread_and_trusted_ids_are_used_as_given() {
 
     // Threading never crosses agents: another agent's copy of the parent does not count.
     let c = store.client().await.unwrap();
-    assert_eq!(inbound::thread_of(&c, "other@alice.example", &reply.refs).await.unwrap(), None);
+    assert_eq!(
+        inbound::thread_of(&c, "other@alice.example", &reply.refs)
+            .await
+            .unwrap(),
+        None
+    );
 }
 
 #[tokio::test]
@@ -229,10 +312,18 @@ async fn the_event_is_announced_at_commit() {
             }
         }
     });
-    listener.batch_execute("LISTEN webhook_events_new").await.unwrap();
+    listener
+        .batch_execute("LISTEN webhook_events_new")
+        .await
+        .unwrap();
 
     let mail = Mail::new("notify@remote.example", "x");
-    inbound::ingest(&store, &mail.view(), &[delivery("a@alice.example", &alice)]).await.unwrap();
-    let channel = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv()).await.unwrap().unwrap();
+    inbound::ingest(&store, &mail.view(), &[delivery("a@alice.example", &alice)])
+        .await
+        .unwrap();
+    let channel = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(channel, "webhook_events_new");
 }

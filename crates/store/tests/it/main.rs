@@ -5,8 +5,10 @@
 mod account_limits;
 mod agents;
 mod api_keys;
+mod conversations;
 mod domains;
 mod inbound;
+mod messages;
 mod migrate;
 mod sessions;
 mod store;
