@@ -12,19 +12,21 @@ use crate::session::SessionConfig;
 pub const DEFAULT_OPS_PORT: u16 = 9091;
 
 /// One-line `--help` summary.
-const ABOUT: &str =
-    "e2a SMTP relay: inbound SMTP listener (mail acceptance is not enabled in this build).";
+const ABOUT: &str = "e2a SMTP relay: receives mail for agents, authenticates it and stores it.";
 
 /// `--help` description: what this build does and, plainly, what it does not.
 const LONG_ABOUT: &str = "\
 e2a SMTP relay: the inbound SMTP listener of e2a.
 
-This build runs the SMTP session only: greeting, EHLO/HELO, NOOP, RSET, VRFY, \
-HELP and QUIT, with pipelining, line-length, idle, session and connection \
-limits. MAIL ACCEPTANCE IS NOT ENABLED YET: every MAIL FROM is answered \
-`451 4.3.2 mail acceptance is not enabled in this build; try again later`, a \
-temporary failure, so sending servers keep the message and retry later. \
-Nothing is stored and nothing pretends to be delivered.";
+It accepts mail for agents (RCPT to an unknown agent or an unverified domain \
+is refused with 550 5.1.1), checks SPF on the envelope sender, DKIM and DMARC, \
+signs the verdicts into X-E2A-Auth-* headers, threads the message into a \
+conversation and stores one copy per recipient agent together with its \
+email.received event in one transaction. 250 is sent only after that \
+transaction commits; if the database fails the answer is 451 4.3.0 and \
+nothing is stored. A sender retrying a message it already got 250 for does \
+not create a duplicate. STARTTLS is offered when E2A_SMTP_TLS_CERT and \
+E2A_SMTP_TLS_KEY name a PEM certificate and key.";
 
 /// e2a SMTP relay (see [`LONG_ABOUT`]).
 #[derive(Debug, Clone, Parser)]
@@ -61,6 +63,40 @@ pub struct Config {
     /// Most simultaneous SMTP connections; beyond it a client gets `421 4.3.2 too many connections`.
     #[arg(long, env = "E2A_SMTP_MAX_CONNECTIONS", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub smtp_max_connections: u32,
+
+    /// PEM certificate chain for STARTTLS (with E2A_SMTP_TLS_KEY); unset: STARTTLS is not offered.
+    #[arg(long, env = "E2A_SMTP_TLS_CERT")]
+    pub smtp_tls_cert: Option<std::path::PathBuf>,
+
+    /// PEM private key for STARTTLS (with E2A_SMTP_TLS_CERT).
+    #[arg(long, env = "E2A_SMTP_TLS_KEY")]
+    pub smtp_tls_key: Option<std::path::PathBuf>,
+
+    /// SPF/DKIM/DMARC lookups: `system` (the system resolver) or `disabled` (every verdict `none`).
+    #[arg(long, env = "E2A_SMTP_AUTH_DNS", value_enum, default_value_t = AuthDns::System)]
+    pub smtp_auth_dns: AuthDns,
+
+    /// Longest wait for one DNS answer during SPF/DKIM/DMARC checks; a timeout is a `temperror` verdict.
+    #[arg(long, env = "E2A_SMTP_DNS_TIMEOUT_MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(50..=30_000))]
+    pub smtp_dns_timeout_ms: u64,
+
+    /// Comma-separated DKIM signing domains (ours) whose signature may vouch for an X-E2A-Conversation-Id header. Empty: the header is never trusted.
+    #[arg(
+        long,
+        env = "E2A_SMTP_TRUSTED_SIGNING_DOMAINS",
+        default_value = "",
+        value_delimiter = ','
+    )]
+    pub smtp_trusted_signing_domains: Vec<String>,
+}
+
+/// Whether the relay looks up SPF/DKIM/DMARC records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AuthDns {
+    /// The system resolver (`/etc/resolv.conf`), bounded by `E2A_SMTP_DNS_TIMEOUT_MS`.
+    System,
+    /// No lookups: every verdict is `none` (local development without DNS).
+    Disabled,
 }
 
 impl Service for Config {
@@ -80,14 +116,23 @@ impl Config {
     }
 
     /// The per-session settings these options describe.
-    pub fn session_config(&self) -> SessionConfig {
-        SessionConfig {
+    /// Session settings; loads the STARTTLS certificate when configured
+    /// (bad or half-configured files are an error: the relay must not start
+    /// silently without the TLS the operator asked for).
+    pub fn session_config(&self) -> Result<SessionConfig, crate::tls::TlsConfigError> {
+        let tls = match (&self.smtp_tls_cert, &self.smtp_tls_key) {
+            (Some(cert), Some(key)) => Some(crate::tls::acceptor(cert, key)?),
+            (None, None) => None,
+            _ => return Err(crate::tls::TlsConfigError::Incomplete),
+        };
+        Ok(SessionConfig {
+            tls,
             domain: self.smtp_domain.clone(),
             max_message_bytes: usize::try_from(self.smtp_max_message_bytes).unwrap_or(usize::MAX),
             max_recipients: self.smtp_max_recipients as usize,
             idle_timeout: Duration::from_secs(self.smtp_idle_timeout_secs),
             session_timeout: Duration::from_secs(self.smtp_session_timeout_secs),
-        }
+        })
     }
 }
 
@@ -129,14 +174,35 @@ mod tests {
         assert!(Config::try_parse_from(["x", "--smtp-idle-timeout-secs", "0"]).is_err());
         assert!(Config::try_parse_from(["x", "--smtp-max-connections", "0"]).is_err());
         let c = Config::try_parse_from(["x", "--smtp-domain", "mx.example.com"]).unwrap();
-        assert_eq!(c.session_config().domain, "mx.example.com");
+        assert_eq!(c.session_config().unwrap().domain, "mx.example.com");
     }
 
     #[test]
-    fn help_says_mail_is_not_accepted() {
+    fn help_describes_acceptance_and_its_settings() {
         use clap::CommandFactory;
         let help = Config::command().render_long_help().to_string();
-        assert!(help.contains("MAIL ACCEPTANCE IS NOT ENABLED"), "{help}");
-        assert!(help.contains("E2A_SMTP_MAX_CONNECTIONS"), "{help}");
+        assert!(help.contains("250 is sent only after"), "{help}");
+        for var in [
+            "E2A_SMTP_MAX_CONNECTIONS",
+            "E2A_SMTP_AUTH_DNS",
+            "E2A_SMTP_TRUSTED_SIGNING_DOMAINS",
+        ] {
+            assert!(help.contains(var), "{var} missing from --help");
+        }
+    }
+
+    #[test]
+    fn trusted_signing_domains_are_a_comma_list() {
+        let c = Config::try_parse_from([
+            "x",
+            "--smtp-trusted-signing-domains",
+            "mail.example.com,e2a.example",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.smtp_trusted_signing_domains,
+            ["mail.example.com", "e2a.example"]
+        );
+        assert!(Config::try_parse_from(["x", "--smtp-auth-dns", "sometimes"]).is_err());
     }
 }

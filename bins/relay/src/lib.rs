@@ -6,15 +6,17 @@
 //! with [`serve`]; tests call [`run`] with port-0 listeners and their own
 //! token.
 //!
-//! **Mail acceptance is not enabled in this build**: sessions speak SMTP up
-//! to `MAIL FROM`, which is answered with the temporary failure `451 4.3.2
-//! mail acceptance is not enabled in this build; try again later`, so
-//! sending servers keep their messages and retry. Nothing is stored.
+//! Accepted mail goes through [`gateway::Gateway`]: authenticated, signed,
+//! threaded and stored (one transaction per message) before the session
+//! answers `250`.
 
+pub mod backend;
 pub mod config;
+pub mod gateway;
 pub mod lines;
 pub mod server;
 pub mod session;
+pub mod tls;
 
 use std::sync::Arc;
 
@@ -40,11 +42,30 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), Bo
 }
 
 /// Connects and migrates, then serves SMTP until `shutdown` is cancelled and
-/// every open session has answered `421 4.3.0` and closed.
+/// every open session has answered `421 4.3.0` and closed. SPF/DKIM/DMARC
+/// use the system resolver or none, per `E2A_SMTP_AUTH_DNS`.
 pub async fn run(
     config: Config,
     listeners: Listeners,
     shutdown: CancellationToken,
+) -> Result<(), BoxError> {
+    let authenticator = match config.smtp_auth_dns {
+        config::AuthDns::System => Some(
+            e2a_mail::auth::Authenticator::system(std::time::Duration::from_millis(config.smtp_dns_timeout_ms))
+                .map_err(|e| format!("cannot set up DNS for SPF/DKIM/DMARC (E2A_SMTP_AUTH_DNS=disabled skips it): {e}"))?,
+        ),
+        config::AuthDns::Disabled => None,
+    };
+    run_with(config, listeners, shutdown, authenticator).await
+}
+
+/// [`run`] with an explicit authenticator (`None`: no DNS checks), e.g. one
+/// answering from recorded DNS records in tests.
+pub async fn run_with(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+    authenticator: Option<e2a_mail::auth::Authenticator>,
 ) -> Result<(), BoxError> {
     let store = e2a_runtime::boot::connect_and_migrate("relay", &config.common).await?;
     tracing::info!(
@@ -52,12 +73,26 @@ pub async fn run(
         ops = %listeners.ops.local_addr()?,
         domain = %config.smtp_domain,
         max_connections = config.smtp_max_connections,
-        "relay listening (mail acceptance is not enabled in this build: MAIL FROM gets 451)"
+        auth_dns = ?config.smtp_auth_dns,
+        "relay listening"
     );
+    let trusted = config
+        .smtp_trusted_signing_domains
+        .iter()
+        .map(|d| d.trim().trim_end_matches('.').to_ascii_lowercase())
+        .filter(|d| !d.is_empty())
+        .collect();
+    let gateway = Arc::new(gateway::Gateway::new(
+        store.clone(),
+        authenticator,
+        config.smtp_domain.clone(),
+        trusted,
+    ));
     let ops = e2a_runtime::ops::OpsServer::spawn(listeners.ops, "relay", store, shutdown.clone());
     server::serve(
         listeners.smtp,
-        Arc::new(config.session_config()),
+        Arc::new(config.session_config()?),
+        gateway,
         config.smtp_max_connections as usize,
         shutdown.clone(),
     )

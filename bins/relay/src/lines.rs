@@ -79,6 +79,34 @@ impl LineBuffer {
     }
 }
 
+/// One piece of a DATA body, as [`LineBuffer::next_data`] hands it out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DataInput {
+    /// A complete line, LF (and CR) included.
+    Line(Vec<u8>),
+    /// The start of a line longer than the chunk limit, without its end;
+    /// more of the same line follows.
+    Partial(Vec<u8>),
+}
+
+impl LineBuffer {
+    /// The next piece of a DATA body: a complete line, or — when a line grows
+    /// past `max_chunk` bytes without a newline — its first `max_chunk`
+    /// bytes, so memory stays bounded whatever the client sends. `None` when
+    /// more input is needed.
+    pub fn next_data(&mut self, max_chunk: usize) -> Option<DataInput> {
+        let newline = self.buf.iter().position(|&b| b == b'\n');
+        match newline {
+            Some(pos) if pos < max_chunk => Some(DataInput::Line(self.buf.drain(..=pos).collect())),
+            _ if self.buf.len() >= max_chunk => {
+                Some(DataInput::Partial(self.buf.drain(..max_chunk).collect()))
+            }
+            Some(pos) => Some(DataInput::Line(self.buf.drain(..=pos).collect())),
+            None => None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,5 +159,25 @@ mod tests {
         assert_eq!(b.next_input(), None);
         b.push(b"IJKL\nOK\n");
         assert_eq!(b.next_input(), line("OK\n"));
+    }
+
+    #[test]
+    fn data_lines_and_bounded_partials() {
+        let mut b = LineBuffer::new(16);
+        b.push(b"line one\r\n.\r\n");
+        assert_eq!(
+            b.next_data(64),
+            Some(DataInput::Line(b"line one\r\n".to_vec()))
+        );
+        assert_eq!(b.next_data(64), Some(DataInput::Line(b".\r\n".to_vec())));
+        assert_eq!(b.next_data(64), None);
+        b.push(&[b'x'; 100]);
+        assert_eq!(b.next_data(64), Some(DataInput::Partial(vec![b'x'; 64])));
+        assert_eq!(b.next_data(64), None, "the rest waits for its newline");
+        b.push(b"\n");
+        assert_eq!(
+            b.next_data(64),
+            Some(DataInput::Line([vec![b'x'; 36], b"\n".to_vec()].concat()))
+        );
     }
 }

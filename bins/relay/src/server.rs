@@ -19,7 +19,10 @@ use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
 
-use crate::session::{Session, SessionConfig};
+use crate::{
+    backend::Backend,
+    session::{Session, SessionConfig},
+};
 
 /// Sent, without a session, to a connection beyond the cap.
 pub const TOO_MANY_CONNECTIONS: &[u8] = b"421 4.3.2 too many connections\r\n";
@@ -31,9 +34,10 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 /// Accepts connections on `listener` and runs a [`Session`] for each, at
 /// most `max_connections` at a time, until `shutdown` is cancelled; then
 /// drains: returns only when every session has ended.
-pub async fn serve(
+pub async fn serve<B: Backend>(
     listener: TcpListener,
     config: Arc<SessionConfig>,
+    backend: Arc<B>,
     max_connections: usize,
     shutdown: CancellationToken,
 ) {
@@ -67,7 +71,13 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let conn_id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let span = tracing::info_span!("smtp", conn_id, %peer);
-        let session = Session::new(stream, config.clone(), shutdown.clone());
+        let session = Session::new(
+            stream,
+            config.clone(),
+            backend.clone(),
+            Some(peer.ip()),
+            shutdown.clone(),
+        );
         sessions.spawn(
             async move {
                 let _permit = permit;

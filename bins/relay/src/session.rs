@@ -1,5 +1,6 @@
 //! One SMTP session, generic over its byte stream (a TCP socket in
-//! production, an in-memory duplex in tests).
+//! production, an in-memory duplex in tests) and over the [`Backend`] that
+//! checks recipients and stores messages.
 //!
 //! [`Session::run`] sends the greeting, then reads command lines through a
 //! bounded [`LineBuffer`], parses each with `smtp-proto`'s
@@ -8,11 +9,14 @@
 //! further complete command is buffered, so pipelined commands arriving in
 //! one packet are all answered, in order, in one write.
 //!
-//! **Mail acceptance is not enabled in this build.** After EHLO/HELO, `MAIL
-//! FROM` is answered `451 4.3.2 mail acceptance is not enabled in this build;
-//! try again later` — a temporary failure, so a sending MTA keeps the message
-//! and retries later — and `RCPT`/`DATA` without a successful `MAIL` get
-//! `503 5.5.1`. Nothing here stores or acknowledges a message.
+//! The mail transaction: `MAIL FROM` (after EHLO/HELO; a `SIZE=` above the
+//! limit is `552 5.3.4`) → `RCPT TO` per recipient (normalised like agent
+//! addresses; unknown or unverified → `550 5.1.1`; beyond the recipient cap
+//! → `452 4.5.3`; backend unavailable → `451 4.3.0`) → `DATA` (`354`, then
+//! the body up to `<CRLF>.<CRLF>`, dot-unstuffed, read in bounded chunks; a
+//! body over the size limit is read to its end and answered `552 5.3.4`).
+//! **`250` is sent only after the backend has stored the message**; a
+//! storage failure is `451 4.3.0`. Wrong order is `503 5.5.1`.
 //!
 //! Limits: command lines longer than [`MAX_COMMAND_LINE_BYTES`] get `500
 //! 5.5.2 line too long` (and are discarded without buffering them); no
@@ -24,13 +28,15 @@
 //! ends the session quietly: every outcome is a [`SessionEnd`], never a
 //! panic.
 //!
+//! STARTTLS is offered when a certificate is configured (see [`crate::tls`]).
+//!
 //! Nothing from the conversation is logged except verbs and reply codes.
 
 use std::{borrow::Cow, sync::Arc, time::Duration};
 
 use smtp_proto::{
     EXT_8BIT_MIME, EXT_ENHANCED_STATUS_CODES, EXT_PIPELINING, EXT_SIZE, EXT_SMTP_UTF8,
-    EhloResponse, Error as ParseError, MailFrom, Request, Response,
+    EXT_START_TLS, EhloResponse, Error as ParseError, MailFrom, Request, Response,
 };
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
@@ -38,7 +44,13 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::lines::{Input, LineBuffer};
+use e2a_store::address::EmailAddress;
+
+use crate::{
+    backend::{Backend, DeliveryOutcome, Envelope, RecipientCheck},
+    lines::{DataInput, Input, LineBuffer},
+    tls::Conn,
+};
 
 /// Longest accepted command line, CRLF included. RFC 5321 §4.5.3.1.4 sets
 /// a 512-octet minimum; ESMTP parameters and SMTPUTF8 addresses make longer
@@ -56,17 +68,20 @@ const READ_CHUNK: usize = 4096;
 const EHLO_CAPABILITIES: u32 =
     EXT_PIPELINING | EXT_SIZE | EXT_8BIT_MIME | EXT_ENHANCED_STATUS_CODES | EXT_SMTP_UTF8;
 
-/// The reply to `MAIL FROM` while mail acceptance is not enabled.
-pub const MAIL_NOT_ENABLED: &str = "mail acceptance is not enabled in this build; try again later";
+/// DATA bodies are read in pieces of at most this many bytes, so one
+/// endless line cannot exhaust memory.
+const DATA_CHUNK: usize = 64 * 1024;
 
 /// Per-session settings, shared by every session of a listener.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct SessionConfig {
+    /// STARTTLS, offered when set (`E2A_SMTP_TLS_CERT`/`_KEY`).
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
     /// Host name in the greeting and the EHLO/HELO reply.
     pub domain: String,
     /// Announced as `SIZE`; a `MAIL FROM … SIZE=` above it gets `552 5.3.4`.
     pub max_message_bytes: usize,
-    /// Most recipients per message (enforced once mail acceptance exists).
+    /// Most recipients per message (`452 4.5.3` beyond it).
     pub max_recipients: usize,
     /// Longest wait for the next command, or for the client to take a reply.
     pub idle_timeout: Duration,
@@ -74,10 +89,22 @@ pub struct SessionConfig {
     pub session_timeout: Duration,
 }
 
+impl std::fmt::Debug for SessionConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionConfig")
+            .field("domain", &self.domain)
+            .field("starttls", &self.tls.is_some())
+            .field("max_message_bytes", &self.max_message_bytes)
+            .field("max_recipients", &self.max_recipients)
+            .finish_non_exhaustive()
+    }
+}
+
 impl SessionConfig {
     /// The defaults of `e2a-relay --help` with `domain` as host name.
     pub fn new(domain: impl Into<String>) -> Self {
         Self {
+            tls: None,
             domain: domain.into(),
             max_message_bytes: 10 << 20,
             max_recipients: 50,
@@ -92,9 +119,8 @@ impl SessionConfig {
 pub enum State {
     /// Greeting sent; the client has not said EHLO or HELO yet.
     Connected,
-    /// The client identified itself; no mail transaction is open (none can
-    /// be: mail acceptance is not enabled in this build, so this state has
-    /// no successor yet).
+    /// The client identified itself; a mail transaction may be open (see
+    /// [`Session::in_transaction`]).
     Identified {
         /// The name the client gave in EHLO/HELO (untrusted; not logged).
         client_host: String,
@@ -137,12 +163,29 @@ impl SessionEnd {
     }
 }
 
-/// One SMTP conversation over `S`.
-pub struct Session<S> {
-    stream: S,
+/// An open mail transaction: after MAIL FROM, collecting recipients.
+struct MailTransaction<R> {
+    mail_from: String,
+    recipients: Vec<(EmailAddress, R)>,
+}
+
+/// How a DATA body ended.
+enum DataEnd {
+    /// The terminating `.` line arrived; here is the unstuffed body.
+    Complete(Vec<u8>),
+    /// The body passed the size limit (and was read to its end).
+    TooLarge,
+}
+
+/// One SMTP conversation over `S`, storing mail through `B`.
+pub struct Session<S, B: Backend> {
+    stream: Conn<S>,
     config: Arc<SessionConfig>,
+    backend: Arc<B>,
+    remote_ip: Option<std::net::IpAddr>,
     shutdown: CancellationToken,
     state: State,
+    transaction: Option<MailTransaction<B::Recipient>>,
     lines: LineBuffer,
     out: Vec<u8>,
     errors: u32,
@@ -156,16 +199,26 @@ enum Flow {
     Close(SessionEnd),
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
-    /// A session on `stream` that stops at the next command boundary once
-    /// `shutdown` is cancelled. Its total time limit starts now.
-    pub fn new(stream: S, config: Arc<SessionConfig>, shutdown: CancellationToken) -> Self {
+impl<S: AsyncRead + AsyncWrite + Unpin, B: Backend> Session<S, B> {
+    /// A session on `stream` from `remote_ip` that stores mail through
+    /// `backend` and stops at the next command boundary once `shutdown` is
+    /// cancelled. Its total time limit starts now.
+    pub fn new(
+        stream: S,
+        config: Arc<SessionConfig>,
+        backend: Arc<B>,
+        remote_ip: Option<std::net::IpAddr>,
+        shutdown: CancellationToken,
+    ) -> Self {
         let deadline = Instant::now() + config.session_timeout;
         Self {
-            stream,
+            stream: Conn::Plain(stream),
             config,
+            backend,
+            remote_ip,
             shutdown,
             state: State::Connected,
+            transaction: None,
             lines: LineBuffer::new(MAX_COMMAND_LINE_BYTES),
             out: Vec::with_capacity(512),
             errors: 0,
@@ -177,6 +230,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// The current dialogue state.
     pub fn state(&self) -> &State {
         &self.state
+    }
+
+    /// True between a successful MAIL FROM and the end of DATA / RSET.
+    pub fn in_transaction(&self) -> bool {
+        self.transaction.is_some()
     }
 
     /// Runs the whole session: greeting, commands until QUIT, a limit, an
@@ -206,7 +264,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return SessionEnd::Shutdown;
             }
             let flow = match input {
-                Input::Line(line) => self.handle_line(&line),
+                Input::Line(line) => self.handle_line(&line).await,
                 Input::TooLong => {
                     count_command("TOO_LONG");
                     self.reject(500, [5, 5, 2], "line too long")
@@ -296,7 +354,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     /// Parses one line and runs its verb's handler.
-    fn handle_line(&mut self, line: &[u8]) -> Flow {
+    async fn handle_line(&mut self, line: &[u8]) -> Flow {
         let request = match Request::parse(&mut line.iter()) {
             Ok(request) => request,
             Err(e) => {
@@ -315,15 +373,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Request::Ehlo { host } => self.ehlo(host),
             Request::Helo { host } => self.helo(host),
             Request::Mail { from } => self.mail(from),
-            Request::Rcpt { .. } => self.rcpt(),
-            Request::Data => self.data(),
+            Request::Rcpt { to } => self.rcpt(&to.address).await,
+            Request::Data => self.data().await,
             Request::Rset => self.rset(),
             Request::Noop { .. } => self.noop(),
             Request::Quit => self.quit(),
             Request::Vrfy { .. } => self.vrfy(),
             Request::Help { .. } => self.help(),
-            Request::StartTls
-            | Request::Auth { .. }
+            Request::StartTls => self.starttls().await,
+            Request::Auth { .. }
             | Request::Bdat { .. }
             | Request::Burl { .. }
             | Request::Expn { .. }
@@ -335,12 +393,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// EHLO: identifies the client, resets any transaction, lists extensions.
     fn ehlo(&mut self, host: Cow<'_, str>) -> Flow {
+        self.transaction = None;
         self.state = State::Identified {
             client_host: host.into_owned(),
             extended: true,
         };
         let mut reply = EhloResponse::new(self.config.domain.as_str());
         reply.capabilities = EHLO_CAPABILITIES;
+        if self.config.tls.is_some() && !self.stream.is_tls() {
+            reply.capabilities |= EXT_START_TLS;
+        }
         reply.size = self.config.max_message_bytes;
         // Writing into a Vec cannot fail.
         let _ = reply.write(&mut self.out);
@@ -349,6 +411,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// HELO: identifies the client (no extensions), resets any transaction.
     fn helo(&mut self, host: Cow<'_, str>) -> Flow {
+        self.transaction = None;
         self.state = State::Identified {
             client_host: host.into_owned(),
             extended: false,
@@ -358,37 +421,205 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         Flow::Continue
     }
 
-    /// MAIL: needs EHLO/HELO first; an announced size above the limit is a
-    /// permanent 552; otherwise a temporary 451 because this build does not
-    /// accept mail.
+    /// MAIL: needs EHLO/HELO first and no open transaction; an announced
+    /// size above the limit is a permanent 552. Opens the transaction.
     fn mail(&mut self, from: MailFrom<Cow<'_, str>>) -> Flow {
-        match self.state {
-            State::Connected => self.reject(503, [5, 5, 1], "send EHLO or HELO first"),
-            State::Identified { .. } if from.size > self.config.max_message_bytes => self.reject(
+        if self.state == State::Connected {
+            return self.reject(503, [5, 5, 1], "send EHLO or HELO first");
+        }
+        if self.transaction.is_some() {
+            return self.reject(503, [5, 5, 1], "nested MAIL command");
+        }
+        if from.size > self.config.max_message_bytes {
+            return self.reject(
                 552,
                 [5, 3, 4],
                 "message size exceeds fixed maximum message size",
-            ),
-            State::Identified { .. } => {
-                self.reply(451, [4, 3, 2], MAIL_NOT_ENABLED);
+            );
+        }
+        self.transaction = Some(MailTransaction {
+            mail_from: from.address.trim().to_owned(),
+            recipients: Vec::new(),
+        });
+        self.reply(250, [2, 1, 0], "OK");
+        Flow::Continue
+    }
+
+    /// RCPT: needs MAIL; the address is normalised like agent addresses
+    /// (flaw 33), checked against the recipient cap, then resolved by the
+    /// backend. A repeated recipient is accepted once.
+    async fn rcpt(&mut self, address: &str) -> Flow {
+        let Some(transaction) = self.transaction.as_ref() else {
+            return self.reject(503, [5, 5, 1], "need MAIL before RCPT");
+        };
+        let Ok(address) = EmailAddress::parse(address) else {
+            return self.reject(501, [5, 1, 3], "invalid recipient address");
+        };
+        if transaction.recipients.iter().any(|(a, _)| *a == address) {
+            self.reply(250, [2, 1, 5], "OK");
+            return Flow::Continue;
+        }
+        if transaction.recipients.len() >= self.config.max_recipients {
+            self.reply(452, [4, 5, 3], "too many recipients");
+            return Flow::Continue;
+        }
+        match self.backend.recipient(&address).await {
+            RecipientCheck::Accept(recipient) => {
+                if let Some(t) = self.transaction.as_mut() {
+                    t.recipients.push((address, recipient));
+                }
+                self.reply(250, [2, 1, 5], "OK");
+                Flow::Continue
+            }
+            RecipientCheck::Unknown => self.reject(550, [5, 1, 1], "recipient not found"),
+            RecipientCheck::TempFail => {
+                self.reply(451, [4, 3, 0], "temporary failure, try again later");
                 Flow::Continue
             }
         }
     }
 
-    /// RCPT: no MAIL transaction can be open in this build.
-    fn rcpt(&mut self) -> Flow {
-        self.reject(503, [5, 5, 1], "need MAIL before RCPT")
+    /// DATA: needs MAIL and at least one accepted RCPT. Answers 354, reads
+    /// the body, hands it to the backend and answers with its outcome —
+    /// `250` only once stored. The transaction ends either way.
+    async fn data(&mut self) -> Flow {
+        match &self.transaction {
+            None => return self.reject(503, [5, 5, 1], "need MAIL before DATA"),
+            Some(t) if t.recipients.is_empty() => {
+                return self.reject(503, [5, 5, 1], "need RCPT before DATA");
+            }
+            Some(_) => {}
+        }
+        self.out
+            .extend_from_slice(b"354 End data with <CR><LF>.<CR><LF>\r\n");
+        let body = match self.read_data().await {
+            Ok(body) => body,
+            Err(end) => return Flow::Close(end),
+        };
+        let Some(transaction) = self.transaction.take() else {
+            return Flow::Continue;
+        };
+        let message = match body {
+            DataEnd::TooLarge => {
+                return self.reject(
+                    552,
+                    [5, 3, 4],
+                    "message size exceeds fixed maximum message size",
+                );
+            }
+            DataEnd::Complete(message) => message,
+        };
+        let helo = match &self.state {
+            State::Identified { client_host, .. } => client_host.clone(),
+            State::Connected => String::new(),
+        };
+        let envelope = Envelope {
+            remote_ip: self.remote_ip,
+            helo,
+            mail_from: transaction.mail_from,
+            recipients: transaction.recipients,
+        };
+        match self.backend.deliver(&envelope, message).await {
+            DeliveryOutcome::Accepted { id } => {
+                self.reply(250, [2, 0, 0], &format!("OK queued as {id}"));
+                Flow::Continue
+            }
+            DeliveryOutcome::TempFail => {
+                self.reply(
+                    451,
+                    [4, 3, 0],
+                    "temporary failure storing the message, try again later",
+                );
+                Flow::Continue
+            }
+            DeliveryOutcome::Reject { code, esc, message } => self.reject(code, esc, &message),
+        }
     }
 
-    /// DATA: no MAIL transaction can be open in this build.
-    fn data(&mut self) -> Flow {
-        self.reject(503, [5, 5, 1], "need MAIL before DATA")
+    /// Reads a DATA body up to the `.` line: dot-unstuffed, lines kept as
+    /// sent, in chunks of at most [`DATA_CHUNK`]. Past the size limit the
+    /// rest is read and dropped. Timeouts and shutdown end the session (the
+    /// message was not acknowledged, so the sender keeps it).
+    async fn read_data(&mut self) -> Result<DataEnd, SessionEnd> {
+        let mut body = Vec::new();
+        let mut too_large = false;
+        let mut at_line_start = true;
+        loop {
+            let piece = loop {
+                if let Some(piece) = self.lines.next_data(DATA_CHUNK) {
+                    break piece;
+                }
+                self.flush().await?;
+                self.fill().await?;
+            };
+            let (bytes, complete_line) = match piece {
+                DataInput::Line(line) => (line, true),
+                DataInput::Partial(part) => (part, false),
+            };
+            let mut bytes = bytes.as_slice();
+            if at_line_start && complete_line && (bytes == b".\r\n" || bytes == b".\n") {
+                return Ok(if too_large {
+                    DataEnd::TooLarge
+                } else {
+                    DataEnd::Complete(body)
+                });
+            }
+            if at_line_start && bytes.first() == Some(&b'.') {
+                bytes = &bytes[1..];
+            }
+            at_line_start = complete_line;
+            if !too_large {
+                if body.len() + bytes.len() > self.config.max_message_bytes {
+                    too_large = true;
+                    body = Vec::new();
+                } else {
+                    body.extend_from_slice(bytes);
+                }
+            }
+        }
     }
 
-    /// RSET: clears the transaction (there is none to clear yet); the
-    /// client stays identified.
+    /// STARTTLS (RFC 3207): offered only when configured and not yet in
+    /// TLS. Answers `220`, discards anything the client pipelined after the
+    /// command (it was sent in plaintext: command injection), performs the
+    /// handshake within the idle timeout, and returns to the greeted state —
+    /// the client must say EHLO again and any transaction is gone. A failed
+    /// handshake ends the session.
+    async fn starttls(&mut self) -> Flow {
+        let Some(acceptor) = self.config.tls.clone() else {
+            return self.not_implemented();
+        };
+        if self.stream.is_tls() {
+            return self.reject(503, [5, 5, 1], "TLS already active");
+        }
+        if self.state == State::Connected {
+            return self.reject(503, [5, 5, 1], "send EHLO first");
+        }
+        self.reply(220, [2, 0, 0], "ready to start TLS");
+        if let Err(end) = self.flush().await {
+            return Flow::Close(end);
+        }
+        self.lines = LineBuffer::new(MAX_COMMAND_LINE_BYTES);
+        let Conn::Plain(plain) = std::mem::replace(&mut self.stream, Conn::Taken) else {
+            return Flow::Close(SessionEnd::Io(std::io::Error::other(
+                "STARTTLS on a non-plain stream",
+            )));
+        };
+        match tokio::time::timeout(self.config.idle_timeout, acceptor.accept(plain)).await {
+            Ok(Ok(tls)) => {
+                self.stream = Conn::Tls(Box::new(tls));
+                self.state = State::Connected;
+                self.transaction = None;
+                Flow::Continue
+            }
+            Ok(Err(e)) => Flow::Close(SessionEnd::Io(e)),
+            Err(_) => Flow::Close(SessionEnd::IdleTimeout),
+        }
+    }
+
+    /// RSET: clears the transaction; the client stays identified.
     fn rset(&mut self) -> Flow {
+        self.transaction = None;
         self.reply(250, [2, 0, 0], "OK");
         Flow::Continue
     }
@@ -422,7 +653,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         Flow::Continue
     }
 
-    /// Recognised verbs we do not offer (STARTTLS, AUTH, BDAT, EXPN, …).
+    /// Recognised verbs we do not offer (AUTH, BDAT, EXPN, …; STARTTLS
+    /// without a configured certificate).
     fn not_implemented(&mut self) -> Flow {
         self.reject(502, [5, 5, 1], "command not implemented")
     }
@@ -480,27 +712,69 @@ fn count_command(verb: &'static str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
     use tokio::io::{AsyncBufReadExt, BufReader, DuplexStream, ReadHalf, WriteHalf};
+
+    /// Knows `*@known.test` (except `down@…`, which is a backend outage)
+    /// and records what it stores; answers DATA with `outcome`.
+    #[derive(Default)]
+    struct MemoryBackend {
+        stored: Mutex<Vec<(Envelope<String>, Vec<u8>)>>,
+        outcome: Mutex<Option<DeliveryOutcome>>,
+    }
+
+    impl Backend for MemoryBackend {
+        type Recipient = String;
+
+        async fn recipient(&self, address: &EmailAddress) -> RecipientCheck<String> {
+            match (address.local_part(), address.domain()) {
+                ("down", _) => RecipientCheck::TempFail,
+                (_, "known.test") => RecipientCheck::Accept(address.to_string()),
+                _ => RecipientCheck::Unknown,
+            }
+        }
+
+        async fn deliver(&self, envelope: &Envelope<String>, message: Vec<u8>) -> DeliveryOutcome {
+            if let Some(outcome) = self.outcome.lock().unwrap().clone() {
+                return outcome;
+            }
+            self.stored
+                .lock()
+                .unwrap()
+                .push((envelope.clone(), message));
+            DeliveryOutcome::Accepted { id: "msg_1".into() }
+        }
+    }
 
     struct Client {
         reader: BufReader<ReadHalf<DuplexStream>>,
         writer: WriteHalf<DuplexStream>,
         session: tokio::task::JoinHandle<SessionEnd>,
         shutdown: CancellationToken,
+        backend: Arc<MemoryBackend>,
     }
 
     impl Client {
         fn start(config: SessionConfig) -> Client {
             let (server, client) = tokio::io::duplex(64 * 1024);
             let shutdown = CancellationToken::new();
-            let session =
-                tokio::spawn(Session::new(server, Arc::new(config), shutdown.clone()).run());
+            let backend = Arc::new(MemoryBackend::default());
+            let ip = Some(std::net::IpAddr::from([192, 0, 2, 1]));
+            let session = Session::new(
+                server,
+                Arc::new(config),
+                backend.clone(),
+                ip,
+                shutdown.clone(),
+            );
+            let session = tokio::spawn(session.run());
             let (read, writer) = tokio::io::split(client);
             Client {
                 reader: BufReader::new(read),
                 writer,
                 session,
                 shutdown,
+                backend,
             }
         }
 
@@ -634,28 +908,185 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn mail_is_refused_temporarily_and_nothing_is_accepted() {
+    async fn a_transaction_stores_the_unstuffed_body_and_answers_250_after() {
         let mut c = Client::greeted().await;
-        assert_eq!(c.command("HELO client.example").await, "250 mx.test");
+        c.ehlo().await;
         assert_eq!(
-            c.command("MAIL FROM:<a@example.com>").await,
-            "451 4.3.2 mail acceptance is not enabled in this build; try again later"
+            c.command("MAIL FROM:<sender@remote.test> BODY=8BITMIME")
+                .await,
+            "250 2.1.0 OK"
+        );
+        assert_eq!(c.command("RCPT TO:<Bot@Known.Test>").await, "250 2.1.5 OK");
+        assert_eq!(
+            c.command("RCPT TO:<bot@known.test>").await,
+            "250 2.1.5 OK",
+            "duplicate accepted once"
+        );
+        assert_eq!(
+            c.command("RCPT TO:<other@known.test>").await,
+            "250 2.1.5 OK"
+        );
+        assert_eq!(
+            c.command("DATA").await,
+            "354 End data with <CR><LF>.<CR><LF>"
+        );
+        c.send("Subject: hi\r\n\r\n..leading dot\r\nline\r\n.\r\n")
+            .await;
+        assert_eq!(c.line().await, "250 2.0.0 OK queued as msg_1");
+        let stored = c.backend.stored.lock().unwrap().clone();
+        assert_eq!(stored.len(), 1);
+        let (envelope, body) = &stored[0];
+        assert_eq!(body, b"Subject: hi\r\n\r\n.leading dot\r\nline\r\n");
+        assert_eq!(envelope.mail_from, "sender@remote.test");
+        assert_eq!(envelope.helo, "client.example");
+        assert_eq!(
+            envelope.remote_ip,
+            Some(std::net::IpAddr::from([192, 0, 2, 1]))
+        );
+        let rcpts: Vec<&str> = envelope
+            .recipients
+            .iter()
+            .map(|(a, _)| a.as_str())
+            .collect();
+        assert_eq!(rcpts, ["bot@known.test", "other@known.test"]);
+        // The transaction is over: a new one can start.
+        assert!(c.command("DATA").await.starts_with("503 5.5.1 "));
+        assert_eq!(c.command("MAIL FROM:<>").await, "250 2.1.0 OK");
+    }
+
+    #[tokio::test]
+    async fn recipient_replies() {
+        let mut c = Client::start(SessionConfig {
+            max_recipients: 2,
+            ..SessionConfig::new("mx.test")
+        });
+        c.line().await;
+        c.ehlo().await;
+        c.command("MAIL FROM:<s@remote.test>").await;
+        assert_eq!(
+            c.command("RCPT TO:<nobody@elsewhere.test>").await,
+            "550 5.1.1 recipient not found"
+        );
+        assert_eq!(
+            c.command("RCPT TO:<down@known.test>").await,
+            "451 4.3.0 temporary failure, try again later"
         );
         assert!(
-            c.command("RCPT TO:<b@example.com>")
+            c.command("RCPT TO:<not an address>")
                 .await
-                .starts_with("503 5.5.1 ")
+                .starts_with("501 ")
         );
-        assert!(c.command("DATA").await.starts_with("503 5.5.1 "));
+        assert!(
+            c.command("DATA").await.starts_with("503 5.5.1 "),
+            "no recipient yet"
+        );
+        assert_eq!(c.command("RCPT TO:<a@known.test>").await, "250 2.1.5 OK");
+        assert_eq!(c.command("RCPT TO:<b@known.test>").await, "250 2.1.5 OK");
+        assert_eq!(
+            c.command("RCPT TO:<c@known.test>").await,
+            "452 4.5.3 too many recipients"
+        );
+        assert!(
+            c.command("MAIL FROM:<s@remote.test>")
+                .await
+                .starts_with("503 5.5.1 "),
+            "nested MAIL"
+        );
+        assert_eq!(c.command("RSET").await, "250 2.0.0 OK");
+        assert!(
+            c.command("RCPT TO:<a@known.test>")
+                .await
+                .starts_with("503 5.5.1 "),
+            "RSET ended it"
+        );
         assert!(
             c.command("MAIL FROM:<a@example.com> SIZE=99999999999")
                 .await
                 .starts_with("552 5.3.4 ")
         );
+    }
+
+    #[tokio::test]
+    async fn a_storage_failure_is_451_and_a_policy_refusal_is_passed_through() {
+        let mut c = Client::greeted().await;
+        c.ehlo().await;
+        *c.backend.outcome.lock().unwrap() = Some(DeliveryOutcome::TempFail);
+        c.send("MAIL FROM:<s@remote.test>\r\nRCPT TO:<a@known.test>\r\nDATA\r\n")
+            .await;
+        assert_eq!(c.line().await, "250 2.1.0 OK");
+        assert_eq!(c.line().await, "250 2.1.5 OK");
+        assert_eq!(c.line().await, "354 End data with <CR><LF>.<CR><LF>");
+        c.send("x\r\n.\r\n").await;
         assert_eq!(
-            c.command("MAIL FROM:<> BODY=8BITMIME SMTPUTF8").await,
-            "451 4.3.2 mail acceptance is not enabled in this build; try again later"
+            c.line().await,
+            "451 4.3.0 temporary failure storing the message, try again later"
         );
+        *c.backend.outcome.lock().unwrap() = Some(DeliveryOutcome::Reject {
+            code: 550,
+            esc: [5, 7, 1],
+            message: "DMARC policy violation".into(),
+        });
+        c.send("MAIL FROM:<s@remote.test>\r\nRCPT TO:<a@known.test>\r\nDATA\r\nx\r\n.\r\n")
+            .await;
+        for expected in [
+            "250 2.1.0 OK",
+            "250 2.1.5 OK",
+            "354 End data with <CR><LF>.<CR><LF>",
+            "550 5.7.1 DMARC policy violation",
+        ] {
+            assert_eq!(c.line().await, expected);
+        }
+        assert!(c.backend.stored.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_oversized_body_is_read_to_its_end_and_refused() {
+        let mut c = Client::start(SessionConfig {
+            max_message_bytes: 1000,
+            ..SessionConfig::new("mx.test")
+        });
+        c.line().await;
+        c.ehlo().await;
+        c.command("MAIL FROM:<s@remote.test>").await;
+        c.command("RCPT TO:<a@known.test>").await;
+        c.command("DATA").await;
+        // Just over the limit, with a 5000-byte line without newline in the middle.
+        c.send(vec![b'y'; 5000]).await;
+        c.send("\r\n.\r\n").await;
+        assert!(c.line().await.starts_with("552 5.3.4 "));
+        assert!(c.backend.stored.lock().unwrap().is_empty());
+        // Exactly at the limit is fine.
+        c.command("MAIL FROM:<s@remote.test>").await;
+        c.command("RCPT TO:<a@known.test>").await;
+        c.command("DATA").await;
+        let mut body = vec![b'z'; 998];
+        body.extend_from_slice(b"\r\n.\r\n");
+        c.send(body).await;
+        assert!(c.line().await.starts_with("250 2.0.0 "));
+        assert_eq!(c.backend.stored.lock().unwrap()[0].1.len(), 1000);
+        assert_eq!(c.command("QUIT").await, "221 2.0.0 Bye");
+    }
+
+    #[tokio::test]
+    async fn a_whole_pipelined_transaction_in_one_packet() {
+        let mut c = Client::greeted().await;
+        c.send(
+            "EHLO c.test\r\nMAIL FROM:<s@remote.test>\r\nRCPT TO:<a@known.test>\r\nRCPT TO:<x@nowhere.test>\r\nDATA\r\n",
+        )
+        .await;
+        let ehlo = c.reply().await;
+        assert!(ehlo.last().unwrap().starts_with("250 "));
+        for expected in [
+            "250 2.1.0 OK",
+            "250 2.1.5 OK",
+            "550 5.1.1 recipient not found",
+            "354 End data with <CR><LF>.<CR><LF>",
+        ] {
+            assert_eq!(c.line().await, expected);
+        }
+        c.send("Subject: p\r\n\r\nbody\r\n.\r\nQUIT\r\n").await;
+        assert_eq!(c.line().await, "250 2.0.0 OK queued as msg_1");
+        assert_eq!(c.line().await, "221 2.0.0 Bye");
     }
 
     #[tokio::test]
@@ -723,7 +1154,7 @@ mod tests {
         assert!(ehlo[0].starts_with("250-mx.test"), "{ehlo:?}");
         assert!(ehlo.last().unwrap().starts_with("250 "), "{ehlo:?}");
         assert_eq!(c.line().await, "250 2.0.0 OK");
-        assert!(c.line().await.starts_with("451 4.3.2 "));
+        assert_eq!(c.line().await, "250 2.1.0 OK");
         assert_eq!(c.line().await, "250 2.0.0 OK");
         assert_eq!(c.line().await, "221 2.0.0 Bye");
         assert_eq!(c.line().await, "");

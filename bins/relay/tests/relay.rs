@@ -28,6 +28,7 @@ async fn start(tweak: impl FnOnce(&mut Config)) -> Relay {
     let db = TestDb::new().await;
     let mut config = Config::for_database(db.url());
     config.smtp_domain = "mx.test".into();
+    config.smtp_auth_dns = e2a_relay::config::AuthDns::Disabled;
     tweak(&mut config);
     let smtp = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let ops = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -105,10 +106,11 @@ async fn serves_smtp_and_ops_then_drains_on_cancel() {
         "{ehlo:?}"
     );
     c.send("MAIL FROM:<sender@example.com>").await;
-    assert_eq!(
-        c.line().await,
-        "451 4.3.2 mail acceptance is not enabled in this build; try again later"
-    );
+    assert_eq!(c.line().await, "250 2.1.0 OK");
+    c.send("RCPT TO:<nobody@unknown.example>").await;
+    assert_eq!(c.line().await, "550 5.1.1 recipient not found");
+    c.send("RSET").await;
+    assert_eq!(c.line().await, "250 2.0.0 OK");
     c.send("QUIT").await;
     assert_eq!(c.line().await, "221 2.0.0 Bye");
     assert_eq!(c.line().await, "", "closed after QUIT");

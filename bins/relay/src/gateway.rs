@@ -1,0 +1,267 @@
+//! The production [`Backend`]: recipients are agents in the store; a
+//! message is parsed, authenticated (SPF on the envelope, DKIM, DMARC —
+//! the original's flaw 29), signed with each owner's newest signing secret
+//! (`X-E2A-Auth-*`), threaded and stored for every recipient agent in **one
+//! transaction** with its `email.received` events
+//! ([`e2a_store::inbound::ingest`]). The session answers `250` only after
+//! that transaction committed; any storage error is `451 4.3.0`, and nothing
+//! partial remains (flaw 3).
+//!
+//! DMARC rejection: an agent that opted in (`reject_dmarc_failures`) does
+//! not receive mail that fails DMARC under a `p=reject` policy. When every
+//! recipient opted in the message is refused with `550 5.7.1`; otherwise it
+//! is stored for the others only.
+//!
+//! The conversation header is trusted only when a passing DKIM signature of
+//! a configured signing domain covers it (flaw 28); see
+//! [`e2a_mail::conversation::trusted_conversation_id`].
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr},
+};
+
+use e2a_mail::{
+    auth::{AuthInput, AuthVerdict, Authenticator, DkimResult, DmarcResult, SpfResult},
+    conversation, headers,
+    parse::ParsedMessage,
+};
+use e2a_store::{
+    Store,
+    address::EmailAddress,
+    agents::{self, Recipient},
+    ids::{MessageId, UserId},
+    inbound::{self, Delivery, InboundMail, Outcome},
+    signing_secrets::{self, SigningSecret},
+};
+use time::OffsetDateTime;
+
+use crate::backend::{Backend, DeliveryOutcome, Envelope, RecipientCheck};
+
+/// The store-backed gateway.
+pub struct Gateway {
+    store: Store,
+    /// `None` when DNS checks are disabled (`E2A_SMTP_AUTH_DNS=disabled`).
+    authenticator: Option<Authenticator>,
+    local_host: String,
+    trusted_signing_domains: Vec<String>,
+}
+
+impl Gateway {
+    /// A gateway storing into `store`. `authenticator` is `None` to skip
+    /// SPF/DKIM/DMARC (every verdict `none`); `local_host` is our host
+    /// name; `trusted_signing_domains` may vouch for the conversation header.
+    pub fn new(
+        store: Store,
+        authenticator: Option<Authenticator>,
+        local_host: String,
+        trusted_signing_domains: Vec<String>,
+    ) -> Self {
+        Self {
+            store,
+            authenticator,
+            local_host,
+            trusted_signing_domains,
+        }
+    }
+
+    async fn verdict(
+        &self,
+        envelope: &Envelope<Recipient>,
+        raw: &[u8],
+        parsed: &ParsedMessage,
+    ) -> AuthVerdict {
+        match &self.authenticator {
+            Some(authenticator) => {
+                let input = AuthInput {
+                    raw,
+                    remote_ip: envelope
+                        .remote_ip
+                        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+                    helo: &envelope.helo,
+                    mail_from: &envelope.mail_from,
+                    local_host: &self.local_host,
+                };
+                authenticator.authenticate(&input).await
+            }
+            None => AuthVerdict {
+                spf: SpfResult::None,
+                spf_domain: String::new(),
+                dkim: DkimResult::None,
+                dmarc: DmarcResult::None,
+                dmarc_policy: None,
+                from_domain: parsed.from.as_ref().and_then(|m| m.domain_lower()),
+                dkim_pass_domains: Vec::new(),
+            },
+        }
+    }
+}
+
+impl Backend for Gateway {
+    type Recipient = Recipient;
+
+    async fn recipient(&self, address: &EmailAddress) -> RecipientCheck<Recipient> {
+        let lookup = async {
+            let client = self.store.client().await?;
+            agents::resolve_recipient(&client, address).await
+        };
+        match lookup.await {
+            Ok(Some(recipient)) => RecipientCheck::Accept(recipient),
+            Ok(None) => RecipientCheck::Unknown,
+            Err(e) => {
+                tracing::warn!(error = %e2a_runtime::error_chain(&e), "recipient lookup failed");
+                RecipientCheck::TempFail
+            }
+        }
+    }
+
+    async fn deliver(&self, envelope: &Envelope<Recipient>, raw: Vec<u8>) -> DeliveryOutcome {
+        let parsed = e2a_mail::parse::parse(&raw);
+        let verdict = self.verdict(envelope, &raw, &parsed).await;
+        let recipients: Vec<&Recipient> = envelope
+            .recipients
+            .iter()
+            .map(|(_, r)| r)
+            .filter(|r| !(r.reject_dmarc_failures && verdict.should_reject()))
+            .collect();
+        if recipients.is_empty() {
+            tracing::info!(
+                dmarc = verdict.dmarc.as_str(),
+                "message refused: DMARC failure, recipients opted in to rejection"
+            );
+            return DeliveryOutcome::Reject {
+                code: 550,
+                esc: [5, 7, 1],
+                message: "message rejected: it fails the DMARC policy of its From domain".into(),
+            };
+        }
+        if recipients.len() < envelope.recipients.len() {
+            tracing::info!(
+                dropped = envelope.recipients.len() - recipients.len(),
+                "DMARC failure: not delivered to agents that opted in to rejection"
+            );
+        }
+        match self
+            .store_for(envelope, &raw, &parsed, &verdict, &recipients)
+            .await
+        {
+            Ok(outcomes) => {
+                let id = outcomes
+                    .first()
+                    .map(|o| match o {
+                        Outcome::Stored { message_id, .. } | Outcome::Duplicate { message_id } => {
+                            message_id.to_string()
+                        }
+                    })
+                    .unwrap_or_default();
+                let duplicates = outcomes
+                    .iter()
+                    .filter(|o| matches!(o, Outcome::Duplicate { .. }))
+                    .count();
+                metrics::counter!("e2a_smtp_messages_stored_total")
+                    .increment((outcomes.len() - duplicates) as u64);
+                if duplicates > 0 {
+                    metrics::counter!("e2a_smtp_messages_duplicate_total")
+                        .increment(duplicates as u64);
+                }
+                tracing::info!(message.id = %id, recipients = outcomes.len(), duplicates, spf = verdict.spf.as_str(), dkim = verdict.dkim.as_str(), dmarc = verdict.dmarc.as_str(), "message stored");
+                DeliveryOutcome::Accepted { id }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e2a_runtime::error_chain(&e), "storing a message failed; answered 451");
+                DeliveryOutcome::TempFail
+            }
+        }
+    }
+}
+
+impl Gateway {
+    /// Signs and stores the message for `recipients` (one transaction).
+    async fn store_for(
+        &self,
+        envelope: &Envelope<Recipient>,
+        raw: &[u8],
+        parsed: &ParsedMessage,
+        verdict: &AuthVerdict,
+        recipients: &[&Recipient],
+    ) -> Result<Vec<Outcome>, e2a_store::StoreError> {
+        let trusted: Vec<&str> = self
+            .trusted_signing_domains
+            .iter()
+            .map(String::as_str)
+            .collect();
+        let trusted_conversation = conversation::trusted_conversation_id(parsed, verdict, &trusted);
+        // X-E2A-Auth-Sender is the From header address; the display sender
+        // prefers Reply-To (spec §6.4).
+        let from = parsed
+            .from_address()
+            .unwrap_or(&envelope.mail_from)
+            .to_owned();
+        let display_sender = parsed
+            .reply_to
+            .first()
+            .cloned()
+            .unwrap_or_else(|| from.clone());
+        let now = OffsetDateTime::now_utc();
+
+        let mut secrets: HashMap<UserId, SigningSecret> = HashMap::new();
+        let mut deliveries = Vec::with_capacity(recipients.len());
+        {
+            let client = self.store.client().await?;
+            for r in recipients {
+                if !secrets.contains_key(&r.user_id) {
+                    let secret = signing_secrets::newest_or_create(&client, &r.user_id).await?;
+                    secrets.insert(r.user_id.clone(), secret);
+                }
+                let secret = &secrets[&r.user_id];
+                let message_id = MessageId::new();
+                let input = headers::AuthHeaderInput::from_verdict(
+                    verdict,
+                    from.clone(),
+                    now,
+                    message_id.as_str(),
+                    raw,
+                );
+                let signed = headers::sign(&input, secret.secret.as_bytes());
+                let auth_headers: serde_json::Map<String, serde_json::Value> = signed
+                    .into_iter()
+                    .map(|(k, v)| (k, serde_json::Value::String(v)))
+                    .collect();
+                deliveries.push(Delivery {
+                    message_id,
+                    agent_domain: r
+                        .agent_id
+                        .split_once('@')
+                        .map(|(_, d)| d.to_owned())
+                        .unwrap_or_default(),
+                    agent_id: r.agent_id.clone(),
+                    user_id: r.user_id.clone(),
+                    auth_headers: serde_json::Value::Object(auth_headers),
+                });
+            }
+        }
+        let thread_refs = parsed.thread_ids();
+        let mail = InboundMail {
+            raw,
+            email_message_id: parsed.message_id.as_deref().unwrap_or(""),
+            sender: &display_sender,
+            subject: &parsed.subject,
+            to: &parsed.to,
+            cc: &parsed.cc,
+            reply_to: &parsed.reply_to,
+            thread_refs: &thread_refs,
+            trusted_conversation_id: trusted_conversation.as_deref(),
+            spf: verdict.spf.as_str(),
+            dkim: verdict.dkim.as_str(),
+            dmarc: verdict.dmarc.as_str(),
+        };
+        let outcomes = inbound::ingest(&self.store, &mail, &deliveries).await?;
+        // Best effort, after commit: which secret signed last.
+        if let Ok(client) = self.store.client().await {
+            for secret in secrets.values() {
+                let _ = signing_secrets::touch(&client, &secret.id).await;
+            }
+        }
+        Ok(outcomes)
+    }
+}
