@@ -12,9 +12,9 @@ pub const DEFAULT_OPS_PORT: u16 = 9090;
 
 /// e2a REST API: the public `/v1` HTTP API of the gateway.
 ///
-/// This build serves `GET /api/health`, `GET /v1/info` and `GET /v1/account`
-/// (bearer API key). Agents, domains, messages, webhooks and events arrive in
-/// later issues; other paths answer 404 with the JSON error body. Ops
+/// This build serves `GET /api/health`, `GET /v1/info`, and with a bearer API
+/// key `/v1/account`, `/v1/domains`, `/v1/agents` and an agent's messages
+/// and conversations. Other paths answer 404 with the JSON error body. Ops
 /// endpoints (/healthz, /readyz, /metrics) are on E2A_OPS_ADDR.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "e2a-api", version)]
@@ -30,6 +30,10 @@ pub struct Config {
     /// Shared agent domain: enables `<slug>@<domain>` agents and is reserved from custom registration. Empty disables slugs.
     #[arg(long, env = "E2A_SHARED_DOMAIN", default_value = "")]
     pub shared_domain: String,
+
+    /// Public host name of the SMTP relay: the MX target and SPF include shown in a domain's DNS records and checked by domain verification in production.
+    #[arg(long, env = "E2A_SMTP_DOMAIN", default_value = "localhost", value_parser = parse_host)]
+    pub smtp_domain: String,
 
     /// Public base URL of this deployment (shown by /v1/info, used in links).
     #[arg(long, env = "E2A_PUBLIC_URL")]
@@ -68,6 +72,19 @@ pub struct Config {
     pub limits_max_webhooks: i32,
 }
 
+fn parse_host(s: &str) -> Result<String, String> {
+    let s = s.trim().trim_end_matches('.');
+    if s.is_empty()
+        || s.len() > 253
+        || !s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+    {
+        return Err("must be a host name such as mx.example.com".into());
+    }
+    Ok(s.to_ascii_lowercase())
+}
+
 impl Service for Config {
     const NAME: &'static str = "api";
     fn common(&self) -> &CommonArgs {
@@ -95,6 +112,11 @@ impl Config {
             max_webhooks: self.limits_max_webhooks,
             upgrade_url: String::new(),
         }
+    }
+
+    /// True when `E2A_ENV=production` (HTTPS-only webhooks, real DNS probes).
+    pub fn is_production(&self) -> bool {
+        self.common.environment == e2a_runtime::config::Environment::Production
     }
 
     /// Request timeout.

@@ -138,6 +138,20 @@ impl From<StoreError> for ApiError {
                 "conflict",
                 format!("{what} already exists"),
             ),
+            StoreError::LimitExceeded { what, limit } => ApiError::new(
+                StatusCode::PAYMENT_REQUIRED,
+                "limit_exceeded",
+                format!("your plan allows at most {limit} {what}"),
+            )
+            .with_details(serde_json::json!({ "resource": what, "limit": limit })),
+            StoreError::HasDependents { what } => ApiError::bad_request(
+                if what == "agents" {
+                    "domain_has_agents"
+                } else {
+                    "has_dependents"
+                },
+                format!("still in use by {what}; delete them first"),
+            ),
             StoreError::Invalid(msg) => ApiError::bad_request("invalid_request", msg),
             e @ StoreError::Unavailable(_) => {
                 tracing::warn!(error = %e2a_runtime::error_chain(&e), "database unavailable");

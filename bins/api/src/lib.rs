@@ -3,12 +3,15 @@
 //! [`run`] serves the `/v1` API and the legacy `/api/health` on the HTTP
 //! listener and the ops endpoints on the ops listener until the shutdown
 //! token is cancelled, then drains. `main.rs` only calls
-//! [`e2a_runtime::main`] with [`serve`]; tests call [`run`] with port-0
-//! listeners and their own token.
+//! [`e2a_runtime::main`] with [`serve`]; tests call [`run`] (or
+//! [`run_with_resolver`], to answer the domain probe's DNS queries) with
+//! port-0 listeners and their own token.
 
 pub mod auth;
 pub mod config;
+pub mod dns;
 pub mod error;
+pub mod extract;
 mod middleware;
 pub mod routes;
 
@@ -16,8 +19,8 @@ use std::sync::Arc;
 
 use axum::Router;
 use e2a_runtime::{BoxError, CancellationToken};
-use e2a_store::{Store, account_limits::Limits};
-use tokio::net::TcpListener;
+use e2a_store::{Store, StoreError, account_limits::Limits, domains};
+use tokio::{net::TcpListener, sync::Semaphore};
 
 pub use config::Config;
 
@@ -30,6 +33,14 @@ pub struct AppState {
     pub info: Arc<routes::info::DeploymentInfo>,
     /// Limits for users without an `account_limits` row.
     pub default_limits: Arc<Limits>,
+    /// Public host name of the SMTP relay (MX target, SPF include).
+    pub mail_host: Arc<str>,
+    /// `E2A_ENV=production`: HTTPS-only webhook URLs, real DNS probes.
+    pub production: bool,
+    /// DNS for domain verification (consulted only in production).
+    pub dns: Arc<dyn dns::Resolver>,
+    /// Bounds concurrent DKIM key generations (CPU-heavy) to the core count.
+    pub keygen: Arc<Semaphore>,
 }
 
 /// The listeners [`run`] serves on.
@@ -54,17 +65,45 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), Bo
 }
 
 /// Connects and migrates, then serves until `shutdown` is cancelled and
-/// in-flight requests have finished.
+/// in-flight requests have finished. In production, domain verification
+/// uses the system resolver.
 pub async fn run(
     config: Config,
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<(), BoxError> {
+    let dns: Arc<dyn dns::Resolver> = if config.is_production() {
+        Arc::new(dns::SystemResolver::from_system_conf()?)
+    } else {
+        Arc::new(dns::NoResolver)
+    };
+    run_with_resolver(config, listeners, shutdown, dns).await
+}
+
+/// [`run`] with the resolver the domain probe uses (production only).
+///
+/// When a shared domain is configured its system row is ensured first;
+/// start-up fails if a user owns a domain of that name.
+pub async fn run_with_resolver(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+    dns: Arc<dyn dns::Resolver>,
+) -> Result<(), BoxError> {
     let store = e2a_runtime::boot::connect_and_migrate("api", &config.common).await?;
+    let info = routes::info::DeploymentInfo::from_config(&config);
+    if !info.shared_domain.is_empty() {
+        ensure_shared_domain(&store, &info.shared_domain).await?;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
     let state = AppState {
         store: store.clone(),
-        info: Arc::new(routes::info::DeploymentInfo::from_config(&config)),
+        info: Arc::new(info),
         default_limits: Arc::new(config.default_limits()),
+        mail_host: config.smtp_domain.as_str().into(),
+        production: config.is_production(),
+        dns,
+        keygen: Arc::new(Semaphore::new(cores)),
     };
     let app = app(state, &config);
     tracing::info!(
@@ -79,4 +118,20 @@ pub async fn run(
         .await?;
     ops.stop(&shutdown).await?;
     Ok(())
+}
+
+/// Inserts the shared domain's system row (idempotent).
+async fn ensure_shared_domain(store: &Store, shared: &str) -> Result<(), BoxError> {
+    let name = domains::normalise(shared)
+        .map_err(|_| format!("E2A_SHARED_DOMAIN {shared:?} is not a valid domain name"))?;
+    let client = store.client().await?;
+    match domains::ensure_shared(&client, &name).await {
+        Ok(()) => Ok(()),
+        Err(StoreError::Conflict { .. }) => Err(format!(
+            "E2A_SHARED_DOMAIN {name:?} is registered as a custom domain by a user; \
+             choose another shared domain or remove that user's domain"
+        )
+        .into()),
+        Err(e) => Err(e.into()),
+    }
 }

@@ -1,109 +1,18 @@
 //! The API end to end: a real server on a port-0 listener, a real Postgres
 //! from the testkit, a real HTTP client.
 
+mod common;
+
 use std::time::Duration;
 
-use e2a_api::{Config, Listeners};
-use e2a_runtime::CancellationToken;
+use common::{Running, error_body, key_for};
+use e2a_api::Config;
 use e2a_store::{
     Store, StoreConfig, address::EmailAddress, api_keys, migrate::MigrationMode, users,
 };
 use e2a_testkit::{PrivateCluster, TestDb};
 use reqwest::{StatusCode, header};
 use serde_json::Value;
-use tokio::{net::TcpListener, task::JoinHandle};
-
-/// A running API: base URLs, its token and its task.
-struct Running {
-    base: String,
-    ops: String,
-    shutdown: CancellationToken,
-    task: JoinHandle<Result<(), e2a_runtime::BoxError>>,
-    http: reqwest::Client,
-}
-
-impl Running {
-    async fn start(config: Config) -> Running {
-        e2a_runtime::install_crypto_provider();
-        let http_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let ops_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", http_listener.local_addr().unwrap());
-        let ops = format!("http://{}", ops_listener.local_addr().unwrap());
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(e2a_api::run(
-            config,
-            Listeners {
-                http: http_listener,
-                ops: ops_listener,
-            },
-            shutdown.clone(),
-        ));
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(20))
-            .build()
-            .unwrap();
-        Running {
-            base,
-            ops,
-            shutdown,
-            task,
-            http,
-        }
-    }
-
-    async fn get(&self, path: &str, key: Option<&str>) -> reqwest::Response {
-        let mut req = self.http.get(format!("{}{path}", self.base));
-        if let Some(key) = key {
-            req = req.header(header::AUTHORIZATION, key);
-        }
-        req.send().await.unwrap()
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(15), self.task)
-            .await
-            .expect("api did not stop in time")
-            .unwrap()
-            .expect("api stopped with an error");
-    }
-}
-
-async fn key_for(db_url: &str, email: &str) -> String {
-    let store = Store::new(&StoreConfig::new(db_url)).unwrap();
-    let c = store.client().await.unwrap();
-    let user = users::create(&c, &EmailAddress::parse(email).unwrap(), "")
-        .await
-        .unwrap();
-    api_keys::create(&c, &user.id, "test", None)
-        .await
-        .unwrap()
-        .plaintext
-}
-
-async fn error_body(resp: reqwest::Response) -> (StatusCode, Value) {
-    let status = resp.status();
-    let ct = resp
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .map(|v| v.to_str().unwrap().to_owned());
-    assert_eq!(
-        ct.as_deref(),
-        Some("application/json"),
-        "error bodies are JSON"
-    );
-    let body: Value = resp.json().await.unwrap();
-    let err = &body["error"];
-    assert!(
-        err["code"].is_string() && err["message"].is_string(),
-        "{body}"
-    );
-    assert!(
-        err["request_id"].as_str().unwrap().starts_with("req_"),
-        "{body}"
-    );
-    (status, body)
-}
 
 #[tokio::test]
 async fn health_info_and_request_ids() {

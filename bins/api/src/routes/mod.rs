@@ -1,10 +1,19 @@
 //! The HTTP routes and the layers around them.
 
 pub mod account;
+pub mod agents;
+pub mod conversations;
+pub mod domains;
 pub mod health;
 pub mod info;
+pub mod messages;
 
-use axum::{Router, http::StatusCode, middleware::from_fn, routing::get};
+use axum::{
+    Router,
+    http::StatusCode,
+    middleware::from_fn,
+    routing::{get, patch, post},
+};
 use tower_http::{
     catch_panic::CatchPanicLayer, limit::RequestBodyLimitLayer, timeout::TimeoutLayer,
 };
@@ -18,6 +27,36 @@ pub fn router(state: AppState, config: &Config) -> Router {
         .route("/api/health", get(health::health).head(health::health))
         .route("/v1/info", get(info::get_info))
         .route("/v1/account", get(account::get_account))
+        .route("/v1/domains", get(domains::list).post(domains::create))
+        .route(
+            "/v1/domains/{domain}",
+            get(domains::get).delete(domains::delete),
+        )
+        .route("/v1/domains/{domain}/verify", post(domains::verify))
+        .route("/v1/agents", get(agents::list).post(agents::create))
+        .route(
+            "/v1/agents/{address}",
+            get(agents::get)
+                .patch(agents::update)
+                .delete(agents::delete),
+        )
+        .route("/v1/agents/{address}/messages", get(messages::list))
+        .route(
+            "/v1/agents/{address}/messages/{id}",
+            get(messages::get).patch(messages::update_labels),
+        )
+        .route(
+            "/api/v1/agents/{address}/messages/{id}",
+            patch(messages::update_labels),
+        )
+        .route(
+            "/v1/agents/{address}/conversations",
+            get(conversations::list),
+        )
+        .route(
+            "/v1/agents/{address}/conversations/{id}",
+            get(conversations::get),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)

@@ -1,0 +1,153 @@
+//! Request extraction that fails with the contract's JSON error body
+//! instead of axum's plain-text rejections, plus the small parsing helpers
+//! the `/v1` handlers share (query strings, timestamps).
+//!
+//! * [`ApiJson`]: wrong or missing `Content-Type` → 415
+//!   `unsupported_media_type`; a body over the limit → 413
+//!   `payload_too_large`; malformed JSON, wrong types and unknown fields
+//!   (request types use `deny_unknown_fields` where the contract says
+//!   `additionalProperties: false`) → 400 `invalid_request`.
+//! * [`ApiPath`]: an undecodable path segment → 404 `not_found` (a path
+//!   names a resource; one that cannot even be decoded does not exist).
+
+use axum::{
+    Json,
+    extract::{FromRequest, FromRequestParts, Path, Request, rejection::JsonRejection},
+    http::{StatusCode, request::Parts},
+};
+use serde::de::DeserializeOwned;
+use time::{OffsetDateTime, UtcOffset, format_description::well_known::Rfc3339};
+
+use crate::error::ApiError;
+
+/// A JSON request body whose rejections are [`ApiError`]s.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ApiJson<T>(pub T);
+
+impl<T, S> FromRequest<S> for ApiJson<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(value)) => Ok(ApiJson(value)),
+            Err(rejection) => Err(json_rejection(&rejection)),
+        }
+    }
+}
+
+/// Maps axum's JSON rejection to the contract's error codes.
+pub fn json_rejection(rejection: &JsonRejection) -> ApiError {
+    match rejection.status() {
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "expected a request body with Content-Type: application/json",
+        ),
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "request body is too large",
+        ),
+        _ => ApiError::bad_request("invalid_request", rejection.body_text()),
+    }
+}
+
+/// Path parameters whose rejections are 404 `not_found`.
+#[derive(Debug, Clone)]
+pub struct ApiPath<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for ApiPath<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(value)) => Ok(ApiPath(value)),
+            Err(_) => Err(ApiError::not_found("resource")),
+        }
+    }
+}
+
+/// Decodes an `application/x-www-form-urlencoded` query string into its
+/// pairs, in order (repeated keys are kept). `None` when a pair is not
+/// valid percent-encoded UTF-8.
+pub fn query_pairs(query: &str) -> Option<Vec<(String, String)>> {
+    query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            Some((percent_decode(k)?, percent_decode(v)?))
+        })
+        .collect()
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3)?;
+                let hex = std::str::from_utf8(hex).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 2;
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).ok()
+}
+
+/// A timestamp as the contract prints it: RFC 3339, UTC, whole seconds
+/// (`2026-05-01T12:00:00Z`).
+pub fn rfc3339_seconds(t: OffsetDateTime) -> String {
+    let t = t.to_offset(UtcOffset::UTC);
+    t.replace_nanosecond(0)
+        .unwrap_or(t)
+        .format(&Rfc3339)
+        .unwrap_or_default()
+}
+
+/// Parses an RFC 3339 timestamp from a request.
+pub fn parse_rfc3339(s: &str) -> Option<OffsetDateTime> {
+    OffsetDateTime::parse(s, &Rfc3339).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_pairs_decode_and_keep_repeats() {
+        assert_eq!(
+            query_pairs("labels=a&labels=b%3Ac&from=x+y%40z&&empty").unwrap(),
+            vec![
+                ("labels".into(), "a".into()),
+                ("labels".into(), "b:c".into()),
+                ("from".into(), "x y@z".into()),
+                ("empty".into(), String::new()),
+            ]
+        );
+        assert!(query_pairs("a=%zz").is_none());
+        assert!(query_pairs("a=%e").is_none());
+        assert!(query_pairs("a=%ff").is_none(), "not UTF-8");
+    }
+
+    #[test]
+    fn timestamps_print_in_utc_seconds() {
+        let t = parse_rfc3339("2026-05-01T14:00:00.123456+02:00").unwrap();
+        assert_eq!(rfc3339_seconds(t), "2026-05-01T12:00:00Z");
+        assert!(parse_rfc3339("yesterday").is_none());
+    }
+}

@@ -1,0 +1,144 @@
+//! The inbound path across services, as a user sees it: create an agent by
+//! slug through the API, send it mail with a real SMTP client through the
+//! real relay, and read it back through the API with its authentication
+//! verdicts and conversation.
+
+mod common;
+
+use std::time::Duration;
+
+use common::Running;
+use e2a_api::Config;
+use e2a_mail::auth::{Authenticator, RecordCache};
+use e2a_runtime::CancellationToken;
+use e2a_testkit::TestDb;
+use mail_send::{SmtpClientBuilder, smtp::message::Message};
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+use tokio::net::TcpListener;
+
+async fn send(port: u16, raw: &str) {
+    let mut client = SmtpClientBuilder::new("127.0.0.1", port)
+        .unwrap()
+        .helo_host("mail.remote.test")
+        .timeout(Duration::from_secs(30))
+        .connect_plain()
+        .await
+        .unwrap();
+    // Mixed-case RCPT: normalised like agent addresses (flaw 33).
+    client
+        .send(Message::new(
+            "someone@remote.test",
+            vec!["Demo@Agents.LocalHost"],
+            raw.as_bytes(),
+        ))
+        .await
+        .unwrap();
+    let _ = client.quit().await;
+}
+
+#[tokio::test]
+async fn mail_sent_over_smtp_is_readable_through_the_api_with_verdicts_and_thread() {
+    let db = TestDb::new().await;
+    let mut config = Config::for_database(db.url());
+    config.shared_domain = "agents.localhost".into();
+    let api = Running::start(config).await;
+    let key = common::key_for(db.url(), "owner@example.com").await;
+
+    let (status, created) = api
+        .call(
+            Method::POST,
+            "/v1/agents",
+            &key,
+            Some(json!({"slug": "demo"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    assert_eq!(created["email"], "demo@agents.localhost");
+
+    let records = RecordCache::new();
+    records.spf("remote.test", "v=spf1 ip4:127.0.0.1 -all");
+    records.dmarc("remote.test", "v=DMARC1; p=reject");
+    let smtp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = smtp.local_addr().unwrap().port();
+    let ops = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let shutdown = CancellationToken::new();
+    let mut relay_config = e2a_relay::Config::for_database(db.url());
+    relay_config.smtp_domain = "agents.localhost".into();
+    let relay = tokio::spawn(e2a_relay::run_with(
+        relay_config,
+        e2a_relay::Listeners { smtp, ops },
+        shutdown.clone(),
+        Some(Authenticator::with_records(records).unwrap()),
+    ));
+
+    send(
+        port,
+        "From: Someone <someone@remote.test>\r\nTo: demo@agents.localhost\r\nSubject: Quarterly numbers\r\n\
+         Message-ID: <q1@remote.test>\r\n\r\nHere they are.\r\n",
+    )
+    .await;
+
+    let agent = "/v1/agents/demo@agents.localhost";
+    let (status, list) = api
+        .call(Method::GET, format!("{agent}/messages"), &key, None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{list}");
+    let items = list["items"].as_array().unwrap();
+    assert_eq!(
+        items.len(),
+        1,
+        "the default list (inbound, unread) shows it: {list}"
+    );
+    assert_eq!(items[0]["subject"], "Quarterly numbers");
+    assert_eq!(items[0]["from"], "someone@remote.test");
+    let id = items[0]["message_id"].as_str().unwrap().to_owned();
+    let thread = items[0]["conversation_id"].as_str().unwrap().to_owned();
+    assert!(
+        thread.starts_with("cnv_"),
+        "the gateway minted a conversation: {thread}"
+    );
+
+    let (status, message) = api
+        .call(Method::GET, format!("{agent}/messages/{id}"), &key, None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{message}");
+    assert_eq!(
+        message["auth"],
+        json!({"spf": "pass", "dkim": "none", "dmarc": "pass"})
+    );
+    assert_eq!(message["auth_headers"]["X-E2A-Auth-Verified"], "true");
+    assert_eq!(
+        message["auth_headers"]["X-E2A-Auth-Domain-Check"],
+        "spf=pass; dkim=none; dmarc=pass"
+    );
+    assert_eq!(message["conversation_id"], thread.as_str());
+
+    // A reply from the same correspondent joins the thread.
+    send(
+        port,
+        "From: Someone <someone@remote.test>\r\nTo: demo@agents.localhost\r\nSubject: Re: Quarterly numbers\r\n\
+         Message-ID: <q2@remote.test>\r\nIn-Reply-To: <q1@remote.test>\r\n\r\nOne more thing.\r\n",
+    )
+    .await;
+    let (status, conversation) = api
+        .call(
+            Method::GET,
+            format!("{agent}/conversations/{thread}"),
+            &key,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{conversation}");
+    let subjects: Vec<&str> = conversation["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["subject"].as_str().unwrap())
+        .collect();
+    assert_eq!(subjects, ["Quarterly numbers", "Re: Quarterly numbers"]);
+
+    shutdown.cancel();
+    relay.await.unwrap().unwrap();
+    api.stop().await;
+}
