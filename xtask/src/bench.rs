@@ -7,11 +7,18 @@ use std::process::{Command, ExitCode};
 use crate::{CmdResult, workspace};
 
 /// Known benchmarks: name → (package, bench target, what it measures).
-const BENCHES: &[(&str, &str, &str)] = &[(
-    "auth",
-    "e2a-api",
-    "authenticated GET /v1/account vs GET /api/health requests/s at 32 connections",
-)];
+const BENCHES: &[(&str, &str, &str)] = &[
+    (
+        "auth",
+        "e2a-api",
+        "authenticated GET /v1/account vs GET /api/health requests/s at 32 connections",
+    ),
+    (
+        "smtp",
+        "e2a-relay",
+        "relay messages/s (20 sessions, 4 KB) vs the same store transaction alone; relay RSS",
+    ),
+];
 
 /// `cargo xtask bench` arguments.
 #[derive(Debug, clap::Args)]

@@ -10,17 +10,17 @@ use e2a_runtime::{Service, config::CommonArgs};
 pub const DEFAULT_OPS_PORT: u16 = 9093;
 
 /// One-line `--help` summary.
-const ABOUT: &str =
-    "e2a janitor: periodic sweeps (this build sweeps expired and revoked dashboard sessions only).";
+const ABOUT: &str = "e2a janitor: periodic sweeps (expired messages and dashboard sessions).";
 
 /// `--help` description: what this build sweeps and, plainly, what it does not yet.
 const LONG_ABOUT: &str = "\
 e2a janitor: deletes data that has outlived its retention, in small batches.
 
 It sweeps once at start, then every E2A_JANITOR_INTERVAL_SECS, until stopped. \
-The only sweep in this build removes expired and revoked dashboard sessions. \
-The other sweeps (message TTL, webhook deliveries, events, idempotency keys) \
-are not implemented yet and arrive in later issues. Several replicas may run \
+Sweeps in this build: messages past their 10-day TTL (held messages still \
+pending approval are kept) and expired or revoked dashboard sessions. The \
+other sweeps (webhook deliveries, events, idempotency keys) are not \
+implemented yet and arrive in later issues. Several replicas may run \
 at once (rows are claimed with SKIP LOCKED). A failed sweep (e.g. the database \
 is down) is logged and retried at the next interval.";
 
@@ -78,6 +78,7 @@ mod tests {
         assert!(Config::try_parse_from(["x", "--janitor-batch", "0"]).is_err());
         let help = Config::command().render_long_help().to_string();
         assert!(help.contains("not implemented yet"), "{help}");
+        assert!(help.contains("10-day TTL"), "{help}");
         assert!(help.contains("E2A_JANITOR_INTERVAL_SECS"), "{help}");
     }
 }

@@ -4,8 +4,8 @@
 //! once at start and then every `E2A_JANITOR_INTERVAL_SECS` until the
 //! shutdown token is cancelled. A failed sweep (database down, timeout) is
 //! logged and retried at the next interval; the loop never exits on a
-//! store error. The only sweep in this build is expired/revoked sessions
-//! ([`sweep`]); the others arrive in later issues. `main.rs` only calls
+//! store error. Sweeps ([`sweep`]): messages past their TTL and
+//! expired/revoked sessions; the others arrive in later issues. `main.rs` only calls
 //! [`e2a_runtime::main`] with [`serve`]; tests call [`run`] or
 //! [`sweep_once`] directly.
 
@@ -47,7 +47,7 @@ pub async fn run(
         ops = %listeners.ops.local_addr()?,
         interval_secs = config.janitor_interval_secs,
         batch = config.janitor_batch,
-        "janitor started (sweeps: expired sessions)"
+        "janitor started (sweeps: expired messages, expired sessions)"
     );
     let ops = e2a_runtime::ops::OpsServer::spawn(
         listeners.ops,
@@ -75,6 +75,7 @@ async fn sweep_loop(store: &Store, interval: Duration, batch: i64, shutdown: &Ca
             Ok(report) => {
                 metrics::counter!("e2a_janitor_sweeps_total", "outcome" => "ok").increment(1);
                 tracing::info!(
+                    messages_deleted = report.messages_deleted,
                     sessions_deleted = report.sessions_deleted,
                     duration_ms = started.elapsed().as_millis() as u64,
                     "sweep done"

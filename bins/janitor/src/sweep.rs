@@ -4,15 +4,19 @@
 //! LOCKED` by the store, so several janitor replicas never wait on (or
 //! double-count) each other.
 //!
-//! This build has one sweep: expired or revoked dashboard sessions. Message
-//! TTL, webhook deliveries, events and idempotency keys come in later issues.
+//! Sweeps in this build: messages past their TTL (`expires_at`, 10 days;
+//! held messages still pending approval are kept), then expired or revoked
+//! dashboard sessions. Webhook deliveries, events and idempotency keys come
+//! in later issues.
 
-use e2a_store::{Store, StoreError, sessions};
+use e2a_store::{Store, StoreError, messages, sessions};
 use tokio_util::sync::CancellationToken;
 
 /// What one pass deleted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SweepReport {
+    /// Messages past their TTL deleted.
+    pub messages_deleted: u64,
     /// Expired or revoked `user_sessions` rows deleted.
     pub sessions_deleted: u64,
 }
@@ -35,14 +39,43 @@ pub async fn sweep(
 ) -> Result<SweepReport, StoreError> {
     let batch = batch.max(1);
     let client = store.client().await?;
-    let mut report = SweepReport::default();
+    let messages_deleted = drain("messages", batch, shutdown, || {
+        messages::delete_expired(&client, batch)
+    })
+    .await?;
+    let sessions_deleted = if shutdown.is_cancelled() {
+        0
+    } else {
+        drain("sessions", batch, shutdown, || {
+            sessions::delete_expired(&client, batch)
+        })
+        .await?
+    };
+    Ok(SweepReport {
+        messages_deleted,
+        sessions_deleted,
+    })
+}
+
+/// Repeats one batched delete while it deletes a full batch (and we are not
+/// shutting down); returns the total.
+async fn drain<F, Fut>(
+    kind: &'static str,
+    batch: i64,
+    shutdown: &CancellationToken,
+    mut delete: F,
+) -> Result<u64, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<u64, StoreError>>,
+{
+    let mut total = 0;
     loop {
-        let deleted = sessions::delete_expired(&client, batch).await?;
-        report.sessions_deleted += deleted;
-        metrics::counter!("e2a_janitor_deleted_total", "kind" => "sessions").increment(deleted);
+        let deleted = delete().await?;
+        total += deleted;
+        metrics::counter!("e2a_janitor_deleted_total", "kind" => kind).increment(deleted);
         if deleted < batch as u64 || shutdown.is_cancelled() {
-            break;
+            return Ok(total);
         }
     }
-    Ok(report)
 }

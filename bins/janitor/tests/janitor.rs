@@ -90,7 +90,8 @@ async fn sweep_once_deletes_exactly_the_dead_sessions() {
     assert_eq!(
         report,
         SweepReport {
-            sessions_deleted: 6
+            sessions_deleted: 6,
+            messages_deleted: 0
         }
     );
     let mut want = vec![
@@ -113,6 +114,85 @@ async fn sweep_once_deletes_exactly_the_dead_sessions() {
         SweepReport::default(),
         "nothing left to sweep"
     );
+}
+
+#[tokio::test]
+async fn expired_messages_are_swept_and_live_ones_kept() {
+    use e2a_store::{
+        agents::{self, AgentMode, NewAgent},
+        domains,
+        ids::MessageId,
+        inbound::{self, Delivery, InboundMail},
+    };
+    let db = TestDb::new().await;
+    let store = Store::new(&StoreConfig::new(db.url())).unwrap();
+    let alice = user(&store, "alice@example.com").await;
+    let mut c = store.client().await.unwrap();
+    domains::ensure_shared(&c, "agents.test").await.unwrap();
+    let new = NewAgent {
+        address: EmailAddress::parse("a@agents.test").unwrap(),
+        name: String::new(),
+        webhook_url: String::new(),
+        agent_mode: AgentMode::Local,
+    };
+    agents::create(&mut c, &alice, &new, 10).await.unwrap();
+    for i in 0..5 {
+        let raw = format!("Message-ID: <{i}@x>\r\n\r\nbody {i}\r\n").into_bytes();
+        let id = format!("{i}@x");
+        let mail = InboundMail {
+            raw: &raw,
+            email_message_id: &id,
+            sender: "s@x.test",
+            subject: "",
+            to: &[],
+            cc: &[],
+            reply_to: &[],
+            thread_refs: &[],
+            trusted_conversation_id: None,
+            spf: "none",
+            dkim: "none",
+            dmarc: "none",
+        };
+        let delivery = Delivery {
+            message_id: MessageId::new(),
+            agent_id: "a@agents.test".into(),
+            agent_domain: "agents.test".into(),
+            user_id: alice.clone(),
+            auth_headers: serde_json::json!({}),
+        };
+        inbound::ingest(&store, &mail, &[delivery]).await.unwrap();
+    }
+    c.execute(
+        "UPDATE messages SET expires_at = now() - interval '1 second' WHERE email_message_id IN ('0@x', '1@x', '2@x')",
+        &[],
+    )
+    .await
+    .unwrap();
+    let report = sweep_once(&store, 2).await.unwrap();
+    assert_eq!(report.messages_deleted, 3);
+    let left: Vec<String> = c
+        .query(
+            "SELECT email_message_id FROM messages ORDER BY email_message_id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(left, ["3@x", "4@x"]);
+    // The storage counter followed the deletes.
+    let bytes: i64 = c
+        .query_one("SELECT storage_bytes FROM account_usage", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let expected: i64 = c
+        .query_one("SELECT sum(size_bytes)::int8 FROM messages", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(bytes, expected);
 }
 
 #[tokio::test]
