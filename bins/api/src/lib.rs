@@ -90,7 +90,11 @@ pub async fn run_with_resolver(
     shutdown: CancellationToken,
     dns: Arc<dyn dns::Resolver>,
 ) -> Result<(), BoxError> {
-    let store = e2a_runtime::boot::connect_and_migrate("api", &config.common).await?;
+    let Some(store) =
+        e2a_runtime::boot::connect_and_migrate("api", &config.common, &shutdown).await?
+    else {
+        return Ok(());
+    };
     let info = routes::info::DeploymentInfo::from_config(&config);
     if !info.shared_domain.is_empty() {
         ensure_shared_domain(&store, &info.shared_domain).await?;

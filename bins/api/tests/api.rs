@@ -180,6 +180,16 @@ async fn every_bad_credential_is_401_never_500() {
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    // Two Authorization headers, even both valid: ambiguous, so refused.
+    let resp = api
+        .http
+        .get(format!("{}/v1/account", api.base))
+        .header(header::AUTHORIZATION, format!("Bearer {key}"))
+        .header(header::AUTHORIZATION, format!("Bearer {key}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
     // And the good key still works.
     assert_eq!(
         api.get("/v1/account", Some(&format!("Bearer {key}")))
@@ -291,6 +301,45 @@ async fn unreachable_database_at_start_fails_after_a_bounded_retry() {
         .unwrap_err();
     let message = e2a_runtime::error_chain(err.as_ref());
     assert!(message.contains("database unreachable"), "{message}");
+}
+
+#[tokio::test]
+async fn a_shutdown_signal_during_start_up_retries_stops_at_once() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut config = Config::for_database(format!("postgres://postgres@127.0.0.1:{port}/e2a"));
+    config.common.db.db_startup_timeout_secs = 600;
+    config.common.db.db_connect_timeout_ms = 300;
+    let api = Running::start(config).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    api.shutdown.cancel();
+    let result = tokio::time::timeout(Duration::from_secs(10), api.task)
+        .await
+        .expect("SIGTERM during start-up must not wait out the retry budget")
+        .unwrap();
+    assert!(
+        result.is_ok(),
+        "a requested stop is a clean exit: {result:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_permanent_database_error_at_start_is_not_retried() {
+    let db = TestDb::new().await;
+    let (server, _) = db.url().rsplit_once('/').unwrap();
+    let mut config = Config::for_database(format!("{server}/no_such_database"));
+    config.common.db.db_startup_timeout_secs = 600;
+    let api = Running::start(config).await;
+    let err = tokio::time::timeout(Duration::from_secs(10), api.task)
+        .await
+        .expect("an unknown database fails at once")
+        .unwrap()
+        .unwrap_err();
+    let message = e2a_runtime::error_chain(err.as_ref());
+    assert!(message.contains("no_such_database"), "{message}");
 }
 
 #[tokio::test]

@@ -51,7 +51,11 @@ pub async fn run_with(
     shutdown: CancellationToken,
     wakeups: Wakeups,
 ) -> Result<(), BoxError> {
-    let store = e2a_runtime::boot::connect_and_migrate("deliverer", &config.common).await?;
+    let Some(store) =
+        e2a_runtime::boot::connect_and_migrate("deliverer", &config.common, &shutdown).await?
+    else {
+        return Ok(());
+    };
     let listen_config = listen_config(&config.common)?;
     tracing::info!(
         ops = %listeners.ops.local_addr()?,

@@ -42,7 +42,11 @@ pub async fn run(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<(), BoxError> {
-    let store = e2a_runtime::boot::connect_and_migrate("janitor", &config.common).await?;
+    let Some(store) =
+        e2a_runtime::boot::connect_and_migrate("janitor", &config.common, &shutdown).await?
+    else {
+        return Ok(());
+    };
     tracing::info!(
         ops = %listeners.ops.local_addr()?,
         interval_secs = config.janitor_interval_secs,

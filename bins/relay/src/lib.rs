@@ -67,7 +67,11 @@ pub async fn run_with(
     shutdown: CancellationToken,
     authenticator: Option<e2a_mail::auth::Authenticator>,
 ) -> Result<(), BoxError> {
-    let store = e2a_runtime::boot::connect_and_migrate("relay", &config.common).await?;
+    let Some(store) =
+        e2a_runtime::boot::connect_and_migrate("relay", &config.common, &shutdown).await?
+    else {
+        return Ok(());
+    };
     tracing::info!(
         smtp = %listeners.smtp.local_addr()?,
         ops = %listeners.ops.local_addr()?,

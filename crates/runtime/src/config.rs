@@ -10,7 +10,7 @@ use clap::{Args, ValueEnum};
 use e2a_store::{StoreConfig, migrate::MigrationMode};
 
 /// Database connection settings.
-#[derive(Debug, Clone, Args)]
+#[derive(Clone, Args)]
 pub struct DatabaseArgs {
     /// PostgreSQL URL, e.g. postgres://user:pass@host:5432/e2a. Takes precedence over DATABASE_URL.
     #[arg(
@@ -48,6 +48,22 @@ pub struct DatabaseArgs {
     /// How long to keep retrying an unreachable database at start-up before exiting, in seconds.
     #[arg(long, env = "E2A_DB_STARTUP_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=3600))]
     pub db_startup_timeout_secs: u64,
+}
+
+impl std::fmt::Debug for DatabaseArgs {
+    /// Prints the URLs without their passwords.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redact = |u: &Option<String>| u.as_deref().map(e2a_store::secret::redact_database_url);
+        f.debug_struct("DatabaseArgs")
+            .field("e2a_database_url", &redact(&self.e2a_database_url))
+            .field("database_url", &redact(&self.database_url))
+            .field("db_pool_size", &self.db_pool_size)
+            .field("db_connect_timeout_ms", &self.db_connect_timeout_ms)
+            .field("db_acquire_timeout_ms", &self.db_acquire_timeout_ms)
+            .field("db_statement_timeout_ms", &self.db_statement_timeout_ms)
+            .field("db_startup_timeout_secs", &self.db_startup_timeout_secs)
+            .finish()
+    }
 }
 
 /// Configuration errors found after parsing.

@@ -16,7 +16,10 @@ pub fn init(format: LogFormat) {
     let builder = fmt()
         .with_env_filter(filter)
         .with_target(true)
-        .with_ansi(std::io::stdout().is_terminal());
+        .with_ansi(std::io::stdout().is_terminal())
+        // A closed stdout (the reader of a pipe went away) must not turn
+        // every log line into an `eprintln!` that can itself panic.
+        .log_internal_errors(false);
     let _ = match format {
         LogFormat::Pretty => builder.try_init(),
         LogFormat::Json => builder

@@ -40,7 +40,7 @@ pub enum StoreError {
     #[error("invalid input: {0}")]
     Invalid(String),
     /// The database cannot be reached right now (pool exhausted, connection
-    /// refused or lost, server shutting down). Callers answer "try again"
+    /// refused or lost, server shutting down, statement timeout). Callers answer "try again"
     /// (HTTP 503, SMTP 451), never success.
     #[error("database unavailable")]
     Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -107,6 +107,20 @@ fn is_unavailable_code(code: &SqlState) -> bool {
         || c == "57P02" // crash_shutdown
         || c == "57P03" // cannot_connect_now
         || c == "53300" // too_many_connections
+        || c == "57014" // query_canceled: the per-statement timeout fired
+}
+
+/// `err` and its sources joined with `: `, for log lines (a bare
+/// `tokio_postgres::Error` displays only "db error").
+pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }
 
 impl From<tokio_postgres::Error> for StoreError {

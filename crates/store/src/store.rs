@@ -13,7 +13,7 @@ use crate::{
 };
 
 /// How to reach the database and how patient to be with it.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct StoreConfig {
     /// A `postgres://` URL (or key=value connection string).
     pub database_url: String,
@@ -25,6 +25,22 @@ pub struct StoreConfig {
     pub acquire_timeout: Duration,
     /// Server-side `statement_timeout` for every pooled connection.
     pub statement_timeout: Duration,
+}
+
+impl std::fmt::Debug for StoreConfig {
+    /// Prints the URL without its password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field(
+                "database_url",
+                &crate::secret::redact_database_url(&self.database_url),
+            )
+            .field("pool_size", &self.pool_size)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("acquire_timeout", &self.acquire_timeout)
+            .field("statement_timeout", &self.statement_timeout)
+            .finish()
+    }
 }
 
 impl StoreConfig {
@@ -142,7 +158,9 @@ impl Store {
     }
 
     /// Retries [`Store::ping`] with capped backoff until it succeeds or
-    /// `deadline` passes; returns the last error then. Used at start-up so a
+    /// `deadline` passes; returns the last error then. Only
+    /// [`StoreError::Unavailable`] is retried: any other error (failed
+    /// authentication, missing database) is returned at once. Used at start-up so a
     /// database that is still booting does not fail the service, while one
     /// that is really gone fails it in bounded time.
     pub async fn wait_until_ready(&self, deadline: Duration) -> Result<()> {
@@ -151,9 +169,12 @@ impl Store {
         loop {
             match self.ping(Duration::from_secs(5)).await {
                 Ok(()) => return Ok(()),
+                // Wrong password, unknown database, bad TLS settings: waiting
+                // will not fix these, so fail at once.
+                Err(e) if !e.is_unavailable() => return Err(e),
                 Err(e) if start.elapsed() + delay >= deadline => return Err(e),
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "database not ready");
+                    tracing::warn!(error = %crate::error::chain(&e), retry_in_ms = delay.as_millis() as u64, "database not ready");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(2));
                 }
@@ -201,7 +222,8 @@ impl Store {
         T: Send,
         F: for<'t> FnMut(&'t Transaction<'t>, &'t C) -> TxFuture<'t, T> + Send,
     {
-        self.transaction_with(IsolationLevel::ReadCommitted, ctx, f).await
+        self.transaction_with(IsolationLevel::ReadCommitted, ctx, f)
+            .await
     }
 
     /// Runs `f(tx, ctx)` inside one transaction at `isolation` and commits.
@@ -215,7 +237,12 @@ impl Store {
     /// `ctx` is handed to every attempt: borrow the caller's data through it
     /// (a closure capturing borrowed data cannot satisfy the higher-ranked
     /// bound that lets its future borrow the transaction).
-    pub async fn transaction_with<C, T, F>(&self, isolation: IsolationLevel, ctx: &C, mut f: F) -> Result<T>
+    pub async fn transaction_with<C, T, F>(
+        &self,
+        isolation: IsolationLevel,
+        ctx: &C,
+        mut f: F,
+    ) -> Result<T>
     where
         C: Sync + ?Sized,
         T: Send,
@@ -225,7 +252,11 @@ impl Store {
         let mut attempt = 1;
         loop {
             let outcome = async {
-                let tx = client.build_transaction().isolation_level(isolation).start().await?;
+                let tx = client
+                    .build_transaction()
+                    .isolation_level(isolation)
+                    .start()
+                    .await?;
                 let value = f(&tx, ctx).await?;
                 tx.commit().await?;
                 Ok::<T, StoreError>(value)
@@ -234,7 +265,11 @@ impl Store {
             match outcome {
                 Err(e) if e.is_retryable_conflict() && attempt < TX_MAX_ATTEMPTS => {
                     let backoff = 5 * u64::from(attempt) + crate::secret::random_below(20);
-                    tracing::debug!(attempt, backoff_ms = backoff, "retrying transaction after conflict");
+                    tracing::debug!(
+                        attempt,
+                        backoff_ms = backoff,
+                        "retrying transaction after conflict"
+                    );
                     tokio::time::sleep(Duration::from_millis(backoff)).await;
                     attempt += 1;
                 }
