@@ -45,12 +45,22 @@ pub struct ApiKey {
 }
 
 /// A key just created: the row plus the only copy of the plaintext.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct CreatedApiKey {
     /// The stored row.
     pub key: ApiKey,
     /// The plaintext key. Show it once; never log it.
     pub plaintext: String,
+}
+
+impl std::fmt::Debug for CreatedApiKey {
+    /// Never prints the plaintext.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreatedApiKey")
+            .field("key", &self.key)
+            .field("plaintext", &"***")
+            .finish()
+    }
 }
 
 /// Who a valid key authenticates.

@@ -48,8 +48,8 @@ pub struct Domain {
     pub agent_count: i64,
 }
 
-/// DKIM key material for a new domain row.
-#[derive(Debug, Clone)]
+/// DKIM key material for a new domain row. `Debug` omits the private key.
+#[derive(Clone)]
 pub struct DkimKeys {
     /// Selector, e.g. `e2a202611`.
     pub selector: String,
@@ -57,6 +57,16 @@ pub struct DkimKeys {
     pub public_key_b64: String,
     /// PKCS#1 DER private key.
     pub private_key_der: Vec<u8>,
+}
+
+impl std::fmt::Debug for DkimKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DkimKeys")
+            .field("selector", &self.selector)
+            .field("public_key_b64", &self.public_key_b64)
+            .field("private_key_der", &"***")
+            .finish()
+    }
 }
 
 /// Outcome of [`claim`].
@@ -102,7 +112,10 @@ fn from_row(r: &Row) -> Domain {
 /// (IDNA is the caller's job: only ASCII is accepted here).
 pub fn normalise(input: &str) -> Result<String> {
     let trimmed = input.trim();
-    let d = trimmed.strip_suffix('.').unwrap_or(trimmed).to_ascii_lowercase();
+    let d = trimmed
+        .strip_suffix('.')
+        .unwrap_or(trimmed)
+        .to_ascii_lowercase();
     if address::valid_domain(&d) {
         Ok(d)
     } else {

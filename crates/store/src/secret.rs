@@ -49,6 +49,53 @@ pub fn random_below(bound: u64) -> u64 {
     u64::from_le_bytes(random_bytes::<8>()) % bound.max(1)
 }
 
+/// `url` with its password replaced by `***`, for `Debug` output and log
+/// lines: handles `postgres://user:pass@host/db` URLs and libpq
+/// `key=value` strings (`password=…`). Anything unrecognised is replaced
+/// whole rather than risk printing a secret.
+pub fn redact_database_url(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://") {
+        // The authority ends at the first '/', '?' or '#'; userinfo is
+        // everything before its last '@'.
+        let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        let (authority, tail) = rest.split_at(end);
+        let tail = redact_query_password(tail);
+        return match authority.rsplit_once('@') {
+            Some((userinfo, host)) => match userinfo.split_once(':') {
+                Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
+                None => format!("{scheme}://{userinfo}@{host}{tail}"),
+            },
+            None => format!("{scheme}://{authority}{tail}"),
+        };
+    }
+    if url.contains('=') {
+        return url
+            .split_whitespace()
+            .map(|kv| match kv.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                _ => kv.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join(" ");
+    }
+    "***".to_owned()
+}
+
+fn redact_query_password(tail: &str) -> String {
+    let Some((path, query)) = tail.split_once('?') else {
+        return tail.to_owned();
+    };
+    let query = query
+        .split('&')
+        .map(|kv| match kv.split_once('=') {
+            Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+            _ => kv.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("&");
+    format!("{path}?{query}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -74,5 +121,26 @@ mod tests {
         assert!(!is_lower_hex("ABCDEF", 6));
         assert!(!is_lower_hex("abc", 4));
         assert!(is_lower_hex("09af", 4));
+    }
+
+    #[test]
+    fn database_urls_lose_their_passwords() {
+        assert_eq!(
+            redact_database_url("postgres://e2a:s3cret@db:5432/e2a?sslmode=require"),
+            "postgres://e2a:***@db:5432/e2a?sslmode=require"
+        );
+        assert_eq!(
+            redact_database_url("postgres://e2a:p@ss@db/e2a"),
+            "postgres://e2a:***@db/e2a"
+        );
+        assert_eq!(
+            redact_database_url("postgres://db/e2a?user=x&password=s3cret"),
+            "postgres://db/e2a?user=x&password=***"
+        );
+        assert_eq!(
+            redact_database_url("host=/tmp user=e2a password=s3cret"),
+            "host=/tmp user=e2a password=***"
+        );
+        assert_eq!(redact_database_url("s3cret"), "***");
     }
 }

@@ -19,7 +19,7 @@ pub const TOKEN_PREFIX: &str = "e2s_";
 pub const SESSION_TTL: Duration = Duration::days(7);
 
 /// A session just issued; `token` is the only copy of the plaintext.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct IssuedSession {
     /// The plaintext token for the cookie. Never log it.
     pub token: String,
@@ -27,6 +27,17 @@ pub struct IssuedSession {
     pub user_id: UserId,
     /// When the session stops working.
     pub expires_at: OffsetDateTime,
+}
+
+impl std::fmt::Debug for IssuedSession {
+    /// Never prints the token.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssuedSession")
+            .field("token", &"***")
+            .field("user_id", &self.user_id)
+            .field("expires_at", &self.expires_at)
+            .finish()
+    }
 }
 
 fn well_formed(token: &str) -> bool {
