@@ -65,7 +65,12 @@ impl EmailAddress {
         if !valid_domain(domain) {
             return Err(AddressError::InvalidDomain);
         }
-        Ok(Self(lower))
+        // The root dot of a fully qualified name (`a@example.com.`) names the
+        // same mailbox: store and look up the form without it.
+        match domain.strip_suffix('.') {
+            Some(bare) => Ok(Self(format!("{local}@{bare}"))),
+            None => Ok(Self(lower)),
+        }
     }
 
     /// The normalised address.
@@ -131,6 +136,14 @@ mod tests {
         assert_eq!(a.as_str(), "demo@agents.localhost");
         assert_eq!(a.local_part(), "demo");
         assert_eq!(a.domain(), "agents.localhost");
+    }
+
+    #[test]
+    fn strips_the_root_dot_of_a_fully_qualified_domain() {
+        let a = EmailAddress::parse("Demo@Agents.LocalHost.").unwrap();
+        assert_eq!(a, EmailAddress::parse("demo@agents.localhost").unwrap());
+        assert_eq!(a.domain(), "agents.localhost");
+        assert!(EmailAddress::parse("demo@agents.localhost..").is_err());
     }
 
     #[test]
