@@ -45,9 +45,13 @@ impl FromRequestParts<AppState> for Caller {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        let token = parts
-            .headers
-            .get(header::AUTHORIZATION)
+        // Exactly one Authorization header: with two, which one a proxy or
+        // the application honours is ambiguous, so neither is.
+        let mut values = parts.headers.get_all(header::AUTHORIZATION).iter();
+        let (only, None) = (values.next(), values.next()) else {
+            return Err(ApiError::unauthorized());
+        };
+        let token = only
             .and_then(|v| v.to_str().ok())
             .and_then(bearer_token)
             .ok_or_else(ApiError::unauthorized)?;

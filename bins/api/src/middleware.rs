@@ -26,6 +26,22 @@ fn acceptable_request_id(v: &HeaderValue) -> Option<String> {
         .then(|| s.to_owned())
 }
 
+/// The method as a bounded label: an arbitrary extension method (any token
+/// is a valid HTTP method) must not mint a new metrics series per request.
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
 /// Assigns the request id, runs the request inside its task-local scope and
 /// decorates the response.
 pub async fn request_context(req: Request, next: Next) -> Response {
@@ -34,7 +50,7 @@ pub async fn request_context(req: Request, next: Next) -> Response {
         .get(&X_REQUEST_ID)
         .and_then(acceptable_request_id)
         .unwrap_or_else(|| format!("req_{}", e2a_store::secret::random_hex::<12>()));
-    let method = req.method().clone();
+    let method = method_label(req.method());
     let route = req
         .extensions()
         .get::<MatchedPath>()
@@ -59,7 +75,7 @@ pub async fn request_context(req: Request, next: Next) -> Response {
             "request"
         );
     });
-    metrics::counter!("e2a_http_requests_total", "service" => "api", "method" => method.to_string(), "route" => route.clone(), "status" => status.to_string()).increment(1);
+    metrics::counter!("e2a_http_requests_total", "service" => "api", "method" => method, "route" => route.clone(), "status" => status.to_string()).increment(1);
     metrics::histogram!("e2a_http_request_duration_seconds", "service" => "api", "route" => route)
         .record(elapsed.as_secs_f64());
     let headers = response.headers_mut();

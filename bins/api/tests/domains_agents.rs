@@ -522,6 +522,16 @@ async fn domains_and_agents_end_to_end() {
         (s, code(&b)),
         (StatusCode::PAYMENT_REQUIRED, "limit_exceeded")
     );
+    // The account view counts what the caps count.
+    let (s, account) = api.call(Method::GET, "/v1/account", &bob, None).await;
+    assert_eq!(s, StatusCode::OK, "{account}");
+    let (_, listed) = api.call(Method::GET, "/v1/agents", &bob, None).await;
+    assert_eq!(account["limits"]["max_agents"], 0, "{account}");
+    assert_eq!(
+        account["usage"]["agents"].as_u64(),
+        listed["agents"].as_array().map(|a| a.len() as u64),
+        "{account} {listed}"
+    );
 
     // Without a key: 401 before anything else.
     let (s, b) = api

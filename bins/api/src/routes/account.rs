@@ -24,7 +24,8 @@ struct Caps {
     max_storage_bytes: i64,
 }
 
-/// Reads limits and usage for the caller. 503 `limits_unavailable` when the
+/// Reads limits and usage for the caller in one statement (one round trip,
+/// one snapshot). 503 `limits_unavailable` when the
 /// database cannot answer.
 pub async fn get_account(
     State(state): State<AppState>,
@@ -35,10 +36,7 @@ pub async fn get_account(
         other => ApiError::from(other),
     };
     let client = state.store.client().await.map_err(unavailable)?;
-    let limits = account_limits::effective(&client, &caller.user_id, &state.default_limits)
-        .await
-        .map_err(unavailable)?;
-    let usage = account_limits::usage(&client, &caller.user_id)
+    let (limits, usage) = account_limits::overview(&client, &caller.user_id, &state.default_limits)
         .await
         .map_err(unavailable)?;
     Ok(Json(AccountView {
