@@ -7,9 +7,10 @@
 //!    still works.
 //! 3. Builds and runs `e2a-api`, `e2a-relay`, `e2a-deliverer` and
 //!    `e2a-janitor` with prefixed logs, the shared domain `agents.localhost`
-//!    and loopback-only listeners (any `E2A_*` already set wins).
+//!    and loopback-only listeners (any `E2A_*` already set wins, except
+//!    `E2A_OPS_ADDR`, which is always 127.0.0.1:9090–9093 per service).
 //! 4. Prints the key and URLs once every `/readyz` answers 200.
-//! 5. On Ctrl-C (or SIGTERM) sends SIGTERM to each service once (they run in
+//! 5. On Ctrl-C (or SIGTERM/SIGHUP) sends SIGTERM to each service once (they run in
 //!    their own process group, so the terminal's SIGINT reaches only us),
 //!    waits for them to drain, stops the dev cluster if it started it, and
 //!    exits 0 when every service exited 0. If a service dies on its own, the
@@ -45,6 +46,9 @@ const DEV_ENV: &[(&str, &str)] = &[
     ("E2A_SMTP_DOMAIN", "agents.localhost"),
     ("E2A_PUBLIC_URL", "http://localhost:8080"),
     ("E2A_MIGRATION_MODE", "verify"),
+    // No outside DNS on a dev machine: skip SPF/DKIM/DMARC lookups instead
+    // of waiting for them to time out on every message.
+    ("E2A_SMTP_AUTH_DNS", "disabled"),
     ("RUST_LOG", "info"),
 ];
 
@@ -140,9 +144,9 @@ fn spawn(name: &str, ops_port: u16, url: &str, release: bool) -> std::io::Result
         // then sends exactly one SIGTERM (a second signal would make the
         // services exit immediately instead of draining).
         .process_group(0);
-    if std::env::var_os("E2A_OPS_ADDR").is_none() {
-        cmd.env("E2A_OPS_ADDR", format!("127.0.0.1:{ops_port}"));
-    }
+    // Always per service: one exported E2A_OPS_ADDR would make all four
+    // services fight over the same port.
+    cmd.env("E2A_OPS_ADDR", format!("127.0.0.1:{ops_port}"));
     for (k, v) in DEV_ENV {
         if std::env::var_os(k).is_none() {
             cmd.env(k, v);
@@ -248,16 +252,25 @@ async fn terminate(children: &mut Vec<(&'static str, Child)>) -> bool {
     all_clean
 }
 
+async fn recv(signal: Option<&mut tokio::signal::unix::Signal>) {
+    match signal {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending::<()>().await,
+    }
+}
+
+/// Resolves on SIGINT, SIGTERM or SIGHUP (a closed terminal must stop the
+/// services too, not orphan them).
 async fn wait_for_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).ok();
+    let mut hangup = signal(SignalKind::hangup()).ok();
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
-        _ = async {
-            match term.as_mut() {
-                Some(t) => { t.recv().await; }
-                None => std::future::pending::<()>().await,
-            }
-        } => {}
+        () = recv(term.as_mut()) => {}
+        () = recv(hangup.as_mut()) => {}
     }
 }
 
