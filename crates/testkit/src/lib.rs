@@ -11,15 +11,25 @@
 //!
 //! Where the server comes from:
 //! * `E2A_TEST_DATABASE_URL` set: that server (its user must be able to
-//!   `CREATE DATABASE`). Leftover `e2a_t_<pid>_<n>` databases of processes
-//!   that no longer run are swept on first use.
+//!   `CREATE DATABASE`), which may be shared by several processes, checkouts
+//!   and hosts. Per-test databases are named `e2a_t_<host>_<pid>_<n>`, where
+//!   `<host>` is a short tag of this host (hostname and PID namespace);
+//!   leftover databases of *this host's* processes that no longer run are
+//!   swept on first use, never those of other hosts.
 //! * otherwise: one throwaway cluster per test process (see [`cluster`]),
 //!   started lazily on first use under `<target>/e2a-testpg/<pid>-<n>` and
 //!   stopped and removed when the process exits, however it exits.
 //!
-//! Either way the schema is migrated once per process into the template
-//! database [`TEMPLATE_DB`] with `e2a_store::migrate::run` (`Auto`), and each
-//! [`TestDb::new`] is a `CREATE DATABASE … TEMPLATE e2a_template`.
+//! Either way each [`TestDb::new`] is a `CREATE DATABASE … TEMPLATE
+//! e2a_tpl_<hash>` ([`template_db`]), where `<hash>` covers the labels and
+//! contents of the migration files this build embeds: identical schemas share
+//! one template, different schemas (other checkouts) get their own. The
+//! template is migrated with `e2a_store::migrate::run` (`Auto`) under a
+//! temporary name and renamed when complete, so a template under its final
+//! name is always complete and is reused as is, never rebuilt.
+//!
+//! Database URLs in messages (errors, panics, `Debug`) have their passwords
+//! redacted.
 //!
 //! **Never skipped**: when no server can be found or started, [`TestDb::new`]
 //! panics with a message saying how to install one, so the suite fails.
@@ -29,12 +39,15 @@
 //! use, on the caller's runtime.
 
 pub mod cluster;
+mod naming;
 
 use std::error::Error as StdError;
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use e2a_store::secret::redact_database_url;
 use tokio::sync::OnceCell;
 use tokio::task::JoinHandle;
 use tokio_postgres::{Client, NoTls};
@@ -44,15 +57,13 @@ use cluster::{Cluster, ClusterError, ClusterOptions, PgBinaries, PortChoice, Rea
 /// Environment variable naming an external server to use instead of a throwaway cluster.
 pub const DATABASE_URL_ENV: &str = "E2A_TEST_DATABASE_URL";
 
-/// The migrated template every [`TestDb::new`] database is cloned from.
-pub const TEMPLATE_DB: &str = "e2a_template";
+pub use naming::TEST_DB_PREFIX;
 
-/// Prefix of every per-test database name (`e2a_t_<pid>_<n>`).
-pub const TEST_DB_PREFIX: &str = "e2a_t_";
-
-/// Advisory lock guarding the template: exclusive while it is (re)built,
-/// shared while a database is cloned from it. `"e2a_tmpl"` as big-endian bytes.
-const TEMPLATE_LOCK_KEY: i64 = 0x6532_615f_746d_706c;
+/// First key of the advisory lock guarding a template
+/// (`pg_advisory_lock(int4, int4)`): `"e2a_"` as big-endian bytes. The second
+/// key is derived from the template's name. Exclusive while the template is
+/// built, shared while a database is cloned from it.
+const TEMPLATE_LOCK_CLASS: i32 = 0x6532_615f;
 
 /// Bound on any single setup or teardown step against the server.
 const STEP_TIMEOUT: Duration = Duration::from_secs(120);
@@ -63,6 +74,13 @@ const TEST_CLUSTERS_DIR: &str = "e2a-testpg";
 static SERVER: OnceCell<Result<Server, String>> = OnceCell::const_new();
 static DB_COUNTER: AtomicU64 = AtomicU64::new(0);
 static CLUSTER_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// The migrated template every [`TestDb::new`] database is cloned from:
+/// `e2a_tpl_<hash>`, where `<hash>` is derived from the labels and contents of
+/// the migration files embedded in this build (the ones e2a-store applies).
+pub fn template_db() -> &'static str {
+    naming::template_name()
+}
 
 /// The server this process's tests use. Plain data only (no runtime-bound objects).
 struct Server {
@@ -78,32 +96,47 @@ struct Server {
 }
 
 /// A fresh database for one test, dropped (with `WITH (FORCE)`) when this value is dropped.
-#[derive(Debug)]
 pub struct TestDb {
     name: String,
     url: String,
     admin_url: String,
 }
 
+impl fmt::Debug for TestDb {
+    /// Shows the URLs with their passwords redacted.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TestDb")
+            .field("name", &self.name)
+            .field("url", &redact_database_url(&self.url))
+            .field("admin_url", &redact_database_url(&self.admin_url))
+            .finish()
+    }
+}
+
 impl TestDb {
     /// A fresh database cloned from the migrated template.
     ///
     /// The first call in a process starts (or connects to) the server and
-    /// migrates the template; later calls only clone it. Panics — never
+    /// builds the template for this build's schema unless a complete one
+    /// already exists there; later calls only clone it. Panics — never
     /// skips — with an install hint when PostgreSQL is unavailable, and with
     /// the cause when migrating or cloning fails.
     pub async fn new() -> TestDb {
         let server = server().await;
         let name = next_db_name();
+        let template = template_db();
         let sql = format!(
-            "CREATE DATABASE {name} TEMPLATE {TEMPLATE_DB}{}",
+            "CREATE DATABASE {name} TEMPLATE {template}{}",
             server.clone_strategy
         );
         let created = async {
             let (admin, conn) = connect(&server.admin_url).await?;
-            // Shared: many clones at once, but never while the template is rebuilt.
+            // Shared: many clones at once, but never while the template is built.
             admin
-                .execute("SELECT pg_advisory_lock_shared($1)", &[&TEMPLATE_LOCK_KEY])
+                .execute(
+                    "SELECT pg_advisory_lock_shared($1, $2)",
+                    &[&TEMPLATE_LOCK_CLASS, &naming::template_lock_id(template)],
+                )
                 .await?;
             admin.batch_execute(&sql).await?;
             close(admin, conn).await;
@@ -146,12 +179,14 @@ impl TestDb {
     }
 
     /// A `postgres://` URL (or the key=value form of `E2A_TEST_DATABASE_URL`)
-    /// for this database, usable by any client library.
+    /// for this database, usable by any client library. It includes the
+    /// password of `E2A_TEST_DATABASE_URL`, if any: redact it before printing
+    /// (`e2a_store::secret::redact_database_url`).
     pub fn url(&self) -> &str {
         &self.url
     }
 
-    /// The database name (`e2a_t_<pid>_<n>`).
+    /// The database name (`e2a_t_<host>_<pid>_<n>`).
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -361,7 +396,7 @@ async fn server() -> &'static Server {
     }
 }
 
-/// Starts or connects to the server and rebuilds the template. Runs once per process.
+/// Starts or connects to the server and makes sure the template exists. Runs once per process.
 async fn init_server() -> Result<Server, String> {
     let external = std::env::var(DATABASE_URL_ENV)
         .ok()
@@ -381,18 +416,12 @@ async fn init_server() -> Result<Server, String> {
         if is_external {
             sweep_dead_databases(&admin_url).await?;
         }
-        rebuild_template(&admin_url).await?;
+        ensure_template(&admin_url, template_db()).await?;
         clone_strategy(&admin_url).await
     };
     let clone_strategy = match tokio::time::timeout(STEP_TIMEOUT, prepared).await {
         Ok(Ok(strategy)) => strategy,
-        Ok(Err(e)) if is_external => {
-            return Err(format!(
-                "{e}\n(using {DATABASE_URL_ENV}={admin_url}: check that the server runs and its \
-                 user may CREATE DATABASE, or unset {DATABASE_URL_ENV} to let the tests start \
-                 their own cluster)"
-            ));
-        }
+        Ok(Err(e)) if is_external => return Err(external_server_hint(&e, &admin_url)),
         Ok(Err(e)) => return Err(e),
         Err(_) => {
             return Err(format!(
@@ -407,35 +436,92 @@ async fn init_server() -> Result<Server, String> {
     })
 }
 
-/// (Re)creates [`TEMPLATE_DB`] and migrates it, under the exclusive template lock.
+/// The error of preparing an external server, with what to check; the URL's
+/// password is redacted.
+fn external_server_hint(error: &str, admin_url: &str) -> String {
+    format!(
+        "{error}\n(using {DATABASE_URL_ENV}={}: check that the server runs and its user may \
+         CREATE DATABASE, or unset {DATABASE_URL_ENV} to let the tests start their own cluster)",
+        redact_database_url(admin_url)
+    )
+}
+
+/// Makes sure the complete, migrated template `template` exists.
 ///
-/// Rebuilt once per process so the template always matches this build's
-/// migrations, even on an external server shared with other checkouts.
-async fn rebuild_template(admin_url: &str) -> Result<(), String> {
+/// A database under the template's final name is always complete (it is
+/// built under [`naming::building_name`] and renamed once migrated), so an
+/// existing one is reused as is. Otherwise it is built under the exclusive
+/// template lock; another process waiting on that lock finds it built.
+async fn ensure_template(admin_url: &str, template: &str) -> Result<(), String> {
     let step =
         |what: &'static str| move |e: tokio_postgres::Error| format!("{what}: {}", chain(&e));
+    // The migrations hashed into the name must be the ones e2a-store applies.
+    naming::check_matches_store(&e2a_store::migrate::embedded_names())?;
     let (admin, conn) = connect(admin_url)
         .await
         .map_err(step("connecting to the server"))?;
+    if database_exists(&admin, template)
+        .await
+        .map_err(step("looking for the template database"))?
+    {
+        close(admin, conn).await;
+        return Ok(());
+    }
     admin
-        .execute("SELECT pg_advisory_lock($1)", &[&TEMPLATE_LOCK_KEY])
+        .execute(
+            "SELECT pg_advisory_lock($1, $2)",
+            &[&TEMPLATE_LOCK_CLASS, &naming::template_lock_id(template)],
+        )
         .await
         .map_err(step("locking the template"))?;
-    // Separate statements: a multi-statement string is an implicit transaction block.
-    admin
-        .batch_execute(&format!(
-            "DROP DATABASE IF EXISTS {TEMPLATE_DB} WITH (FORCE)"
-        ))
+    // Another process may have built it while this one waited for the lock.
+    if !database_exists(&admin, template)
         .await
-        .map_err(step("dropping the old template database"))?;
-    admin
-        .batch_execute(&create_empty_sql(TEMPLATE_DB))
-        .await
-        .map_err(step("creating the template database"))?;
-    migrate(&with_database(admin_url, TEMPLATE_DB)).await?;
+        .map_err(step("looking for the template database"))?
+    {
+        let building = naming::building_name(template);
+        // Separate statements: a multi-statement string is an implicit transaction block.
+        // A leftover of a builder that died (it held the lock, so it is gone).
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {building} WITH (FORCE)"))
+            .await
+            .map_err(step("dropping a half-built template database"))?;
+        admin
+            .batch_execute(&create_empty_sql(&building))
+            .await
+            .map_err(step("creating the template database"))?;
+        migrate(&with_database(admin_url, &building)).await?;
+        let comment = format!(
+            "e2a-testkit template for migrations {} (built by host {} pid {})",
+            naming::migration_labels().join(", "),
+            naming::host_tag(),
+            std::process::id()
+        );
+        admin
+            .batch_execute(&format!(
+                "COMMENT ON DATABASE {building} IS {}",
+                naming::sql_literal(&comment)
+            ))
+            .await
+            .map_err(step("describing the template database"))?;
+        admin
+            .batch_execute(&format!("ALTER DATABASE {building} RENAME TO {template}"))
+            .await
+            .map_err(step("renaming the migrated template database"))?;
+    }
     // Closing the admin connection releases the lock.
     close(admin, conn).await;
     Ok(())
+}
+
+async fn database_exists(admin: &Client, name: &str) -> Result<bool, tokio_postgres::Error> {
+    let row = admin
+        .query_one(
+            "SELECT EXISTS (SELECT FROM pg_database WHERE datname = $1)",
+            &[&name],
+        )
+        .await?;
+    Ok(row.get(0))
 }
 
 /// The `CREATE DATABASE` suffix for clones, by server version.
@@ -459,33 +545,36 @@ async fn clone_strategy(admin_url: &str) -> Result<&'static str, String> {
 /// Migrates the database at `url` with the store's migrator and closes the
 /// connection fully before returning (a template must have no sessions).
 async fn migrate(url: &str) -> Result<(), String> {
+    let shown = redact_database_url(url);
     let (mut client, conn) = connect(url)
         .await
-        .map_err(|e| format!("connecting to {url}: {}", chain(&e)))?;
+        .map_err(|e| format!("connecting to {shown}: {}", chain(&e)))?;
     e2a_store::migrate::run(&mut client, e2a_store::migrate::MigrationMode::Auto)
         .await
-        .map_err(|e| format!("migrating {url}: {}", chain(&e)))?;
+        .map_err(|e| format!("migrating {shown}: {}", chain(&e)))?;
     close(client, conn).await;
     Ok(())
 }
 
-/// Drops `e2a_t_<pid>_<n>` databases whose process is gone (external servers only).
+/// Drops this host's `e2a_t_<host>_<pid>_<n>` databases whose process is
+/// gone (external servers only). Databases of other hosts sharing the server
+/// are left alone: their pids cannot be checked from here.
 async fn sweep_dead_databases(admin_url: &str) -> Result<(), String> {
     let (admin, conn) = connect(admin_url)
         .await
         .map_err(|e| format!("connecting to the server: {}", chain(&e)))?;
+    let host = naming::host_tag();
     let rows = admin
         .query(
             "SELECT datname::text FROM pg_database WHERE starts_with(datname, $1)",
-            &[&TEST_DB_PREFIX],
+            &[&format!("{TEST_DB_PREFIX}{host}_")],
         )
         .await
         .map_err(|e| format!("listing databases: {}", chain(&e)))?;
     let me = std::process::id();
     for row in rows {
         let name: String = row.get(0);
-        let Some(pid) = db_pid(&name) else { continue };
-        if pid == me || pid_alive(pid) {
+        if !naming::is_sweepable(&name, host, me, pid_alive) {
             continue;
         }
         if let Err(e) = admin
@@ -502,14 +591,6 @@ async fn sweep_dead_databases(admin_url: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// The pid embedded in `e2a_t_<pid>_<n>`.
-fn db_pid(name: &str) -> Option<u32> {
-    let rest = name.strip_prefix(TEST_DB_PREFIX)?;
-    let (pid, n) = rest.split_once('_')?;
-    n.parse::<u64>().ok()?;
-    pid.parse().ok()
-}
-
 fn pid_alive(pid: u32) -> bool {
     if Path::new("/proc/self").exists() {
         return Path::new("/proc").join(pid.to_string()).exists();
@@ -522,10 +603,10 @@ fn pid_alive(pid: u32) -> bool {
 }
 
 fn next_db_name() -> String {
-    format!(
-        "{TEST_DB_PREFIX}{}_{}",
+    naming::test_db_name(
+        naming::host_tag(),
         std::process::id(),
-        DB_COUNTER.fetch_add(1, Ordering::Relaxed)
+        DB_COUNTER.fetch_add(1, Ordering::Relaxed),
     )
 }
 
@@ -700,11 +781,143 @@ mod tests {
     }
 
     #[test]
-    fn db_pid_parses_only_our_names() {
-        assert_eq!(db_pid("e2a_t_123_4"), Some(123));
-        assert_eq!(db_pid("e2a_t_x_4"), None);
-        assert_eq!(db_pid("e2a_template"), None);
-        assert_eq!(db_pid("other_123_4"), None);
+    fn own_db_names_carry_this_hosts_tag_and_pid() {
+        let name = next_db_name();
+        assert_eq!(
+            naming::parse_test_db_name(&name),
+            Some((naming::host_tag(), std::process::id()))
+        );
+        assert_ne!(name, next_db_name());
+        // Never swept by this process, whatever the liveness check says.
+        assert!(!naming::is_sweepable(
+            &name,
+            naming::host_tag(),
+            std::process::id(),
+            |_| false
+        ));
+    }
+
+    const SECRET_URL: &str = "postgres://e2a:s3cret@127.0.0.1:1/postgres";
+
+    #[test]
+    fn debug_output_hides_passwords() {
+        let db = TestDb {
+            name: "e2a_t_0123abcd_1_0".into(),
+            url: with_database(SECRET_URL, "e2a_t_0123abcd_1_0"),
+            admin_url: SECRET_URL.into(),
+        };
+        let shown = format!("{db:?}");
+        // Not dropped: there is no server to drop it on.
+        std::mem::forget(db);
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("e2a_t_0123abcd_1_0"), "{shown}");
+    }
+
+    #[test]
+    fn external_server_hint_hides_the_password() {
+        let hint = external_server_hint("connecting to the server: refused", SECRET_URL);
+        assert!(!hint.contains("s3cret"), "{hint}");
+        assert!(hint.contains("e2a:***@127.0.0.1:1/postgres"), "{hint}");
+        assert!(hint.contains(DATABASE_URL_ENV), "{hint}");
+    }
+
+    async fn has_table(url: &str, table: &str) -> bool {
+        let (client, conn) = connect(url).await.expect("connect");
+        let found = client
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
+            .await
+            .expect("query to_regclass")
+            .get(0);
+        close(client, conn).await;
+        found
+    }
+
+    async fn oid_of(admin_url: &str, name: &str) -> Option<u32> {
+        let (admin, conn) = connect(admin_url).await.expect("connect");
+        let oid = admin
+            .query_opt("SELECT oid FROM pg_database WHERE datname = $1", &[&name])
+            .await
+            .expect("query pg_database")
+            .map(|row| row.get(0));
+        close(admin, conn).await;
+        oid
+    }
+
+    #[tokio::test]
+    async fn complete_template_is_reused_and_half_built_one_is_rebuilt() {
+        let admin_url = server().await.admin_url.clone();
+
+        // The shared template exists and is reused as is: same database.
+        let oid = oid_of(&admin_url, template_db()).await;
+        assert!(oid.is_some(), "{} missing", template_db());
+        ensure_template(&admin_url, template_db())
+            .await
+            .expect("ensure the existing template");
+        assert_eq!(oid_of(&admin_url, template_db()).await, oid);
+        assert_eq!(
+            oid_of(&admin_url, &naming::building_name(template_db())).await,
+            None
+        );
+
+        // A builder that died left a half-built database behind: it is
+        // replaced, and the result appears under the final name only.
+        let name = format!(
+            "e2a_tpl_selftest_{}_{}",
+            naming::host_tag(),
+            std::process::id()
+        );
+        let building = naming::building_name(&name);
+        let (admin, conn) = connect(&admin_url).await.expect("connect");
+        admin
+            .batch_execute(&create_empty_sql(&building))
+            .await
+            .expect("create half-built template");
+        close(admin, conn).await;
+        let (half, conn) = connect(&with_database(&admin_url, &building))
+            .await
+            .expect("connect to half-built template");
+        half.batch_execute("CREATE TABLE half_built_marker ()")
+            .await
+            .expect("mark half-built template");
+        close(half, conn).await;
+
+        let built = ensure_template(&admin_url, &name).await;
+        let url = with_database(&admin_url, &name);
+        let (marker, migrated) = match built {
+            Ok(()) => (
+                has_table(&url, "half_built_marker").await,
+                has_table(&url, e2a_store::migrate::HISTORY_TABLE).await,
+            ),
+            Err(_) => (true, false),
+        };
+        let building_left = oid_of(&admin_url, &building).await.is_some();
+        run_detached(
+            admin_url.clone(),
+            format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+        )
+        .expect("drop the self-test template");
+        run_detached(
+            admin_url.clone(),
+            format!("DROP DATABASE IF EXISTS {building} WITH (FORCE)"),
+        )
+        .expect("drop the self-test building database");
+        built.expect("build the self-test template");
+        assert!(migrated, "the rebuilt template is not migrated");
+        assert!(!marker, "the half-built template was reused");
+        assert!(!building_left, "the building name is still in use");
+    }
+
+    #[tokio::test]
+    async fn migrate_errors_hide_the_password() {
+        // Port 1 on the loopback: nothing listens, the connection is refused.
+        let err = migrate(&with_database(SECRET_URL, "e2a_t_0123abcd_1_0"))
+            .await
+            .expect_err("nothing listens on port 1");
+        assert!(!err.contains("s3cret"), "{err}");
+        assert!(
+            err.contains("e2a:***@127.0.0.1:1/e2a_t_0123abcd_1_0"),
+            "{err}"
+        );
     }
 
     #[test]

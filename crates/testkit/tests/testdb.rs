@@ -1,6 +1,6 @@
 //! Per-test databases: migrated, isolated from each other, dropped on `Drop`.
 
-use e2a_testkit::{TEMPLATE_DB, TestDb};
+use e2a_testkit::{TEST_DB_PREFIX, TestDb, template_db};
 
 async fn database_exists(probe: &TestDb, name: &str) -> bool {
     let client = probe.client().await;
@@ -79,7 +79,7 @@ async fn database_is_dropped_after_drop() {
     );
     assert!(client.simple_query("SELECT 1").await.is_err());
     // The template survives and is still clonable.
-    assert!(database_exists(&probe, TEMPLATE_DB).await);
+    assert!(database_exists(&probe, template_db()).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -93,4 +93,48 @@ async fn many_databases_can_be_created_concurrently() {
     names.sort_unstable();
     names.dedup();
     assert_eq!(names.len(), 8);
+}
+
+#[tokio::test]
+async fn template_is_named_after_the_schema_and_complete() {
+    let probe = TestDb::new().await;
+    let template = template_db();
+    assert!(template.starts_with("e2a_tpl_"), "{template}");
+    assert!(template.len() <= 63, "{template}");
+    assert!(database_exists(&probe, template).await);
+    assert!(!database_exists(&probe, &format!("{template}_building")).await);
+
+    // The template says which migrations it holds.
+    let client = probe.client().await;
+    let comment: Option<String> = client
+        .query_one(
+            "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = $1",
+            &[&template],
+        )
+        .await
+        .expect("read the template's comment")
+        .get(0);
+    let comment = comment.unwrap_or_default();
+    for label in e2a_store::migrate::embedded_names() {
+        assert!(comment.contains(&label), "{label} missing from {comment:?}");
+    }
+}
+
+#[tokio::test]
+async fn database_names_carry_a_host_tag_and_the_pid() {
+    let db = TestDb::new().await;
+    let rest = db
+        .name()
+        .strip_prefix(TEST_DB_PREFIX)
+        .unwrap_or_else(|| panic!("{} lacks the prefix", db.name()));
+    let parts: Vec<&str> = rest.split('_').collect();
+    assert_eq!(parts.len(), 3, "{}", db.name());
+    assert_eq!(parts[0].len(), 8, "{}", db.name());
+    assert!(
+        parts[0]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    );
+    assert_eq!(parts[1], std::process::id().to_string());
+    assert!(db.name().len() <= 63);
 }
