@@ -5,7 +5,12 @@
 //! was ours, which anyone can forge. Here the header is trusted only when a
 //! **passing** DKIM signature of an authorised domain (or a subdomain of one)
 //! covers it in its `h=` list, the message carries the header exactly once,
-//! and the value is a well-formed id. The envelope is never a reason.
+//! and the value is an id this gateway minted (`cnv_` + 32 hex, see
+//! [`is_minted`]). The envelope is never a reason. Requiring a minted id
+//! matters because every tenant's outbound mail is signed by the gateway's
+//! domain: a chosen, guessable id ("support") would otherwise let one tenant
+//! thread mail into another tenant's conversation; a minted id is 128 random
+//! bits that only the participants of that conversation know.
 
 use ring::rand::{SecureRandom, SystemRandom};
 
@@ -25,7 +30,7 @@ const HEADER_LOWER: &str = "x-e2a-conversation-id";
 ///
 /// Returns the header value only when all hold:
 /// - the message has exactly one `X-E2A-Conversation-Id` header, and its
-///   trimmed value satisfies [`is_valid`];
+///   trimmed value satisfies [`is_minted`];
 /// - some passing DKIM signature has `d=` equal to an entry of
 ///   `authorised_domains` or a subdomain of one (case-insensitive, trailing
 ///   dots ignored), and its `h=` covers `x-e2a-conversation-id`.
@@ -38,7 +43,7 @@ pub fn trusted_conversation_id(
         return None;
     }
     let value = parsed.conversation_header.as_deref()?.trim();
-    if !is_valid(value) {
+    if !is_minted(value) {
         return None;
     }
     let trusted = verdict.dkim_pass_domains.iter().any(|pass| {
@@ -76,6 +81,16 @@ pub fn is_valid(id: &str) -> bool {
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// True for an id of the form [`mint`] produces: `cnv_` + 32 lowercase hex.
+pub fn is_minted(id: &str) -> bool {
+    id.strip_prefix(PREFIX).is_some_and(|hex| {
+        hex.len() == 32
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
 }
 
 /// A fresh conversation id: `cnv_` + 32 lowercase hex characters (128 bits
@@ -127,31 +142,33 @@ mod tests {
         }
     }
 
+    const ID: &str = "cnv_0123456789abcdef0123456789abcdef";
+
     const SIGNED: &[&str] = &["from", "to", "subject", "x-e2a-conversation-id"];
 
     #[test]
     fn trusted_when_an_authorised_signature_covers_the_header() {
         let v = verdict(vec![pass("e2a.example", SIGNED)]);
         assert_eq!(
-            trusted_conversation_id(&parsed("cnv_abc"), &v, &["e2a.example"]).as_deref(),
-            Some("cnv_abc")
+            trusted_conversation_id(&parsed(ID), &v, &["e2a.example"]).as_deref(),
+            Some(ID)
         );
         // subdomain of an authorised domain, any case
         let v = verdict(vec![pass("mail.E2A.example", SIGNED)]);
-        assert!(trusted_conversation_id(&parsed("cnv_abc"), &v, &["e2a.EXAMPLE."]).is_some());
+        assert!(trusted_conversation_id(&parsed(ID), &v, &["e2a.EXAMPLE."]).is_some());
         // one of several signatures suffices
         let v = verdict(vec![
             pass("other.example", SIGNED),
             pass("e2a.example", SIGNED),
         ]);
-        assert!(trusted_conversation_id(&parsed("cnv_abc"), &v, &["e2a.example"]).is_some());
+        assert!(trusted_conversation_id(&parsed(ID), &v, &["e2a.example"]).is_some());
     }
 
     #[test]
     fn untrusted_when_the_header_is_not_signed() {
         let v = verdict(vec![pass("e2a.example", &["from", "to", "subject"])]);
         assert_eq!(
-            trusted_conversation_id(&parsed("cnv_abc"), &v, &["e2a.example"]),
+            trusted_conversation_id(&parsed(ID), &v, &["e2a.example"]),
             None
         );
     }
@@ -166,7 +183,7 @@ mod tests {
         ] {
             let v = verdict(vec![pass(d, SIGNED)]);
             assert_eq!(
-                trusted_conversation_id(&parsed("cnv_abc"), &v, &["e2a.example"]),
+                trusted_conversation_id(&parsed(ID), &v, &["e2a.example"]),
                 None,
                 "{d}"
             );
@@ -179,18 +196,21 @@ mod tests {
         let v = verdict(Vec::new());
         assert_eq!(v.spf_domain, "e2a.example");
         assert_eq!(
-            trusted_conversation_id(&parsed("cnv_abc"), &v, &["e2a.example"]),
+            trusted_conversation_id(&parsed(ID), &v, &["e2a.example"]),
             None
         );
     }
 
     #[test]
-    fn untrusted_with_bad_characters_or_length() {
+    fn untrusted_unless_minted_by_us() {
         let v = verdict(vec![pass("e2a.example", SIGNED)]);
         for bad in [
             "",
             "cnv abc",
             "cnv_abc;drop",
+            "cnv_abc",
+            "support",
+            "cnv_0123456789ABCDEF0123456789abcdef",
             "cnv_é",
             "a\u{0}b",
             &"a".repeat(201),
@@ -201,7 +221,8 @@ mod tests {
                 "{bad:?}"
             );
         }
-        assert!(trusted_conversation_id(&parsed(&"a".repeat(200)), &v, &["e2a.example"]).is_some());
+        assert!(trusted_conversation_id(&parsed(&"a".repeat(200)), &v, &["e2a.example"]).is_none());
+        assert!(trusted_conversation_id(&parsed(&mint()), &v, &["e2a.example"]).is_some());
     }
 
     #[test]
@@ -211,11 +232,11 @@ mod tests {
             trusted_conversation_id(&ParsedMessage::default(), &v, &["e2a.example"]),
             None
         );
-        let mut twice = parsed("cnv_abc");
+        let mut twice = parsed(ID);
         twice.conversation_header_count = 2;
         assert_eq!(trusted_conversation_id(&twice, &v, &["e2a.example"]), None);
-        assert_eq!(trusted_conversation_id(&parsed("cnv_abc"), &v, &[]), None);
-        assert_eq!(trusted_conversation_id(&parsed("cnv_abc"), &v, &[""]), None);
+        assert_eq!(trusted_conversation_id(&parsed(ID), &v, &[]), None);
+        assert_eq!(trusted_conversation_id(&parsed(ID), &v, &[""]), None);
     }
 
     #[test]

@@ -14,6 +14,14 @@ use time::{Date, Month, OffsetDateTime, Time, UtcOffset};
 /// message carries more, the newest (rightmost) ones are kept.
 pub const MAX_REFERENCES: usize = 100;
 
+/// Most `In-Reply-To` ids kept (a reply names one parent; a few is generous).
+pub const MAX_IN_REPLY_TO: usize = 10;
+
+/// Longest message id kept, in bytes (RFC 5322 line limit). A longer
+/// `Message-ID` is treated as absent: it could not be indexed (Postgres
+/// B-tree entries are capped near 2.7 kB), and no real MTA mints one.
+pub const MAX_ID_LEN: usize = 998;
+
 /// Name of the conversation header (spec §4.5), matched case-insensitively.
 pub const CONVERSATION_HEADER: &str = "X-E2A-Conversation-Id";
 
@@ -102,13 +110,13 @@ impl ParsedMessage {
     /// `In-Reply-To` followed by `References`, deduplicated, the ids to look
     /// up when threading (spec §6.5).
     pub fn thread_ids(&self) -> Vec<String> {
-        let mut ids = Vec::with_capacity(self.in_reply_to.len() + self.references.len());
-        for id in self.in_reply_to.iter().chain(self.references.iter()) {
-            if !ids.contains(id) {
-                ids.push(id.clone());
-            }
-        }
-        ids
+        distinct_first(
+            self.in_reply_to
+                .iter()
+                .chain(self.references.iter())
+                .cloned(),
+            MAX_IN_REPLY_TO + MAX_REFERENCES,
+        )
     }
 }
 
@@ -134,6 +142,10 @@ pub fn parse(raw: &[u8]) -> ParsedMessage {
         ..ParsedMessage::default()
     };
 
+    // Every id of every References header, in order; deduplicated and cut to
+    // the last MAX_REFERENCES once, after the loop (linear, whatever the
+    // header holds).
+    let mut references = Vec::new();
     for header in root_headers {
         let value = || -> Cow<'_, str> {
             raw.get(header.offset_start as usize..header.offset_end as usize)
@@ -145,15 +157,9 @@ pub fn parse(raw: &[u8]) -> ParsedMessage {
                 parsed.message_id = bare_ids(&value()).into_iter().next();
             }
             HeaderName::InReplyTo if parsed.in_reply_to.is_empty() => {
-                parsed.in_reply_to = bare_ids(&value());
+                parsed.in_reply_to = distinct_first(bare_ids(&value()), MAX_IN_REPLY_TO);
             }
-            HeaderName::References => {
-                for id in bare_ids(&value()) {
-                    if !parsed.references.contains(&id) {
-                        parsed.references.push(id);
-                    }
-                }
-            }
+            HeaderName::References => references.extend(bare_ids(&value())),
             HeaderName::Other(name) if name.eq_ignore_ascii_case(CONVERSATION_HEADER) => {
                 parsed.conversation_header_count += 1;
                 if parsed.conversation_header.is_none() {
@@ -163,10 +169,7 @@ pub fn parse(raw: &[u8]) -> ParsedMessage {
             _ => {}
         }
     }
-    if parsed.references.len() > MAX_REFERENCES {
-        let excess = parsed.references.len() - MAX_REFERENCES;
-        parsed.references.drain(..excess);
-    }
+    parsed.references = distinct_last(references, MAX_REFERENCES);
 
     parsed.text = message.body_text(0).map(Cow::into_owned);
     parsed.html = message.html_bodies().find_map(|part| match &part.body {
@@ -179,14 +182,17 @@ pub fn parse(raw: &[u8]) -> ParsedMessage {
 
 /// Splits a `Message-ID`/`In-Reply-To`/`References` value into bare ids:
 /// `<…>` groups when the value has any, else whitespace/comma-separated
-/// tokens; angle brackets stripped, empties dropped, deduplicated in order.
+/// tokens; angle brackets stripped, empties, ids with whitespace or control
+/// characters and ids longer than [`MAX_ID_LEN`] dropped. Duplicates are
+/// kept (callers deduplicate with [`distinct_first`]/[`distinct_last`]).
+/// Linear in the length of `value`.
 fn bare_ids(value: &str) -> Vec<String> {
     let mut ids: Vec<String> = Vec::new();
     let mut push = |id: &str| {
         let id = id.trim().trim_matches(|c| c == '<' || c == '>').trim();
         if !id.is_empty()
+            && id.len() <= MAX_ID_LEN
             && !id.chars().any(|c| c.is_whitespace() || c.is_control())
-            && !ids.iter().any(|known| known == id)
         {
             ids.push(id.to_string());
         }
@@ -212,6 +218,29 @@ fn bare_ids(value: &str) -> Vec<String> {
             .for_each(&mut push);
     }
     ids
+}
+
+/// The first `max` distinct ids, in order (hash-set dedupe: linear).
+fn distinct_first(ids: impl IntoIterator<Item = String>, max: usize) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for id in ids {
+        if out.len() == max {
+            break;
+        }
+        if seen.insert(id.clone()) {
+            out.push(id);
+        }
+    }
+    out
+}
+
+/// The last `max` distinct ids, in their original order (each kept at its
+/// last occurrence): the nearest ancestors of a `References` chain.
+fn distinct_last(ids: Vec<String>, max: usize) -> Vec<String> {
+    let mut out = distinct_first(ids.into_iter().rev(), max);
+    out.reverse();
+    out
 }
 
 fn first_mailbox(address: &Address<'_>) -> Option<Mailbox> {
@@ -389,7 +418,7 @@ aGVsbG8gd29ybGQ=\r\n\
     #[test]
     fn bare_ids_handles_brackets_commas_and_junk() {
         assert_eq!(bare_ids("<a@b>"), vec!["a@b"]);
-        assert_eq!(bare_ids("a@b, c@d  a@b"), vec!["a@b", "c@d"]);
+        assert_eq!(bare_ids("a@b, c@d  a@b"), vec!["a@b", "c@d", "a@b"]);
         assert_eq!(bare_ids("<a@b> junk <c@d"), vec!["a@b", "c@d"]);
         assert_eq!(bare_ids("<>< >"), Vec::<String>::new());
         assert_eq!(bare_ids(""), Vec::<String>::new());
@@ -403,6 +432,48 @@ aGVsbG8gd29ybGQ=\r\n\
         assert_eq!(p.references.len(), MAX_REFERENCES);
         assert_eq!(p.references.first().map(String::as_str), Some("m50@x"));
         assert_eq!(p.references.last().map(String::as_str), Some("m149@x"));
+    }
+
+    #[test]
+    fn duplicate_references_count_once_at_their_newest_position() {
+        let raw = "References: <a@x> <b@x> <a@x> <c@x>\r\nIn-Reply-To: <c@x> <c@x>\r\n\r\nbody";
+        let p = parse(raw.as_bytes());
+        assert_eq!(p.references, vec!["b@x", "a@x", "c@x"]);
+        assert_eq!(p.in_reply_to, vec!["c@x"]);
+        assert_eq!(p.thread_ids(), vec!["c@x", "b@x", "a@x"]);
+    }
+
+    #[test]
+    fn huge_reference_headers_are_cut_to_the_caps() {
+        // 200 000 ids (with repeats) in References and In-Reply-To: the
+        // result is capped, and parsing is linear (a quadratic dedupe over
+        // this header took minutes).
+        let refs: Vec<String> = (0..200_000)
+            .map(|i| format!("<m{}@x>", i % 150_000))
+            .collect();
+        let joined = refs.join(" ");
+        let raw = format!("In-Reply-To: {joined}\r\nReferences: {joined}\r\n\r\nbody");
+        let p = parse(raw.as_bytes());
+        assert_eq!(p.references.len(), MAX_REFERENCES);
+        assert_eq!(p.references.last().map(String::as_str), Some("m49999@x"));
+        assert_eq!(p.in_reply_to.len(), MAX_IN_REPLY_TO);
+        assert_eq!(p.in_reply_to.first().map(String::as_str), Some("m0@x"));
+    }
+
+    #[test]
+    fn over_long_message_ids_are_treated_as_absent() {
+        let long = "x".repeat(MAX_ID_LEN + 1);
+        let raw =
+            format!("Message-ID: <{long}@example.com>\r\nIn-Reply-To: <{long}@p>\r\n\r\nbody");
+        let p = parse(raw.as_bytes());
+        assert_eq!(p.message_id, None);
+        assert!(p.in_reply_to.is_empty());
+        let ok = "y".repeat(MAX_ID_LEN - 12);
+        let raw = format!("Message-ID: <{ok}@example.com>\r\n\r\nbody");
+        assert_eq!(
+            parse(raw.as_bytes()).message_id.map(|m| m.len()),
+            Some(MAX_ID_LEN)
+        );
     }
 
     #[test]

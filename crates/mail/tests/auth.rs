@@ -494,21 +494,21 @@ const CONV_HEADERS: &[&str] = &["From", "To", "Subject", "X-E2A-Conversation-Id"
 #[tokio::test]
 async fn conversation_trusted_when_signed_by_an_authorised_domain() {
     let raw = dkim_sign(
-        &conversation_message("cnv_0123abcd"),
+        &conversation_message("cnv_0123456789abcdef0123456789abcdef"),
         "e2a.example",
         CONV_HEADERS,
         false,
     );
     assert_eq!(
         trusted(&raw, "bounce@elsewhere.example").await.as_deref(),
-        Some("cnv_0123abcd")
+        Some("cnv_0123456789abcdef0123456789abcdef")
     );
 }
 
 #[tokio::test]
 async fn conversation_untrusted_when_the_header_is_not_in_h() {
     let raw = dkim_sign(
-        &conversation_message("cnv_0123abcd"),
+        &conversation_message("cnv_0123456789abcdef0123456789abcdef"),
         "e2a.example",
         &["From", "To", "Subject"],
         false,
@@ -519,7 +519,7 @@ async fn conversation_untrusted_when_the_header_is_not_in_h() {
 #[tokio::test]
 async fn conversation_untrusted_when_signed_by_another_domain() {
     let raw = dkim_sign(
-        &conversation_message("cnv_0123abcd"),
+        &conversation_message("cnv_0123456789abcdef0123456789abcdef"),
         "other.example",
         CONV_HEADERS,
         false,
@@ -530,14 +530,17 @@ async fn conversation_untrusted_when_signed_by_another_domain() {
 #[tokio::test]
 async fn conversation_untrusted_when_dkim_fails() {
     let signed = dkim_sign(
-        &conversation_message("cnv_0123abcd"),
+        &conversation_message("cnv_0123456789abcdef0123456789abcdef"),
         "e2a.example",
         CONV_HEADERS,
         false,
     );
     let forged = String::from_utf8(signed)
         .unwrap()
-        .replace("cnv_0123abcd", "cnv_attacker")
+        .replace(
+            "cnv_0123456789abcdef0123456789abcdef",
+            "cnv_ffffffffffffffffffffffffffffffff",
+        )
         .into_bytes();
     assert_eq!(trusted(&forged, "x@e2a.example").await, None);
 }
@@ -545,7 +548,7 @@ async fn conversation_untrusted_when_dkim_fails() {
 #[tokio::test]
 async fn conversation_untrusted_when_only_the_envelope_is_authorised() {
     // Flaw 28: MAIL FROM in the authorised domain, SPF even passes — no DKIM.
-    let raw = conversation_message("cnv_0123abcd");
+    let raw = conversation_message("cnv_0123456789abcdef0123456789abcdef");
     let records = zone();
     records.spf("e2a.example", "v=spf1 ip4:192.0.2.10 -all");
     let v = check(records, &raw, SENDER_IP, "bounce@e2a.example").await;
@@ -569,12 +572,12 @@ async fn conversation_untrusted_with_bad_characters() {
 async fn conversation_untrusted_when_an_unsigned_copy_is_prepended() {
     // Replay: a genuinely signed mail with a second header added on top.
     let signed = dkim_sign(
-        &conversation_message("cnv_original"),
+        &conversation_message("cnv_00000000000000000000000000000001"),
         "e2a.example",
         CONV_HEADERS,
         false,
     );
-    let mut replay = b"X-E2A-Conversation-Id: cnv_injected\r\n".to_vec();
+    let mut replay = b"X-E2A-Conversation-Id: cnv_00000000000000000000000000000002\r\n".to_vec();
     replay.extend_from_slice(&signed);
     assert_eq!(trusted(&replay, "x@e2a.example").await, None);
 }
