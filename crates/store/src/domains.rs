@@ -183,6 +183,58 @@ pub async fn claim(
     Ok(Claimed::Created(created))
 }
 
+/// True when `domain` exists and is not `user_id`'s (another user's, or the
+/// shared domain). A cheap pre-check so the API refuses before generating a
+/// key; [`claim`] remains the authority.
+pub async fn held_by_another(
+    c: &impl GenericClient,
+    user_id: &UserId,
+    domain: &str,
+) -> Result<bool> {
+    let stmt = c
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM domains WHERE domain = $1 AND user_id IS DISTINCT FROM $2)",
+        )
+        .await?;
+    Ok(c.query_one(&stmt, &[&domain, user_id]).await?.get(0))
+}
+
+/// Makes `domain` the caller's primary domain and returns it.
+///
+/// Atomic (own transaction, user row locked so concurrent calls of one user
+/// serialise): any other primary domain of the user is cleared first, then
+/// this one is set — the partial unique index allows one primary per user,
+/// so the order matters. Idempotent. [`StoreError::NotFound`] when the
+/// domain is not the caller's (including the shared domain).
+pub async fn set_primary(
+    c: &mut impl GenericClient,
+    user_id: &UserId,
+    domain: &str,
+) -> Result<Domain> {
+    let tx = c.transaction().await?;
+    users::lock(&tx, user_id).await?;
+    get(&tx, user_id, domain).await?;
+    tx.execute(
+        &tx.prepare_cached(
+            "UPDATE domains SET is_primary = false WHERE user_id = $1 AND is_primary AND domain <> $2",
+        )
+        .await?,
+        &[user_id, &domain],
+    )
+    .await?;
+    tx.execute(
+        &tx.prepare_cached(
+            "UPDATE domains SET is_primary = true WHERE domain = $1 AND user_id = $2",
+        )
+        .await?,
+        &[&domain, user_id],
+    )
+    .await?;
+    let updated = get(&tx, user_id, domain).await?;
+    tx.commit().await?;
+    Ok(updated)
+}
+
 /// Any domain row by name, owned or not (internal: callers filter by owner).
 async fn get_any(c: &impl GenericClient, domain: &str) -> Result<Option<Domain>> {
     let sql = format!("SELECT {COLUMNS} FROM domains d WHERE d.domain = $1");

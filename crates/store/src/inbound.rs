@@ -3,10 +3,10 @@
 //! transaction**. The relay answers `250` only after it returns `Ok`.
 //!
 //! * **Dedupe (the original's flaw 2):** a row per agent is unique on
-//!   (agent, Message-ID, sha256 of the raw bytes); an MTA retrying a message
-//!   it already delivered hits the unique index and gets the existing id
-//!   back ([`Outcome::Duplicate`]) — no second row, no second event.
-//!   Messages without a Message-ID cannot be recognised and are stored again.
+//!   (agent, Message-ID — possibly empty —, sha256 of the raw bytes); an MTA
+//!   retrying a message it already delivered hits the unique index and gets
+//!   the existing id back ([`Outcome::Duplicate`]) — no second row, no second
+//!   event. This holds for mail without a Message-ID too (V8).
 //! * **Threading (flaw 16):** a trusted conversation header (the caller
 //!   decides trust — flaw 28), else the newest message of the same agent
 //!   whose Message-ID (inbound) or upstream id (outbound) is among the
@@ -151,7 +151,7 @@ async fn store_one(tx: &Transaction<'_>, ctx: &Ctx<'_>, d: &Delivery) -> Result<
              VALUES ($1, $2, $3, 'inbound', $4, $3, $5, $6, $7, $8, $9, $10, $11, $12, $13, 'unread', $14, $15, $16, \
                $17, $18) \
              ON CONFLICT (agent_id, email_message_id, body_sha256) \
-               WHERE direction = 'inbound' AND email_message_id <> '' DO NOTHING \
+               WHERE direction = 'inbound' DO NOTHING \
              RETURNING id",
         )
         .await?;

@@ -180,6 +180,46 @@ async fn an_mta_retry_creates_no_second_message_or_event() {
     .unwrap();
     assert!(matches!(third[0], Outcome::Stored { .. }));
     assert_eq!(count(&db, "SELECT count(*) FROM messages").await, 2);
+
+    // No Message-ID at all: the same raw bytes to the same agent are still
+    // recognised as a retry (flaw 2); other bytes are another message.
+    let bare = |body: &str| Mail {
+        raw: format!("Subject: hi\r\n\r\n{body}\r\n").into_bytes(),
+        message_id: String::new(),
+        refs: Vec::new(),
+        to: vec!["a@alice.example".into()],
+    };
+    let anonymous = bare("no id");
+    let first = inbound::ingest(
+        &store,
+        &anonymous.view(),
+        &[delivery("a@alice.example", &alice)],
+    )
+    .await
+    .unwrap();
+    let again = inbound::ingest(
+        &store,
+        &anonymous.view(),
+        &[delivery("a@alice.example", &alice)],
+    )
+    .await
+    .unwrap();
+    let (Outcome::Stored { message_id, .. }, Outcome::Duplicate { message_id: dup }) =
+        (&first[0], &again[0])
+    else {
+        panic!("{first:?} {again:?}")
+    };
+    assert_eq!(message_id, dup);
+    let other = inbound::ingest(
+        &store,
+        &bare("other").view(),
+        &[delivery("a@alice.example", &alice)],
+    )
+    .await
+    .unwrap();
+    assert!(matches!(other[0], Outcome::Stored { .. }));
+    assert_eq!(count(&db, "SELECT count(*) FROM messages").await, 4);
+    assert_eq!(count(&db, "SELECT count(*) FROM webhook_events").await, 4);
 }
 
 #[tokio::test]
