@@ -780,3 +780,163 @@ async fn a_shared_domain_owned_by_a_user_fails_start_up() {
     let message = e2a_runtime::error_chain(err.as_ref());
     assert!(message.contains("E2A_SHARED_DOMAIN"), "{message}");
 }
+
+#[tokio::test]
+async fn primary_domain_idna_paths_and_names() {
+    let db = TestDb::new().await;
+    let alice = key_for(db.url(), "alice@example.com").await;
+    let bob = key_for(db.url(), "bob@example.com").await;
+    let api = Running::start(dev_config(&db)).await;
+    for domain in ["one.example", "bücher.example"] {
+        let (s, b) = api
+            .call(
+                Method::POST,
+                "/v1/domains",
+                &alice,
+                Some(json!({"domain": domain})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{b}");
+    }
+    // The Unicode form in the path finds the row stored in ASCII.
+    let (s, d) = api
+        .call(Method::GET, "/v1/domains/BÜCHER.example", &alice, None)
+        .await;
+    assert_eq!(
+        (s, &d["domain"]),
+        (StatusCode::OK, &json!("xn--bcher-kva.example"))
+    );
+
+    let primary = |key: &str| {
+        let key = key.to_owned();
+        let api = &api;
+        async move {
+            let (_, list) = api.call(Method::GET, "/v1/domains", &key, None).await;
+            list["domains"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|d| d["is_primary"] == true)
+                .map(|d| d["domain"].as_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        }
+    };
+    let (s, d) = api
+        .call(
+            Method::PATCH,
+            "/v1/domains/One.Example",
+            &alice,
+            Some(json!({"is_primary": true})),
+        )
+        .await;
+    assert_eq!((s, &d["is_primary"]), (StatusCode::OK, &json!(true)), "{d}");
+    assert_eq!(primary(&alice).await, ["one.example"]);
+    // Moving the primary clears the old one in the same transaction.
+    let (s, _) = api
+        .call(
+            Method::PATCH,
+            "/v1/domains/bücher.example",
+            &alice,
+            Some(json!({"is_primary": true})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(primary(&alice).await, ["xn--bcher-kva.example"]);
+    // Idempotent.
+    let (s, _) = api
+        .call(
+            Method::PATCH,
+            "/v1/domains/xn--bcher-kva.example",
+            &alice,
+            Some(json!({"is_primary": true})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(primary(&alice).await, ["xn--bcher-kva.example"]);
+
+    for (key, path, body, status, expected) in [
+        (
+            &alice,
+            "/v1/domains/one.example",
+            json!({"is_primary": false}),
+            400,
+            "invalid_request",
+        ),
+        (
+            &alice,
+            "/v1/domains/one.example",
+            json!({}),
+            400,
+            "invalid_request",
+        ),
+        (
+            &alice,
+            "/v1/domains/one.example",
+            json!({"is_primary": true, "x": 1}),
+            400,
+            "invalid_request",
+        ),
+        (
+            &bob,
+            "/v1/domains/one.example",
+            json!({"is_primary": true}),
+            404,
+            "not_found",
+        ),
+        (
+            &alice,
+            "/v1/domains/agents.localhost",
+            json!({"is_primary": true}),
+            404,
+            "not_found",
+        ),
+        (
+            &alice,
+            "/v1/domains/missing.example",
+            json!({"is_primary": true}),
+            404,
+            "not_found",
+        ),
+    ] {
+        let (s, b) = api.call(Method::PATCH, path, key, Some(body.clone())).await;
+        assert_eq!((s.as_u16(), code(&b)), (status, expected), "{path} {body}");
+    }
+    assert_eq!(primary(&alice).await, ["xn--bcher-kva.example"]);
+    assert!(primary(&bob).await.is_empty());
+
+    // Agent names: bounded, no control characters (NUL would be a 500).
+    for name in ["a\u{0}b", "line\nbreak", &"n".repeat(201)] {
+        let (s, b) = api
+            .call(
+                Method::POST,
+                "/v1/agents",
+                &alice,
+                Some(json!({"slug": "named", "name": name})),
+            )
+            .await;
+        assert_eq!(
+            (s, code(&b)),
+            (StatusCode::BAD_REQUEST, "invalid_request"),
+            "{name:?}"
+        );
+    }
+    let (s, b) = api
+        .call(
+            Method::POST,
+            "/v1/agents",
+            &alice,
+            Some(json!({"slug": "named", "name": "Named Agent"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    let (s, b) = api
+        .call(
+            Method::PATCH,
+            "/v1/agents/named@agents.localhost",
+            &alice,
+            Some(json!({"name": "x\u{0}"})),
+        )
+        .await;
+    assert_eq!((s, code(&b)), (StatusCode::BAD_REQUEST, "invalid_request"));
+    api.stop().await;
+}

@@ -298,7 +298,12 @@ async fn messages_and_conversations_end_to_end() {
         "limit=101",
         "since=nope",
         "labels=UPPER",
+        "labels=ok,UPPER",
         "sort=asc&sort=desc",
+        "from=%00",
+        "subject_contains=a%00b",
+        "conversation_id=x%00",
+        "conversation_id=a%0Ab",
     ] {
         let (s, b) = api
             .call(
@@ -421,6 +426,11 @@ async fn messages_and_conversations_end_to_end() {
         filtered("labels=urgent&labels=b0-1&status=all").await,
         [second.as_str()]
     );
+    // The contract's `explode: false` form: one comma-separated value.
+    assert_eq!(
+        filtered("labels=urgent,b0-1&status=all").await,
+        [second.as_str()]
+    );
     assert_eq!(
         filtered("labels=e2a:anything&status=all").await,
         Vec::<String>::new(),
@@ -525,6 +535,15 @@ async fn messages_and_conversations_end_to_end() {
         .call(
             Method::GET,
             format!("{AGENT_PATH}/conversations/a%0Ab"),
+            &alice,
+            None,
+        )
+        .await;
+    assert_eq!((s, code(&b)), (StatusCode::BAD_REQUEST, "invalid_request"));
+    let (s, b) = api
+        .call(
+            Method::GET,
+            format!("{AGENT_PATH}/conversations/a%00b"),
             &alice,
             None,
         )

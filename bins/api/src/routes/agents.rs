@@ -158,6 +158,25 @@ fn invalid_slug() -> ApiError {
     )
 }
 
+/// Longest display name, in characters.
+pub const MAX_NAME_CHARS: usize = 200;
+
+/// A display name: at most [`MAX_NAME_CHARS`] characters and no control
+/// characters (NUL cannot be stored at all). 400 `invalid_request` otherwise.
+fn check_name(name: Option<String>) -> Result<Option<String>, ApiError> {
+    match name {
+        Some(n) if n.chars().count() > MAX_NAME_CHARS || n.chars().any(char::is_control) => {
+            Err(ApiError::bad_request(
+                "invalid_request",
+                format!(
+                    "name must be at most {MAX_NAME_CHARS} characters without control characters"
+                ),
+            ))
+        }
+        other => Ok(other),
+    }
+}
+
 /// Checks a webhook URL: absolute, `https` (or `http` outside production),
 /// a host and no credentials, at most 2048 characters; in production also
 /// no IP literal and no `localhost`. 400 `invalid_webhook_url` otherwise.
@@ -282,7 +301,7 @@ pub async fn create(
     }
     let new = NewAgent {
         address,
-        name: req.name.unwrap_or_default(),
+        name: check_name(req.name)?.unwrap_or_default(),
         webhook_url,
         agent_mode,
     };
@@ -357,7 +376,7 @@ pub async fn update(
         ),
     };
     let patch = AgentPatch {
-        name: req.name,
+        name: check_name(req.name)?,
         webhook_url: req.webhook_url,
         agent_mode: req.agent_mode.as_deref().map(parse_mode).transpose()?,
         hitl_enabled: req.hitl_enabled,

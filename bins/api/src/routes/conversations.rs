@@ -146,10 +146,10 @@ pub async fn get(
     caller: Caller,
     ApiPath((address, id)): ApiPath<(String, String)>,
 ) -> Result<Json<ConversationDetailView>, ApiError> {
-    if id.chars().count() > MAX_ID_LEN || id.contains(['\r', '\n']) {
+    if id.chars().count() > MAX_ID_LEN || id.chars().any(char::is_control) {
         return Err(ApiError::bad_request(
             "invalid_request",
-            "conversation id must be at most 200 characters without CR or LF",
+            "conversation id must be at most 200 characters without control characters",
         ));
     }
     let client = state.store.client().await?;

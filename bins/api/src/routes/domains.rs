@@ -1,4 +1,4 @@
-//! `/v1/domains…`: register, list, get, delete and verify the caller's
+//! `/v1/domains…`: register, list, get, set primary, delete and verify the caller's
 //! custom mail domains.
 //!
 //! Registering mints the verification token and an RSA-2048 DKIM key pair
@@ -114,7 +114,9 @@ fn domain_store_error(e: StoreError) -> ApiError {
 
 /// A domain named in a path, normalised; unparsable → 404.
 fn path_domain(raw: &str) -> Result<String, ApiError> {
-    domains::normalise(raw).map_err(|_| domain_not_found())
+    // The same IDNA mapping as registration, so `bücher.example` finds the
+    // row stored as `xn--bcher-kva.example`.
+    requested_domain(raw).map_err(|_| domain_not_found())
 }
 
 /// `GET /v1/domains`: the caller's domains, newest first.
@@ -155,6 +157,38 @@ pub async fn delete(
         .await
         .map_err(domain_store_error)?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// The contract's `UpdateDomainRequest`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateDomainRequest {
+    is_primary: Option<bool>,
+}
+
+/// `PATCH /v1/domains/{domain}`: `{"is_primary": true}` makes the domain the
+/// caller's primary (any previous primary is cleared in the same
+/// transaction). `false` or a missing field is 400: a user always picks a
+/// new primary rather than unsetting one.
+pub async fn update(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(domain): ApiPath<String>,
+    ApiJson(req): ApiJson<UpdateDomainRequest>,
+) -> Result<Json<DomainView>, ApiError> {
+    let domain = path_domain(&domain)?;
+    if req.is_primary != Some(true) {
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            "is_primary must be true (choose another domain as primary instead of unsetting one)",
+        ));
+    }
+    let mut client = state.store.client().await?;
+    let d = domains::set_primary(&mut client, &caller.user_id, &domain)
+        .await
+        .map_err(domain_store_error)?;
+    tracing::info!(domain = %d.domain, "primary domain set");
+    Ok(Json(DomainView::new(d, &state.mail_host)))
 }
 
 /// The contract's `RegisterDomainRequest`.
@@ -212,6 +246,9 @@ pub async fn create(
             Err(StoreError::NotFound) => {}
             Err(e) => return Err(e.into()),
         }
+        if domains::held_by_another(&client, &caller.user_id, &domain).await? {
+            return Err(domain_unavailable());
+        }
         let limits =
             account_limits::effective(&client, &caller.user_id, &state.default_limits).await?;
         // Refuse before the expensive key generation; `claim` re-checks
@@ -237,12 +274,16 @@ pub async fn create(
             created(d)
         }
         Ok(Claimed::AlreadyOwned(d)) => created(d),
-        Err(StoreError::Conflict { .. }) => Err(ApiError::bad_request(
-            "domain_unavailable",
-            "this domain is registered to another account",
-        )),
+        Err(StoreError::Conflict { .. }) => Err(domain_unavailable()),
         Err(e) => Err(e.into()),
     }
+}
+
+fn domain_unavailable() -> ApiError {
+    ApiError::bad_request(
+        "domain_unavailable",
+        "this domain is registered to another account",
+    )
 }
 
 /// A fresh DKIM key pair, generated on the blocking pool with at most one

@@ -30,7 +30,9 @@ pub fn router(state: AppState, config: &Config) -> Router {
         .route("/v1/domains", get(domains::list).post(domains::create))
         .route(
             "/v1/domains/{domain}",
-            get(domains::get).delete(domains::delete),
+            get(domains::get)
+                .patch(domains::update)
+                .delete(domains::delete),
         )
         .route("/v1/domains/{domain}/verify", post(domains::verify))
         .route("/v1/agents", get(agents::list).post(agents::create))
