@@ -58,6 +58,12 @@ fuzz_target!(|data: &[u8]| {
     let signed = headers::sign(&input, b"key");
     let at = headers::format_timestamp(input.timestamp);
     assert!(signed.iter().any(|(_, v)| *v == at));
-    let signed_at = input.timestamp.replace_nanosecond(0).unwrap_or(input.timestamp);
-    assert_eq!(headers::verify(&signed, &[b"key".as_slice()], signed_at), Ok(()));
+    let signed_at = input
+        .timestamp
+        .replace_nanosecond(0)
+        .unwrap_or(input.timestamp);
+    assert_eq!(
+        headers::verify(&signed, &[b"key".as_slice()], signed_at),
+        Ok(())
+    );
 });

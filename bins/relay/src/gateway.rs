@@ -15,8 +15,13 @@
 //! The conversation header is trusted only when a passing DKIM signature of
 //! a configured signing domain covers it (flaw 28); see
 //! [`e2a_mail::conversation::trusted_conversation_id`].
+//!
+//! NUL characters are dropped from every text field taken from the message
+//! or the envelope before it is signed and stored (see [`storable`]); the
+//! raw message keeps every byte.
 
 use std::{
+    borrow::Cow,
     collections::HashMap,
     net::{IpAddr, Ipv4Addr},
 };
@@ -193,15 +198,14 @@ impl Gateway {
         let trusted_conversation = conversation::trusted_conversation_id(parsed, verdict, &trusted);
         // X-E2A-Auth-Sender is the From header address; the display sender
         // prefers Reply-To (spec §6.4).
-        let from = parsed
-            .from_address()
-            .unwrap_or(&envelope.mail_from)
-            .to_owned();
-        let display_sender = parsed
-            .reply_to
-            .first()
-            .cloned()
-            .unwrap_or_else(|| from.clone());
+        let from = storable(parsed.from_address().unwrap_or(&envelope.mail_from)).into_owned();
+        let subject = storable(&parsed.subject);
+        let (to, cc, reply_to) = (
+            storable_all(&parsed.to),
+            storable_all(&parsed.cc),
+            storable_all(&parsed.reply_to),
+        );
+        let display_sender = reply_to.first().cloned().unwrap_or_else(|| from.clone());
         let now = OffsetDateTime::now_utc();
 
         let mut secrets: HashMap<UserId, SigningSecret> = HashMap::new();
@@ -240,15 +244,16 @@ impl Gateway {
                 });
             }
         }
-        let thread_refs = parsed.thread_ids();
+        let thread_refs = storable_all(&parsed.thread_ids());
+        let message_id = storable(parsed.message_id.as_deref().unwrap_or(""));
         let mail = InboundMail {
             raw,
-            email_message_id: parsed.message_id.as_deref().unwrap_or(""),
+            email_message_id: &message_id,
             sender: &display_sender,
-            subject: &parsed.subject,
-            to: &parsed.to,
-            cc: &parsed.cc,
-            reply_to: &parsed.reply_to,
+            subject: &subject,
+            to: &to,
+            cc: &cc,
+            reply_to: &reply_to,
             thread_refs: &thread_refs,
             trusted_conversation_id: trusted_conversation.as_deref(),
             spf: verdict.spf.as_str(),
@@ -263,5 +268,39 @@ impl Gateway {
             }
         }
         Ok(outcomes)
+    }
+}
+
+/// `s` without NUL characters. PostgreSQL `text` and `jsonb` cannot hold
+/// U+0000, yet a message may carry it in any header (raw, or RFC 2047-encoded
+/// as `=?utf-8?q?=00?=`) and an envelope sender in a quoted local part
+/// (`MAIL FROM:<"a\0b"@example.com>`). Stored as is, it fails the whole
+/// transaction on every attempt: the sender would get `451` for ever.
+fn storable(s: &str) -> Cow<'_, str> {
+    if s.contains('\0') {
+        Cow::Owned(s.replace('\0', ""))
+    } else {
+        Cow::Borrowed(s)
+    }
+}
+
+/// [`storable`] for a list.
+fn storable_all(list: &[String]) -> Vec<String> {
+    list.iter().map(|s| storable(s).into_owned()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storable_text_drops_nul_characters_only() {
+        assert!(matches!(storable("plain \u{fffd} text"), Cow::Borrowed(_)));
+        assert_eq!(storable("\0a\0\0b\0"), "ab");
+        assert_eq!(storable("\0"), "");
+        assert_eq!(
+            storable_all(&["x\0@y".into(), "z@w".into()]),
+            ["x@y", "z@w"]
+        );
     }
 }
