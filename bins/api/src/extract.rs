@@ -124,6 +124,34 @@ pub fn parse_rfc3339(s: &str) -> Option<OffsetDateTime> {
     OffsetDateTime::parse(s, &Rfc3339).ok()
 }
 
+/// 400 `invalid_filter`: a list query the route cannot serve.
+pub fn invalid_filter(message: impl Into<String>) -> ApiError {
+    ApiError::bad_request("invalid_filter", message)
+}
+
+/// The `since`/`until` filters of a list query: each absent or an RFC 3339
+/// timestamp, and `since` strictly before `until`. 400 `invalid_filter`
+/// otherwise.
+pub fn time_window(
+    since: Option<&str>,
+    until: Option<&str>,
+) -> Result<(Option<OffsetDateTime>, Option<OffsetDateTime>), ApiError> {
+    let time = |k: &str, v: Option<&str>| {
+        v.map(|v| {
+            parse_rfc3339(v)
+                .ok_or_else(|| invalid_filter(format!("{k} must be an RFC 3339 timestamp")))
+        })
+        .transpose()
+    };
+    let (since, until) = (time("since", since)?, time("until", until)?);
+    if let (Some(s), Some(u)) = (since, until)
+        && s >= u
+    {
+        return Err(invalid_filter("since must be before until"));
+    }
+    Ok((since, until))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

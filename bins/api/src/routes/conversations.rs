@@ -20,7 +20,7 @@ use crate::{
     AppState,
     auth::Caller,
     error::ApiError,
-    extract::{ApiPath, parse_rfc3339, query_pairs, rfc3339_seconds},
+    extract::{ApiPath, invalid_filter, query_pairs, rfc3339_seconds, time_window},
     routes::{agents::owned_agent, messages::MessageSummaryView},
 };
 
@@ -86,10 +86,6 @@ impl From<ConversationDetail> for ConversationDetailView {
     }
 }
 
-fn invalid_filter(message: impl Into<String>) -> ApiError {
-    ApiError::bad_request("invalid_filter", message)
-}
-
 /// `GET /v1/agents/{address}/conversations`: 200 `{items, next_cursor: null}`.
 pub async fn list(
     State(state): State<AppState>,
@@ -106,21 +102,7 @@ pub async fn list(
             .find(|(key, v)| key == k && !v.is_empty())
             .map(|(_, v)| v.as_str())
     };
-    let time = |k: &str| {
-        value(k)
-            .map(|v| {
-                parse_rfc3339(v)
-                    .ok_or_else(|| invalid_filter(format!("{k} must be an RFC 3339 timestamp")))
-            })
-            .transpose()
-    };
-    let since = time("since")?;
-    let until = time("until")?;
-    if let (Some(s), Some(u)) = (since, until)
-        && s >= u
-    {
-        return Err(invalid_filter("since must be before until"));
-    }
+    let (since, until) = time_window(value("since"), value("until"))?;
     let limit = match value("limit") {
         None => DEFAULT_LIMIT,
         Some(v) => v

@@ -28,7 +28,9 @@ use crate::{
     AppState,
     auth::Caller,
     error::ApiError,
-    extract::{ApiJson, ApiPath, parse_rfc3339, query_pairs, rfc3339_seconds},
+    extract::{
+        ApiJson, ApiPath, invalid_filter, parse_rfc3339, query_pairs, rfc3339_seconds, time_window,
+    },
     routes::agents::owned_agent,
 };
 
@@ -139,10 +141,6 @@ impl From<Message> for MessageView {
             auth,
         }
     }
-}
-
-fn invalid_filter(message: impl Into<String>) -> ApiError {
-    ApiError::bad_request("invalid_filter", message)
 }
 
 fn invalid_cursor() -> ApiError {
@@ -329,21 +327,7 @@ pub fn parse_list_query(query: &str, agent_id: &str) -> Result<ListRequest, ApiE
     }
     labels.sort();
     labels.dedup();
-    let time = |k: &str| -> Result<Option<OffsetDateTime>, ApiError> {
-        get(k)
-            .map(|v| {
-                parse_rfc3339(v)
-                    .ok_or_else(|| invalid_filter(format!("{k} must be an RFC 3339 timestamp")))
-            })
-            .transpose()
-    };
-    let since = time("since")?;
-    let until = time("until")?;
-    if let (Some(s), Some(u)) = (since, until)
-        && s >= u
-    {
-        return Err(invalid_filter("since must be before until"));
-    }
+    let (since, until) = time_window(get("since"), get("until"))?;
     let limit = match get("limit") {
         None => DEFAULT_LIMIT,
         Some(v) => v
