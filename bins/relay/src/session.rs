@@ -22,7 +22,11 @@
 //! 5.5.2 line too long` (and are discarded without buffering them); no
 //! command within the idle timeout, or a session past its total time limit,
 //! gets `421 4.4.2` and the connection closes; after [`MAX_ERRORS`] rejected
-//! commands the session gets `421 4.7.0` and closes. On shutdown the session
+//! commands the session gets `421 4.7.0` and closes, and so does a session
+//! past [`SessionConfig::max_transactions`] `MAIL` or
+//! [`SessionConfig::max_rcpt_commands`] `RCPT` commands (every RCPT counts,
+//! whatever its answer, so a `MAIL`/`RCPT`×N/`RSET` loop cannot buy
+//! unbounded database lookups). On shutdown the session
 //! finishes the command in hand, answers `421 4.3.0 shutting down` and
 //! closes. A client that disconnects, or sends NUL bytes or 8-bit garbage,
 //! ends the session quietly: every outcome is a [`SessionEnd`], never a
@@ -61,6 +65,30 @@ pub const MAX_COMMAND_LINE_BYTES: usize = 4096;
 /// with `421 4.7.0`: a client speaking garbage is not kept busy forever.
 pub const MAX_ERRORS: u32 = 20;
 
+/// Default of [`SessionConfig::max_transactions`].
+pub const DEFAULT_MAX_TRANSACTIONS: u32 = 100;
+
+/// Default of [`SessionConfig::max_rcpt_commands`]: room for a few full
+/// messages of recipients, not for a directory-harvest loop.
+pub const DEFAULT_MAX_RCPT_COMMANDS: u32 = 1000;
+
+/// Default of the relay-wide DATA budget (`E2A_SMTP_DATA_BUDGET_BYTES`).
+pub const DEFAULT_DATA_BUDGET_BYTES: usize = 64 << 20;
+
+/// DATA budget is reserved in blocks of this many bytes (fewer semaphore
+/// operations than one per line; the body's buffer grows by whole blocks).
+const BUDGET_BLOCK: usize = 64 * 1024;
+
+/// The shared semaphore of a DATA budget of `bytes`, raised to at least
+/// `max_message_bytes` so that a message at the size limit can always be
+/// received when the relay is otherwise idle.
+pub fn data_budget(bytes: usize, max_message_bytes: usize) -> Arc<tokio::sync::Semaphore> {
+    let permits = bytes
+        .max(max_message_bytes)
+        .min(tokio::sync::Semaphore::MAX_PERMITS);
+    Arc::new(tokio::sync::Semaphore::new(permits))
+}
+
 /// Bytes read from the stream at a time.
 const READ_CHUNK: usize = 4096;
 
@@ -71,6 +99,51 @@ const EHLO_CAPABILITIES: u32 =
 /// DATA bodies are read in pieces of at most this many bytes, so one
 /// endless line cannot exhaust memory.
 const DATA_CHUNK: usize = 64 * 1024;
+
+/// What a `RCPT TO` path names.
+#[derive(Debug, PartialEq, Eq)]
+enum Recipient {
+    /// A normalised address to look up (an internationalised domain in its
+    /// ASCII, A-label form).
+    Address(EmailAddress),
+    /// A well-formed internationalised address (RFC 6531) whose local part
+    /// is not ASCII: no agent can have it (`550 5.1.1`, not a syntax error).
+    NotAnAgent,
+    /// Not an address.
+    Invalid,
+}
+
+/// Reads a `RCPT TO` path. ASCII paths are normalised like agent addresses
+/// (flaw 33). SMTPUTF8 paths (RFC 6531) are accepted: a U-label domain is
+/// converted to its A-label form (UTS #46, as the API does for domain
+/// paths), so `demo@bücher.example` reaches the agent on
+/// `xn--bcher-kva.example`; a non-ASCII local part cannot name an agent.
+fn recipient_address(path: &str) -> Recipient {
+    if path.is_ascii() {
+        return EmailAddress::parse(path).map_or(Recipient::Invalid, Recipient::Address);
+    }
+    let path = path.trim();
+    let Some((local, domain)) = path.rsplit_once('@') else {
+        return Recipient::Invalid;
+    };
+    if local.is_empty()
+        || local.len() > 64
+        || local.chars().any(|c| c.is_control() || c.is_whitespace())
+    {
+        return Recipient::Invalid;
+    }
+    let Ok(domain) = idna::domain_to_ascii(domain) else {
+        return Recipient::Invalid;
+    };
+    let Ok(address) = EmailAddress::parse(&format!("{local}@{domain}")) else {
+        return if local.is_ascii() || domain.is_empty() {
+            Recipient::Invalid
+        } else {
+            Recipient::NotAnAgent
+        };
+    };
+    Recipient::Address(address)
+}
 
 /// Per-session settings, shared by every session of a listener.
 #[derive(Clone)]
@@ -87,6 +160,19 @@ pub struct SessionConfig {
     pub idle_timeout: Duration,
     /// Longest a whole session may last.
     pub session_timeout: Duration,
+    /// Most mail transactions (`MAIL` commands) one session may open; the
+    /// next gets `421 4.7.0` and the connection closes.
+    pub max_transactions: u32,
+    /// Bytes of DATA all sessions of the listener may hold in memory at
+    /// once. A session reserves its share in blocks as the body arrives; one
+    /// that cannot get the next block reads the body to its end, drops it and
+    /// answers `452 4.3.1` (the connection stays usable). The reservation is
+    /// released when the message has been stored (or refused).
+    pub data_budget: Arc<tokio::sync::Semaphore>,
+    /// Most `RCPT` commands one session may send (accepted, refused,
+    /// duplicate or deferred alike: each may cost a database lookup); the
+    /// next gets `421 4.7.0` and the connection closes.
+    pub max_rcpt_commands: u32,
 }
 
 impl std::fmt::Debug for SessionConfig {
@@ -110,6 +196,9 @@ impl SessionConfig {
             max_recipients: 50,
             idle_timeout: Duration::from_secs(30),
             session_timeout: Duration::from_secs(600),
+            max_transactions: DEFAULT_MAX_TRANSACTIONS,
+            max_rcpt_commands: DEFAULT_MAX_RCPT_COMMANDS,
+            data_budget: data_budget(DEFAULT_DATA_BUDGET_BYTES, 10 << 20),
         }
     }
 }
@@ -144,6 +233,8 @@ pub enum SessionEnd {
     Shutdown,
     /// Too many rejected commands.
     TooManyErrors,
+    /// Too many mail transactions or RCPT commands in one session.
+    TooManyCommands,
     /// Reading or writing failed (reset, broken pipe, …).
     Io(std::io::Error),
 }
@@ -158,6 +249,7 @@ impl SessionEnd {
             SessionEnd::SessionTimeout => "session_timeout",
             SessionEnd::Shutdown => "shutdown",
             SessionEnd::TooManyErrors => "too_many_errors",
+            SessionEnd::TooManyCommands => "too_many_commands",
             SessionEnd::Io(_) => "io_error",
         }
     }
@@ -171,10 +263,14 @@ struct MailTransaction<R> {
 
 /// How a DATA body ended.
 enum DataEnd {
-    /// The terminating `.` line arrived; here is the unstuffed body.
-    Complete(Vec<u8>),
+    /// The terminating `.` line arrived; here is the unstuffed body and its
+    /// share of the DATA budget (released when dropped).
+    Complete(Vec<u8>, Option<tokio::sync::OwnedSemaphorePermit>),
     /// The body passed the size limit (and was read to its end).
     TooLarge,
+    /// The relay-wide DATA budget was exhausted (the body was read to its
+    /// end and dropped).
+    OverBudget,
 }
 
 /// One SMTP conversation over `S`, storing mail through `B`.
@@ -189,6 +285,8 @@ pub struct Session<S, B: Backend> {
     lines: LineBuffer,
     out: Vec<u8>,
     errors: u32,
+    transactions: u32,
+    rcpt_commands: u32,
     deadline: Instant,
     closing: bool,
 }
@@ -222,6 +320,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin, B: Backend> Session<S, B> {
             lines: LineBuffer::new(MAX_COMMAND_LINE_BYTES),
             out: Vec::with_capacity(512),
             errors: 0,
+            transactions: 0,
+            rcpt_commands: 0,
             deadline,
             closing: false,
         }
@@ -437,6 +537,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin, B: Backend> Session<S, B> {
                 "message size exceeds fixed maximum message size",
             );
         }
+        self.transactions += 1;
+        if self.transactions > self.config.max_transactions {
+            return self.too_many("too many mail transactions in one session");
+        }
         self.transaction = Some(MailTransaction {
             mail_from: from.address.trim().to_owned(),
             recipients: Vec::new(),
@@ -449,11 +553,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin, B: Backend> Session<S, B> {
     /// (flaw 33), checked against the recipient cap, then resolved by the
     /// backend. A repeated recipient is accepted once.
     async fn rcpt(&mut self, address: &str) -> Flow {
+        if self.transaction.is_none() {
+            return self.reject(503, [5, 5, 1], "need MAIL before RCPT");
+        }
+        self.rcpt_commands += 1;
+        if self.rcpt_commands > self.config.max_rcpt_commands {
+            return self.too_many("too many recipients in one session");
+        }
         let Some(transaction) = self.transaction.as_ref() else {
             return self.reject(503, [5, 5, 1], "need MAIL before RCPT");
         };
-        let Ok(address) = EmailAddress::parse(address) else {
-            return self.reject(501, [5, 1, 3], "invalid recipient address");
+        let address = match recipient_address(address) {
+            Recipient::Address(address) => address,
+            Recipient::NotAnAgent => return self.reject(550, [5, 1, 1], "recipient not found"),
+            Recipient::Invalid => {
+                return self.reject(501, [5, 1, 3], "invalid recipient address");
+            }
         };
         if transaction.recipients.iter().any(|(a, _)| *a == address) {
             self.reply(250, [2, 1, 5], "OK");
@@ -472,6 +587,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin, B: Backend> Session<S, B> {
                 Flow::Continue
             }
             RecipientCheck::Unknown => self.reject(550, [5, 1, 1], "recipient not found"),
+            RecipientCheck::OverQuota => self.reject(552, [5, 2, 2], "mailbox quota exceeded"),
             RecipientCheck::TempFail => {
                 self.reply(451, [4, 3, 0], "temporary failure, try again later");
                 Flow::Continue
@@ -499,7 +615,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin, B: Backend> Session<S, B> {
         let Some(transaction) = self.transaction.take() else {
             return Flow::Continue;
         };
-        let message = match body {
+        let (message, budget) = match body {
             DataEnd::TooLarge => {
                 return self.reject(
                     552,
@@ -507,7 +623,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin, B: Backend> Session<S, B> {
                     "message size exceeds fixed maximum message size",
                 );
             }
-            DataEnd::Complete(message) => message,
+            DataEnd::OverBudget => {
+                metrics::counter!("e2a_smtp_data_budget_exhausted_total").increment(1);
+                self.reply(
+                    452,
+                    [4, 3, 1],
+                    "insufficient system resources, try again later",
+                );
+                return Flow::Continue;
+            }
+            DataEnd::Complete(message, budget) => (message, budget),
         };
         let helo = match &self.state {
             State::Identified { client_host, .. } => client_host.clone(),
@@ -519,7 +644,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin, B: Backend> Session<S, B> {
             mail_from: transaction.mail_from,
             recipients: transaction.recipients,
         };
-        match self.backend.deliver(&envelope, message).await {
+        let outcome = self.backend.deliver(&envelope, message).await;
+        // The message's share of the DATA budget is free once the backend
+        // is done with it (stored or not).
+        drop(budget);
+        match outcome {
             DeliveryOutcome::Accepted { id } => {
                 self.reply(250, [2, 0, 0], &format!("OK queued as {id}"));
                 Flow::Continue
@@ -540,10 +669,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin, B: Backend> Session<S, B> {
     /// sent, in chunks of at most [`DATA_CHUNK`]. Past the size limit the
     /// rest is read and dropped. Timeouts and shutdown end the session (the
     /// message was not acknowledged, so the sender keeps it).
+    ///
+    /// **Only `<CR><LF>.<CR><LF>` ends the body** (SMTP smuggling defence,
+    /// as Postfix's `smtpd_forbid_bare_newline = normal`): a line counts as
+    /// starting a new line — for the terminator and for dot-unstuffing —
+    /// only when the line before it ended in CRLF. A bare LF or a bare CR
+    /// therefore never ends the body: `\n.\n`, `\n.\r\n`, `\r.\r\n`,
+    /// `\r\n.\r`, `\r\n.\n` and `\r.\n` stay inside the message as sent.
     async fn read_data(&mut self) -> Result<DataEnd, SessionEnd> {
         let mut body = Vec::new();
         let mut too_large = false;
-        let mut at_line_start = true;
+        let mut over_budget = false;
+        let mut reserved: Option<tokio::sync::OwnedSemaphorePermit> = None;
+        let mut reserved_bytes = 0usize;
+        // True when the previous piece was a complete line ending in CRLF
+        // (or nothing was read yet): only then does a new line start.
+        let mut after_crlf = true;
         loop {
             let piece = loop {
                 if let Some(piece) = self.lines.next_data(DATA_CHUNK) {
@@ -557,25 +698,55 @@ impl<S: AsyncRead + AsyncWrite + Unpin, B: Backend> Session<S, B> {
                 DataInput::Partial(part) => (part, false),
             };
             let mut bytes = bytes.as_slice();
-            if at_line_start && complete_line && (bytes == b".\r\n" || bytes == b".\n") {
+            let line_start = after_crlf;
+            if line_start && bytes == b".\r\n" {
                 return Ok(if too_large {
                     DataEnd::TooLarge
+                } else if over_budget {
+                    DataEnd::OverBudget
                 } else {
-                    DataEnd::Complete(body)
+                    DataEnd::Complete(body, reserved)
                 });
             }
-            if at_line_start && bytes.first() == Some(&b'.') {
+            after_crlf = complete_line && bytes.ends_with(b"\r\n");
+            if line_start && bytes.first() == Some(&b'.') {
                 bytes = &bytes[1..];
             }
-            at_line_start = complete_line;
-            if !too_large {
-                if body.len() + bytes.len() > self.config.max_message_bytes {
-                    too_large = true;
-                    body = Vec::new();
-                } else {
-                    body.extend_from_slice(bytes);
-                }
+            if too_large || over_budget {
+                continue;
             }
+            let needed = body.len() + bytes.len();
+            if needed > self.config.max_message_bytes {
+                too_large = true;
+                body = Vec::new();
+                reserved = None;
+                continue;
+            }
+            if needed > reserved_bytes {
+                let block = (needed - reserved_bytes)
+                    .max(BUDGET_BLOCK)
+                    .min(self.config.max_message_bytes - reserved_bytes);
+                let permit = u32::try_from(block).ok().and_then(|n| {
+                    self.config
+                        .data_budget
+                        .clone()
+                        .try_acquire_many_owned(n)
+                        .ok()
+                });
+                match (permit, reserved.as_mut()) {
+                    (Some(permit), Some(held)) => held.merge(permit),
+                    (Some(permit), None) => reserved = Some(permit),
+                    (None, _) => {
+                        over_budget = true;
+                        body = Vec::new();
+                        reserved = None;
+                        continue;
+                    }
+                }
+                reserved_bytes += block;
+                body.reserve_exact(reserved_bytes - body.len());
+            }
+            body.extend_from_slice(bytes);
         }
     }
 
@@ -684,6 +855,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin, B: Backend> Session<S, B> {
             // more when the command itself is malformed.
             ParseError::NeedsMoreData { .. } => self.reject(501, [5, 5, 2], "syntax error"),
         }
+    }
+
+    /// Past a per-session command cap: `421 4.7.0` and close.
+    fn too_many(&mut self, message: &str) -> Flow {
+        tracing::info!(
+            transactions = self.transactions,
+            rcpt_commands = self.rcpt_commands,
+            "session command cap reached; closing"
+        );
+        self.reply(421, [4, 7, 0], &format!("{message}, closing connection"));
+        Flow::Close(SessionEnd::TooManyCommands)
     }
 
     /// Queues a 5xx reply and counts it; past [`MAX_ERRORS`] closes.
@@ -1260,5 +1442,182 @@ mod tests {
         assert_eq!(c.line().await, "421 4.3.0 shutting down");
         assert_eq!(c.line().await, "");
         assert!(matches!(c.end().await, SessionEnd::Shutdown));
+    }
+
+    /// Every published smuggling ending: the would-be second message stays
+    /// in the first one's body, byte for byte, and nothing else is stored.
+    #[tokio::test]
+    async fn only_crlf_dot_crlf_ends_data() {
+        for ending in ["\n.\n", "\n.\r\n", "\r.\r\n", "\r\n.\r", "\r\n.\n", "\r.\n"] {
+            let mut c = Client::greeted().await;
+            c.ehlo().await;
+            c.send("MAIL FROM:<s@remote.test>\r\nRCPT TO:<a@known.test>\r\nDATA\r\n")
+                .await;
+            assert_eq!(c.line().await, "250 2.1.0 OK");
+            assert_eq!(c.line().await, "250 2.1.5 OK");
+            assert_eq!(c.line().await, "354 End data with <CR><LF>.<CR><LF>");
+            let smuggled = format!(
+                "Subject: first\r\n\r\nbody{ending}MAIL FROM:<ceo@victim.test>\r\n\
+                 RCPT TO:<a@known.test>\r\nDATA\r\nSubject: smuggled\r\n\r\nevil\r\n"
+            );
+            c.send(format!("{smuggled}.\r\n")).await;
+            assert_eq!(c.line().await, "250 2.0.0 OK queued as msg_1", "{ending:?}");
+            assert_eq!(c.command("QUIT").await, "221 2.0.0 Bye", "{ending:?}");
+            let stored = c.backend.stored.lock().unwrap().clone();
+            assert_eq!(stored.len(), 1, "{ending:?}: one message only");
+            // Only a dot right after CRLF is unstuffed.
+            let expected = smuggled
+                .replace("\r\n.\r", "\r\n\r")
+                .replace("\r\n.\n", "\r\n\n");
+            assert_eq!(
+                String::from_utf8_lossy(&stored[0].1),
+                expected,
+                "{ending:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lone_dot_after_a_bare_newline_is_content() {
+        let mut c = Client::greeted().await;
+        c.ehlo().await;
+        c.send("MAIL FROM:<s@remote.test>\r\nRCPT TO:<a@known.test>\r\nDATA\r\n")
+            .await;
+        for _ in 0..3 {
+            c.line().await;
+        }
+        c.send("a\n.\r\n..b\r\n.\r\n").await;
+        assert_eq!(c.line().await, "250 2.0.0 OK queued as msg_1");
+        let stored = c.backend.stored.lock().unwrap().clone();
+        assert_eq!(stored[0].1, b"a\n.\r\n.b\r\n");
+    }
+
+    #[tokio::test]
+    async fn mail_transactions_per_session_are_capped() {
+        let mut c = Client::start(SessionConfig {
+            max_transactions: 3,
+            ..SessionConfig::new("mx.test")
+        });
+        c.line().await;
+        c.ehlo().await;
+        for _ in 0..3 {
+            assert_eq!(c.command("MAIL FROM:<s@remote.test>").await, "250 2.1.0 OK");
+            assert_eq!(c.command("RSET").await, "250 2.0.0 OK");
+        }
+        assert!(
+            c.command("MAIL FROM:<s@remote.test>")
+                .await
+                .starts_with("421 4.7.0 ")
+        );
+        assert_eq!(c.line().await, "", "closed");
+        assert!(matches!(c.end().await, SessionEnd::TooManyCommands));
+    }
+
+    #[tokio::test]
+    async fn rcpt_commands_per_session_are_capped_whatever_their_answer() {
+        let mut c = Client::start(SessionConfig {
+            max_rcpt_commands: 6,
+            max_recipients: 1,
+            ..SessionConfig::new("mx.test")
+        });
+        c.line().await;
+        c.ehlo().await;
+        c.command("MAIL FROM:<s@remote.test>").await;
+        // Accepted, duplicate, over the recipient cap, deferred: none of
+        // them is an error, all of them count.
+        assert_eq!(c.command("RCPT TO:<a@known.test>").await, "250 2.1.5 OK");
+        assert_eq!(c.command("RCPT TO:<a@known.test>").await, "250 2.1.5 OK");
+        assert!(
+            c.command("RCPT TO:<b@known.test>")
+                .await
+                .starts_with("452 ")
+        );
+        c.command("RSET").await;
+        c.command("MAIL FROM:<s@remote.test>").await;
+        assert!(
+            c.command("RCPT TO:<down@known.test>")
+                .await
+                .starts_with("451 ")
+        );
+        assert!(
+            c.command("RCPT TO:<down@known.test>")
+                .await
+                .starts_with("451 ")
+        );
+        assert!(
+            c.command("RCPT TO:<down@known.test>")
+                .await
+                .starts_with("451 ")
+        );
+        assert!(
+            c.command("RCPT TO:<a@known.test>")
+                .await
+                .starts_with("421 4.7.0 ")
+        );
+        assert!(matches!(c.end().await, SessionEnd::TooManyCommands));
+    }
+
+    #[tokio::test]
+    async fn an_exhausted_data_budget_is_452_and_the_session_goes_on() {
+        let config = SessionConfig {
+            max_message_bytes: 4096,
+            data_budget: data_budget(0, 4096),
+            ..SessionConfig::new("mx.test")
+        };
+        let budget = config.data_budget.clone();
+        let mut c = Client::start(config);
+        c.line().await;
+        c.ehlo().await;
+        // Another session holds all but 100 bytes of the budget.
+        let held = budget.clone().try_acquire_many_owned(4096 - 100).unwrap();
+        let transaction = "MAIL FROM:<s@remote.test>\r\nRCPT TO:<a@known.test>\r\nDATA\r\n";
+        c.send(transaction).await;
+        for _ in 0..3 {
+            c.line().await;
+        }
+        c.send(format!("{}\r\n.\r\n", "x".repeat(1000))).await;
+        assert_eq!(
+            c.line().await,
+            "452 4.3.1 insufficient system resources, try again later"
+        );
+        assert!(c.backend.stored.lock().unwrap().is_empty());
+        // Once the budget is free again the same connection delivers.
+        drop(held);
+        c.send(transaction).await;
+        for _ in 0..3 {
+            c.line().await;
+        }
+        c.send(format!("{}\r\n.\r\n", "x".repeat(1000))).await;
+        assert_eq!(c.line().await, "250 2.0.0 OK queued as msg_1");
+        assert_eq!(
+            budget.available_permits(),
+            4096,
+            "the reservation is returned after delivery"
+        );
+    }
+
+    #[tokio::test]
+    async fn internationalised_recipients() {
+        let mut c = Client::greeted().await;
+        let ehlo = c.ehlo().await;
+        assert!(ehlo.iter().any(|l| l.contains("SMTPUTF8")), "{ehlo:?}");
+        c.command("MAIL FROM:<jörg@bücher.example> SMTPUTF8").await;
+        // A U-label domain reaches its A-label form.
+        assert_eq!(
+            recipient_address("Bot@Known.Test"),
+            Recipient::Address(EmailAddress::parse("bot@known.test").unwrap())
+        );
+        assert_eq!(
+            recipient_address("demo@Bücher.example"),
+            Recipient::Address(EmailAddress::parse("demo@xn--bcher-kva.example").unwrap())
+        );
+        assert_eq!(recipient_address("jörg@known.test"), Recipient::NotAnAgent);
+        assert_eq!(recipient_address("jö rg@known.test"), Recipient::Invalid);
+        assert_eq!(recipient_address("ö"), Recipient::Invalid);
+        assert_eq!(
+            c.command("RCPT TO:<jörg@known.test>").await,
+            "550 5.1.1 recipient not found"
+        );
+        assert_eq!(c.command("RCPT TO:<bot@known.test>").await, "250 2.1.5 OK");
     }
 }
