@@ -37,8 +37,10 @@ async fn deliver(
         .id;
     let raw = format!("From: Bob <bob@example.org>\r\nMessage-ID: <{message_id}>\r\nSubject: {subject}\r\n\r\nhello\r\n").into_bytes();
     let to = vec![AGENT.to_owned()];
+    let sha256 = inbound::body_sha256(&raw);
     let mail = InboundMail {
         raw: &raw,
+        body_sha256: &sha256,
         email_message_id: message_id,
         sender: "bob@example.org",
         subject,

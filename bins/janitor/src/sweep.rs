@@ -57,8 +57,15 @@ pub async fn sweep(
     })
 }
 
+/// Attempts of one batch that ends in a deadlock or serialization failure
+/// (SQLSTATE 40P01/40001: the batch rolled back, nothing was deleted) before
+/// the sweep gives up until its next pass.
+const BATCH_ATTEMPTS: u32 = 5;
+
 /// Repeats one batched delete while it deletes a full batch (and we are not
-/// shutting down); returns the total.
+/// shutting down); returns the total. A batch that loses a deadlock (e.g.
+/// against an ingest holding the same account's usage counter) rolled back
+/// whole and is simply run again, after a short pause.
 async fn drain<F, Fut>(
     kind: &'static str,
     batch: i64,
@@ -70,8 +77,20 @@ where
     Fut: std::future::Future<Output = Result<u64, StoreError>>,
 {
     let mut total = 0;
+    let mut attempt = 1;
     loop {
-        let deleted = delete().await?;
+        let deleted = match delete().await {
+            Ok(deleted) => deleted,
+            Err(e) if e.is_retryable_conflict() && attempt < BATCH_ATTEMPTS => {
+                tracing::info!(kind, attempt, error = %e, "sweep batch lost a lock conflict; retrying");
+                metrics::counter!("e2a_janitor_batch_retries_total", "kind" => kind).increment(1);
+                tokio::time::sleep(std::time::Duration::from_millis(20 * u64::from(attempt))).await;
+                attempt += 1;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        attempt = 1;
         total += deleted;
         metrics::counter!("e2a_janitor_deleted_total", "kind" => kind).increment(deleted);
         if deleted < batch as u64 || shutdown.is_cancelled() {

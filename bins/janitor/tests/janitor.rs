@@ -139,8 +139,10 @@ async fn expired_messages_are_swept_and_live_ones_kept() {
     for i in 0..5 {
         let raw = format!("Message-ID: <{i}@x>\r\n\r\nbody {i}\r\n").into_bytes();
         let id = format!("{i}@x");
+        let sha256 = inbound::body_sha256(&raw);
         let mail = InboundMail {
             raw: &raw,
+            body_sha256: &sha256,
             email_message_id: &id,
             sender: "s@x.test",
             subject: "",
@@ -183,7 +185,10 @@ async fn expired_messages_are_swept_and_live_ones_kept() {
     assert_eq!(left, ["3@x", "4@x"]);
     // The storage counter followed the deletes.
     let bytes: i64 = c
-        .query_one("SELECT storage_bytes FROM account_usage", &[])
+        .query_one(
+            "SELECT u.storage_bytes FROM users, e2a_account_usage(users.id) AS u",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);

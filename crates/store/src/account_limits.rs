@@ -5,7 +5,8 @@
 //! defaults apply. Usage is read live: agent and domain counts from their
 //! tables, storage and this month's message count from `account_usage`
 //! (maintained by triggers on `messages`, so it does not depend on an
-//! optional usage-tracking feature as the original's monthly cap did).
+//! optional usage-tracking feature as the original's monthly cap did; spread
+//! over per-connection slots and summed by `e2a_account_usage`, V9).
 
 use deadpool_postgres::GenericClient;
 use serde::Serialize;
@@ -137,10 +138,8 @@ pub async fn overview(
                     l.max_webhooks, l.upgrade_url, \
                     (SELECT count(*) FROM agents WHERE user_id = $1), \
                     (SELECT count(*) FROM domains WHERE user_id = $1), \
-                    COALESCE((SELECT messages_month FROM account_usage WHERE user_id = $1 \
-                              AND month_start = date_trunc('month', now() AT TIME ZONE 'UTC')::date), 0), \
-                    COALESCE((SELECT storage_bytes FROM account_usage WHERE user_id = $1), 0) \
-             FROM (SELECT 1) AS one LEFT JOIN account_limits l ON l.user_id = $1",
+                    u.messages_month, u.storage_bytes \
+             FROM e2a_account_usage($1) AS u LEFT JOIN account_limits l ON l.user_id = $1",
         )
         .await?;
     let r = c.query_one(&stmt, &[user_id]).await?;
@@ -160,9 +159,8 @@ pub async fn usage(c: &impl GenericClient, user_id: &UserId) -> Result<Usage> {
         .prepare_cached(
             "SELECT (SELECT count(*) FROM agents WHERE user_id = $1), \
                     (SELECT count(*) FROM domains WHERE user_id = $1), \
-                    COALESCE((SELECT messages_month FROM account_usage WHERE user_id = $1 \
-                              AND month_start = date_trunc('month', now() AT TIME ZONE 'UTC')::date), 0), \
-                    COALESCE((SELECT storage_bytes FROM account_usage WHERE user_id = $1), 0)",
+                    u.messages_month, u.storage_bytes \
+             FROM e2a_account_usage($1) AS u",
         )
         .await?;
     let r = c.query_one(&stmt, &[user_id]).await?;

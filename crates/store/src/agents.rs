@@ -10,6 +10,7 @@ use time::OffsetDateTime;
 use tokio_postgres::Row;
 
 use crate::{
+    account_limits::Limits,
     address::EmailAddress,
     error::{Result, StoreError},
     ids::UserId,
@@ -375,27 +376,65 @@ pub struct Recipient {
     pub agent_mode: AgentMode,
     /// DMARC rejection opt-in.
     pub reject_dmarc_failures: bool,
+    /// The owner's account is at or over a cap (spec §6.2: monthly messages
+    /// first, then storage): the relay answers `552 5.2.2`.
+    pub over_quota: Option<Quota>,
+}
+
+/// Which account cap a recipient's owner has reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quota {
+    /// Messages this UTC month ≥ `max_messages_month`.
+    MonthlyMessages,
+    /// Stored bytes ≥ `max_storage_bytes`.
+    Storage,
 }
 
 /// The agent that receives mail for `address` (normalised), if it exists
-/// and its domain is verified. Not tenant-scoped: SMTP recipients are
-/// public addresses.
+/// and its domain is verified, with its owner's quota state against the
+/// owner's `account_limits` row or `defaults` — all in one statement (one
+/// round trip, a consistent snapshot). Not tenant-scoped: SMTP recipients
+/// are public addresses.
+///
+/// The quota answer is a snapshot: messages accepted concurrently by other
+/// sessions may overshoot a cap by at most what is in flight, never more.
 pub async fn resolve_recipient(
     c: &impl GenericClient,
     address: &EmailAddress,
+    defaults: &Limits,
 ) -> Result<Option<Recipient>> {
     let stmt = c
         .prepare_cached(
-            "SELECT a.id, a.user_id, a.agent_mode, a.reject_dmarc_failures FROM agents a \
-             JOIN domains d ON d.domain = a.domain WHERE a.id = $1 AND d.verified",
+            "SELECT a.id, a.user_id, a.agent_mode, a.reject_dmarc_failures, \
+                    u.messages_month >= COALESCE(l.max_messages_month::int8, $2::int8), \
+                    u.storage_bytes >= COALESCE(l.max_storage_bytes, $3::int8) \
+             FROM agents a \
+             JOIN domains d ON d.domain = a.domain \
+             CROSS JOIN LATERAL e2a_account_usage(a.user_id) AS u \
+             LEFT JOIN account_limits l ON l.user_id = a.user_id \
+             WHERE a.id = $1 AND d.verified",
         )
         .await?;
-    Ok(c.query_opt(&stmt, &[&address.as_str()])
-        .await?
-        .map(|r| Recipient {
-            agent_id: r.get(0),
-            user_id: r.get(1),
-            agent_mode: AgentMode::parse(r.get(2)).unwrap_or(AgentMode::Local),
-            reject_dmarc_failures: r.get(3),
-        }))
+    Ok(c.query_opt(
+        &stmt,
+        &[
+            &address.as_str(),
+            &i64::from(defaults.max_messages_month),
+            &defaults.max_storage_bytes,
+        ],
+    )
+    .await?
+    .map(|r| Recipient {
+        agent_id: r.get(0),
+        user_id: r.get(1),
+        agent_mode: AgentMode::parse(r.get(2)).unwrap_or(AgentMode::Local),
+        reject_dmarc_failures: r.get(3),
+        over_quota: if r.get(4) {
+            Some(Quota::MonthlyMessages)
+        } else if r.get(5) {
+            Some(Quota::Storage)
+        } else {
+            None
+        },
+    }))
 }

@@ -4,6 +4,7 @@
 //! `webhook_events_new` at commit, and the deliverer fans it out to
 //! webhooks.
 
+use base64::Engine;
 use deadpool_postgres::GenericClient;
 use serde_json::Value;
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
@@ -89,6 +90,42 @@ pub async fn append(c: &impl GenericClient, event: &NewEvent<'_>) -> Result<bool
         )
         .await?;
     Ok(n == 1)
+}
+
+/// The envelope of event `id` as it goes on the wire, or `None` when there
+/// is no such event.
+///
+/// `email.received` envelopes are stored without the raw message (it is
+/// written once, in its message row); here `data.raw_message` is filled in
+/// as the standard base64 of that row's bytes — the same bytes, so the same
+/// rendering, on every attempt — or `null` once the message has been deleted
+/// (its 10-day TTL, or the user deleted it). Other events are returned as
+/// stored. One statement.
+pub async fn render(c: &impl GenericClient, id: &EventId) -> Result<Option<Value>> {
+    let stmt = c
+        .prepare_cached(
+            "SELECT e.type, e.envelope, m.raw_message FROM webhook_events e \
+             LEFT JOIN messages m ON m.id = e.message_id AND m.user_id = e.user_id \
+             WHERE e.id = $1",
+        )
+        .await?;
+    let Some(row) = c.query_opt(&stmt, &[id]).await? else {
+        return Ok(None);
+    };
+    let event_type: &str = row.get(0);
+    let mut envelope: Value = row.get(1);
+    if event_type == EMAIL_RECEIVED {
+        let raw: Option<Vec<u8>> = row.get(2);
+        if let Some(data) = envelope.get_mut("data").and_then(Value::as_object_mut) {
+            data.insert(
+                "raw_message".into(),
+                raw.map_or(Value::Null, |raw| {
+                    Value::String(base64::engine::general_purpose::STANDARD.encode(raw))
+                }),
+            );
+        }
+    }
+    Ok(Some(envelope))
 }
 
 #[cfg(test)]

@@ -13,8 +13,14 @@
 //!   In-Reply-To/References ids, else a freshly minted `cnv_…` id. Every
 //!   stored message therefore has a conversation.
 //! * **Inbox status (flaw 14):** every inbound row starts `unread`.
+//! * **Raw bytes once:** the raw message is written once per recipient row
+//!   and nowhere else; the `email.received` event carries no copy of it (its
+//!   `raw_message` is filled in from the row when the event is rendered for
+//!   delivery, see [`crate::events::render`]).
+//! * **Lock order:** copies are written in (owner, agent) order whatever the
+//!   RCPT order, so two messages to the same agents cannot deadlock each
+//!   other on the counters or rows they lock.
 
-use base64::Engine;
 use deadpool_postgres::{GenericClient, Transaction};
 use serde_json::{Value, json};
 use time::{Duration, OffsetDateTime, format_description::well_known::Rfc3339};
@@ -30,6 +36,11 @@ use crate::{
 /// How long messages are kept (the original's `MessageTTL`).
 pub const MESSAGE_TTL: Duration = Duration::days(10);
 
+/// The `body_sha256` of [`InboundMail`]: lowercase hex SHA-256 of `raw`.
+pub fn body_sha256(raw: &[u8]) -> String {
+    secret::sha256_hex(raw)
+}
+
 /// Mints a new conversation id: `cnv_` + 32 lowercase hex.
 pub fn mint_conversation_id() -> String {
     format!("cnv_{}", secret::random_hex::<16>())
@@ -40,6 +51,10 @@ pub fn mint_conversation_id() -> String {
 pub struct InboundMail<'a> {
     /// The raw RFC 5322 bytes as received.
     pub raw: &'a [u8],
+    /// Lowercase hex SHA-256 of `raw` (see [`body_sha256`]; the caller
+    /// hashes each message once, off the async executor, and signs the same
+    /// digest into `X-E2A-Auth-*`).
+    pub body_sha256: &'a str,
     /// Its Message-ID without angle brackets, or empty.
     pub email_message_id: &'a str,
     /// Display sender: first Reply-To, else From, else the envelope sender.
@@ -100,32 +115,33 @@ pub enum Outcome {
 struct Ctx<'a> {
     mail: &'a InboundMail<'a>,
     deliveries: &'a [Delivery],
-    body_sha256: String,
-    raw_b64: String,
 }
 
 /// Stores `mail` once per delivery, atomically; see the module docs.
-/// Returns one [`Outcome`] per delivery, in order. Any error means nothing
+/// Returns one
+/// [`Outcome`] per delivery, in the order given. Any error means nothing
 /// was stored (the caller answers 451).
 pub async fn ingest(
     store: &Store,
     mail: &InboundMail<'_>,
     deliveries: &[Delivery],
 ) -> Result<Vec<Outcome>> {
-    let ctx = Ctx {
-        mail,
-        deliveries,
-        body_sha256: secret::sha256_hex(mail.raw),
-        raw_b64: base64::engine::general_purpose::STANDARD.encode(mail.raw),
-    };
+    let ctx = Ctx { mail, deliveries };
     store
         .transaction(&ctx, |tx, ctx| {
             Box::pin(async move {
-                let mut outcomes = Vec::with_capacity(ctx.deliveries.len());
-                for d in ctx.deliveries {
-                    outcomes.push(store_one(tx, ctx, d).await?);
+                // One global lock order: by owner, then agent.
+                let mut order: Vec<usize> = (0..ctx.deliveries.len()).collect();
+                order.sort_by(|&a, &b| {
+                    let (a, b) = (&ctx.deliveries[a], &ctx.deliveries[b]);
+                    (a.user_id.as_str(), a.agent_id.as_str())
+                        .cmp(&(b.user_id.as_str(), b.agent_id.as_str()))
+                });
+                let mut outcomes: Vec<Option<Outcome>> = vec![None; ctx.deliveries.len()];
+                for i in order {
+                    outcomes[i] = Some(store_one(tx, ctx, &ctx.deliveries[i]).await?);
                 }
-                Ok(outcomes)
+                Ok(outcomes.into_iter().flatten().collect())
             })
         })
         .await
@@ -167,7 +183,7 @@ async fn store_one(tx: &Transaction<'_>, ctx: &Ctx<'_>, d: &Delivery) -> Result<
                 &mail.subject,
                 &mail.email_message_id,
                 &mail.raw,
-                &ctx.body_sha256,
+                &mail.body_sha256,
                 &d.auth_headers,
                 &mail.spf,
                 &mail.dkim,
@@ -191,7 +207,7 @@ async fn store_one(tx: &Transaction<'_>, ctx: &Ctx<'_>, d: &Delivery) -> Result<
         let row = tx
             .query_one(
                 &existing,
-                &[&d.agent_id, &mail.email_message_id, &ctx.body_sha256],
+                &[&d.agent_id, &mail.email_message_id, &mail.body_sha256],
             )
             .await?;
         return Ok(Outcome::Duplicate {
@@ -210,7 +226,6 @@ async fn store_one(tx: &Transaction<'_>, ctx: &Ctx<'_>, d: &Delivery) -> Result<
         "reply_to": reply_to,
         "recipient": d.agent_id,
         "subject": mail.subject,
-        "raw_message": ctx.raw_b64,
         "auth_headers": d.auth_headers,
         "received_at": now.format(&Rfc3339).unwrap_or_default(),
     });
@@ -240,8 +255,25 @@ async fn store_one(tx: &Transaction<'_>, ctx: &Ctx<'_>, d: &Delivery) -> Result<
     })
 }
 
+/// The statement of [`thread_of`] (`$1` agent, `$2` ids): one index lookup
+/// per id in each of `messages_agent_email_message_id_idx` and
+/// `messages_agent_provider_message_id_idx` (each branch repeats its partial
+/// index's `<> ''` predicate, which a parameter's `= ANY($2)` alone does not
+/// prove), and only the rows found are sorted. Written as `OR` under one
+/// `ORDER BY … LIMIT 1`, the planner prefers walking the agent's whole
+/// mailbox newest-first until a row matches.
+pub const THREAD_OF_SQL: &str = "SELECT conversation_id FROM ( \
+       SELECT conversation_id, created_at, id FROM messages \
+        WHERE agent_id = $1 AND email_message_id = ANY($2) AND email_message_id <> '' \
+       UNION ALL \
+       SELECT conversation_id, created_at, id FROM messages \
+        WHERE agent_id = $1 AND provider_message_id = ANY($2) AND provider_message_id <> '' \
+     ) found WHERE conversation_id <> '' \
+     ORDER BY created_at DESC, id DESC LIMIT 1";
+
 /// The conversation of the newest message of `agent_id` whose own
-/// Message-ID or upstream id is one of `refs`, if any.
+/// Message-ID or upstream id is one of `refs`, if any. An index lookup per
+/// id (see [`THREAD_OF_SQL`]), not a scan of the agent's mailbox.
 pub async fn thread_of(
     c: &impl GenericClient,
     agent_id: &str,
@@ -250,13 +282,7 @@ pub async fn thread_of(
     if refs.is_empty() {
         return Ok(None);
     }
-    let stmt = c
-        .prepare_cached(
-            "SELECT conversation_id FROM messages WHERE agent_id = $1 AND conversation_id <> '' \
-               AND (email_message_id = ANY($2) OR provider_message_id = ANY($2)) \
-             ORDER BY created_at DESC, id DESC LIMIT 1",
-        )
-        .await?;
+    let stmt = c.prepare_cached(THREAD_OF_SQL).await?;
     Ok(c.query_opt(&stmt, &[&agent_id, &refs])
         .await?
         .map(|r| r.get(0)))

@@ -7,7 +7,7 @@ use deadpool_postgres::GenericClient;
 use crate::{
     error::{Result, StoreError},
     ids::{SigningSecretId, UserId},
-    secret,
+    secret, users,
 };
 
 /// A secret and its id.
@@ -28,32 +28,54 @@ impl std::fmt::Debug for SigningSecret {
 }
 
 /// The user's newest secret, creating one named `default` when the user has
-/// none (every user always has one). Concurrent first calls may each create
-/// one; both are valid and the newest wins from then on.
-pub async fn newest_or_create(c: &impl GenericClient, user_id: &UserId) -> Result<SigningSecret> {
-    let newest = c
-        .prepare_cached(
-            "SELECT id, secret FROM webhook_signing_secrets WHERE user_id = $1 \
-             ORDER BY created_at DESC, id DESC LIMIT 1",
-        )
-        .await?;
-    if let Some(r) = c.query_opt(&newest, &[user_id]).await? {
-        return Ok(SigningSecret {
-            id: r.get(0),
-            secret: r.get(1),
-        });
+/// none (every user always has one).
+///
+/// The common case is one read. Creation happens only under the user's row
+/// lock (the lock every other secret write takes, so the cap of 5 holds) and
+/// re-checks under it: concurrent first calls create exactly one secret and
+/// all return it. Run on a pooled client (it commits its own short
+/// transaction) or inside a transaction (a savepoint; the lock is then held
+/// until the caller commits).
+pub async fn newest_or_create(
+    c: &mut impl GenericClient,
+    user_id: &UserId,
+) -> Result<SigningSecret> {
+    if let Some(secret) = newest(c, user_id).await? {
+        return Ok(secret);
+    }
+    let tx = c.transaction().await?;
+    users::lock(&tx, user_id).await?;
+    if let Some(secret) = newest(&tx, user_id).await? {
+        return Ok(secret);
     }
     let created = SigningSecret {
         id: SigningSecretId::new(),
         secret: secret::random_hex::<32>(),
     };
-    let insert = c
+    let insert = tx
         .prepare_cached("INSERT INTO webhook_signing_secrets (id, user_id, secret, name) VALUES ($1, $2, $3, 'default')")
         .await?;
-    c.execute(&insert, &[&created.id, user_id, &created.secret])
+    tx.execute(&insert, &[&created.id, user_id, &created.secret])
         .await
         .map_err(crate::error::missing_parent_is_not_found)?;
+    tx.commit().await?;
     Ok(created)
+}
+
+/// The user's newest secret, if any.
+async fn newest(c: &impl GenericClient, user_id: &UserId) -> Result<Option<SigningSecret>> {
+    let stmt = c
+        .prepare_cached(
+            "SELECT id, secret FROM webhook_signing_secrets WHERE user_id = $1 \
+             ORDER BY created_at DESC, id DESC LIMIT 1",
+        )
+        .await?;
+    Ok(c.query_opt(&stmt, &[user_id])
+        .await?
+        .map(|r| SigningSecret {
+            id: r.get(0),
+            secret: r.get(1),
+        }))
 }
 
 /// Records that `id` signed something now (best effort for the caller).

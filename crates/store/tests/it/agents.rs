@@ -2,8 +2,9 @@
 
 use e2a_store::{
     Store, StoreError,
+    account_limits::{self, Limits},
     address::EmailAddress,
-    agents::{self, AgentMode, AgentPatch, CreateError, ExpirationAction, NewAgent},
+    agents::{self, AgentMode, AgentPatch, CreateError, ExpirationAction, NewAgent, Quota},
     domains,
     ids::UserId,
 };
@@ -213,16 +214,25 @@ async fn recipients_resolve_only_on_verified_domains() {
     verified_domain(&store, &alice, "alice.example").await;
     let a = agent(&store, &alice, "bot@alice.example").await;
     let c = store.client().await.unwrap();
-    let r = agents::resolve_recipient(&c, &EmailAddress::parse("BOT@alice.example").unwrap())
+    let r = agents::resolve_recipient(
+        &c,
+        &EmailAddress::parse("BOT@alice.example").unwrap(),
+        &Limits::default(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!((r.agent_id, r.user_id), (a.id.clone(), alice.clone()));
+    assert_eq!(r.over_quota, None);
+    assert!(
+        agents::resolve_recipient(
+            &c,
+            &EmailAddress::parse("nobody@alice.example").unwrap(),
+            &Limits::default()
+        )
         .await
         .unwrap()
-        .unwrap();
-    assert_eq!((r.agent_id, r.user_id), (a.id.clone(), alice.clone()));
-    assert!(
-        agents::resolve_recipient(&c, &EmailAddress::parse("nobody@alice.example").unwrap())
-            .await
-            .unwrap()
-            .is_none()
+        .is_none()
     );
     c.execute(
         "UPDATE domains SET verified = false WHERE domain = 'alice.example'",
@@ -231,10 +241,14 @@ async fn recipients_resolve_only_on_verified_domains() {
     .await
     .unwrap();
     assert!(
-        agents::resolve_recipient(&c, &EmailAddress::parse("bot@alice.example").unwrap())
-            .await
-            .unwrap()
-            .is_none()
+        agents::resolve_recipient(
+            &c,
+            &EmailAddress::parse("bot@alice.example").unwrap(),
+            &Limits::default()
+        )
+        .await
+        .unwrap()
+        .is_none()
     );
 }
 
@@ -279,4 +293,70 @@ async fn the_database_keeps_agents_on_their_owners_domains() {
         .unwrap()
         .get(0);
     assert_eq!(left, 1);
+}
+
+/// Spec §6.2: the monthly cap is checked first, then storage; the state comes
+/// with the recipient, against the account's row or the defaults given.
+#[tokio::test]
+async fn recipients_carry_their_owners_quota_state() {
+    let (_db, store) = super::store().await;
+    let alice = super::user(&store, "alice@example.com").await;
+    verified_domain(&store, &alice, "alice.example").await;
+    agent(&store, &alice, "bot@alice.example").await;
+    let c = store.client().await.unwrap();
+    let bot = EmailAddress::parse("bot@alice.example").unwrap();
+    let quota = |limits: Limits| {
+        let c = &c;
+        let bot = &bot;
+        async move {
+            agents::resolve_recipient(c, bot, &limits)
+                .await
+                .unwrap()
+                .unwrap()
+                .over_quota
+        }
+    };
+    let defaults = Limits::default();
+    assert_eq!(quota(defaults.clone()).await, None);
+    // An inbound message of 100 bytes counts once and its bytes.
+    c.execute(
+        "INSERT INTO messages (id, user_id, agent_id, direction, raw_message, body_sha256, inbox_status) \
+         VALUES ('msg_q1', $1, 'bot@alice.example', 'inbound', $2, repeat('a', 64), 'unread')",
+        &[&alice, &vec![b'x'; 100]],
+    )
+    .await
+    .unwrap();
+    let month_cap = Limits {
+        max_messages_month: 1,
+        ..defaults.clone()
+    };
+    assert_eq!(quota(month_cap.clone()).await, Some(Quota::MonthlyMessages));
+    let storage_cap = Limits {
+        max_storage_bytes: 100,
+        ..defaults.clone()
+    };
+    assert_eq!(quota(storage_cap).await, Some(Quota::Storage));
+    let both = Limits {
+        max_messages_month: 1,
+        max_storage_bytes: 100,
+        ..defaults.clone()
+    };
+    assert_eq!(
+        quota(both).await,
+        Some(Quota::MonthlyMessages),
+        "monthly first"
+    );
+    assert_eq!(
+        quota(Limits {
+            max_storage_bytes: 101,
+            ..defaults.clone()
+        })
+        .await,
+        None
+    );
+    // The account's own row overrides the defaults.
+    account_limits::upsert(&c, &alice, &month_cap)
+        .await
+        .unwrap();
+    assert_eq!(quota(defaults).await, Some(Quota::MonthlyMessages));
 }

@@ -2,8 +2,8 @@
 //! events written with the message and announced at commit.
 
 use e2a_store::{
-    StoreError,
-    ids::{MessageId, UserId},
+    StoreError, events,
+    ids::{EventId, MessageId, UserId},
     inbound::{self, Delivery, InboundMail, Outcome},
 };
 use serde_json::{Value, json};
@@ -11,6 +11,7 @@ use tokio_postgres::{AsyncMessage, NoTls};
 
 struct Mail {
     raw: Vec<u8>,
+    sha256: String,
     message_id: String,
     refs: Vec<String>,
     to: Vec<String>,
@@ -18,9 +19,11 @@ struct Mail {
 
 impl Mail {
     fn new(message_id: &str, body: &str) -> Self {
+        let raw =
+            format!("Message-ID: <{message_id}>\r\nSubject: hi\r\n\r\n{body}\r\n").into_bytes();
         Mail {
-            raw: format!("Message-ID: <{message_id}>\r\nSubject: hi\r\n\r\n{body}\r\n")
-                .into_bytes(),
+            sha256: inbound::body_sha256(&raw),
+            raw,
             message_id: message_id.into(),
             refs: Vec::new(),
             to: vec!["a@alice.example".into()],
@@ -30,6 +33,7 @@ impl Mail {
     fn view(&self) -> InboundMail<'_> {
         InboundMail {
             raw: &self.raw,
+            body_sha256: &self.sha256,
             email_message_id: &self.message_id,
             sender: "sender@remote.example",
             subject: "hi",
@@ -133,15 +137,47 @@ async fn fans_out_one_row_and_one_event_per_recipient() {
     );
     assert_eq!(data["recipient"], "a@alice.example");
     assert_eq!(data["from"], "sender@remote.example");
+    // The raw bytes are stored once, in the message row, not in the event.
+    assert!(data.get("raw_message").is_none(), "{data}");
+    assert_eq!(events[0].get::<_, String>(0), alice.as_str());
+    assert_eq!(events[1].get::<_, String>(0), bob.as_str());
+
+    // Rendered for delivery, the envelope carries them, identically on
+    // every attempt; once the message is gone, `raw_message` is null.
+    let event_id: EventId = EventId::parse(envelope["id"].as_str().unwrap()).unwrap();
+    let c = store.client().await.unwrap();
+    let rendered = events::render(&c, &event_id).await.unwrap().unwrap();
     use base64::Engine;
     assert_eq!(
         base64::engine::general_purpose::STANDARD
-            .decode(data["raw_message"].as_str().unwrap())
+            .decode(rendered["data"]["raw_message"].as_str().unwrap())
             .unwrap(),
         mail.raw
     );
-    assert_eq!(events[0].get::<_, String>(0), alice.as_str());
-    assert_eq!(events[1].get::<_, String>(0), bob.as_str());
+    let again = events::render(&c, &event_id).await.unwrap().unwrap();
+    assert_eq!(
+        serde_json::to_vec(&rendered).unwrap(),
+        serde_json::to_vec(&again).unwrap()
+    );
+    let mut expected = envelope.clone();
+    expected["data"]["raw_message"] = rendered["data"]["raw_message"].clone();
+    assert_eq!(rendered, expected, "nothing else changes");
+    c.execute(
+        "DELETE FROM messages WHERE id = $1",
+        &[&deliveries[0].message_id],
+    )
+    .await
+    .unwrap();
+    let expired = events::render(&c, &event_id).await.unwrap().unwrap();
+    assert_eq!(expired["data"]["raw_message"], Value::Null);
+    assert_eq!(
+        expired["data"]["message_id"],
+        envelope["data"]["message_id"]
+    );
+    assert!(
+        events::render(&c, &EventId::new()).await.unwrap().is_none(),
+        "unknown event"
+    );
 }
 
 #[tokio::test]
@@ -185,6 +221,7 @@ async fn an_mta_retry_creates_no_second_message_or_event() {
     // recognised as a retry (flaw 2); other bytes are another message.
     let bare = |body: &str| Mail {
         raw: format!("Subject: hi\r\n\r\n{body}\r\n").into_bytes(),
+        sha256: inbound::body_sha256(format!("Subject: hi\r\n\r\n{body}\r\n").as_bytes()),
         message_id: String::new(),
         refs: Vec::new(),
         to: vec!["a@alice.example".into()],
@@ -366,4 +403,48 @@ async fn the_event_is_announced_at_commit() {
         .unwrap()
         .unwrap();
     assert_eq!(channel, "webhook_events_new");
+}
+
+/// Threading looks ids up through the two partial indexes (the statement
+/// repeats their `<> ''` predicates), not by scanning the agent's mailbox.
+#[tokio::test]
+async fn threading_lookups_use_their_indexes() {
+    let (db, store) = super::store().await;
+    let alice = super::user(&store, "alice@example.com").await;
+    super::agents::verified_domain(&store, &alice, "alice.example").await;
+    super::agents::agent(&store, &alice, "a@alice.example").await;
+    for i in 0..20 {
+        let mail = Mail::new(&format!("m{i}@remote.example"), "hello");
+        inbound::ingest(&store, &mail.view(), &[delivery("a@alice.example", &alice)])
+            .await
+            .unwrap();
+    }
+    let c = db.client().await;
+    c.batch_execute("ANALYZE messages; SET enable_seqscan = off")
+        .await
+        .unwrap();
+    let refs = vec!["m3@remote.example".to_owned(), "x@y".to_owned()];
+    let plan: Vec<String> = c
+        .query(
+            &format!("EXPLAIN {}", inbound::THREAD_OF_SQL),
+            &[&"a@alice.example", &refs],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let plan = plan.join("\n");
+    for index in [
+        "messages_agent_email_message_id_idx",
+        "messages_agent_provider_message_id_idx",
+    ] {
+        assert!(plan.contains(index), "{index} not used:\n{plan}");
+    }
+    assert!(!plan.contains("Seq Scan"), "{plan}");
+    // And the lookup answers.
+    let found = inbound::thread_of(&store.client().await.unwrap(), "a@alice.example", &refs)
+        .await
+        .unwrap();
+    assert!(found.is_some_and(|id| id.starts_with("cnv_")));
 }

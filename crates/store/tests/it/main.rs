@@ -11,6 +11,7 @@ mod inbound;
 mod messages;
 mod migrate;
 mod sessions;
+mod signing_secrets;
 mod store;
 mod users;
 

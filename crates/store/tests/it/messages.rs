@@ -61,8 +61,10 @@ pub async fn deliver(store: &Store, to: &Mailbox, mail: Mail<'_>) -> (MessageId,
         mail.message_id, mail.subject
     );
     let to_list = vec![to.agent.clone()];
+    let sha256 = inbound::body_sha256(raw.as_bytes());
     let inbound_mail = InboundMail {
         raw: raw.as_bytes(),
+        body_sha256: &sha256,
         email_message_id: mail.message_id,
         sender: if mail.sender.is_empty() {
             "someone@example.net"

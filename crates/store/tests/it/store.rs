@@ -91,6 +91,65 @@ async fn serialization_failures_are_retried_until_both_commit() {
     );
 }
 
+/// Two transactions lock two rows in opposite orders: PostgreSQL aborts one
+/// with a deadlock (40P01), the helper runs it again, and both commit.
+#[tokio::test]
+async fn deadlocks_are_retried_until_both_commit() {
+    let (db, store) = super::store().await;
+    db.client()
+        .await
+        .batch_execute(
+            "CREATE TABLE pair (k int PRIMARY KEY, v int); INSERT INTO pair VALUES (1, 0), (2, 0)",
+        )
+        .await
+        .unwrap();
+    let attempts = Arc::new(AtomicU32::new(0));
+    let barrier = Arc::new(tokio::sync::Barrier::new(2));
+    let run = |store: Store,
+               first: i32,
+               attempts: Arc<AtomicU32>,
+               barrier: Arc<tokio::sync::Barrier>| async move {
+        store
+            .transaction(&(), move |tx, ()| {
+                let initial = attempts.fetch_add(1, Ordering::SeqCst) < 2;
+                let barrier = barrier.clone();
+                Box::pin(async move {
+                    tx.batch_execute("SET LOCAL deadlock_timeout = '50ms'")
+                        .await?;
+                    tx.execute("UPDATE pair SET v = v + 1 WHERE k = $1", &[&first])
+                        .await?;
+                    if initial {
+                        // Both hold their first row before either asks for
+                        // the other's: a guaranteed deadlock.
+                        barrier.wait().await;
+                    }
+                    tx.execute("UPDATE pair SET v = v + 1 WHERE k = $1", &[&(3 - first)])
+                        .await?;
+                    Ok(())
+                })
+            })
+            .await
+    };
+    let (a, b) = tokio::join!(
+        run(store.clone(), 1, attempts.clone(), barrier.clone()),
+        run(store.clone(), 2, attempts.clone(), barrier.clone())
+    );
+    a.unwrap();
+    b.unwrap();
+    let v: i64 = db
+        .client()
+        .await
+        .query_one("SELECT sum(v)::int8 FROM pair", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(v, 4, "both transactions committed once each");
+    assert!(
+        attempts.load(Ordering::SeqCst) >= 3,
+        "the deadlock victim was retried"
+    );
+}
+
 #[tokio::test]
 async fn an_unreachable_database_is_unavailable_within_the_timeouts() {
     // A port nothing listens on.
