@@ -14,6 +14,9 @@ pub enum RecipientCheck<R> {
     Accept(R),
     /// No such agent (or its domain is not verified): `550 5.1.1`.
     Unknown,
+    /// The agent's account is at its monthly message or storage cap:
+    /// `552 5.2.2 mailbox quota exceeded` (spec §6.2).
+    OverQuota,
     /// We cannot tell right now (database down): `451 4.3.0`.
     TempFail,
 }

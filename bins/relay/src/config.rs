@@ -36,6 +36,10 @@ pub struct Config {
     #[allow(missing_docs)]
     pub common: CommonArgs,
 
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub limits: e2a_runtime::config::LimitsArgs,
+
     /// Address the SMTP listener binds.
     #[arg(long, env = "E2A_SMTP_ADDR", default_value = "0.0.0.0:2525")]
     pub smtp_addr: SocketAddr,
@@ -63,6 +67,22 @@ pub struct Config {
     /// Most simultaneous SMTP connections; beyond it a client gets `421 4.3.2 too many connections`.
     #[arg(long, env = "E2A_SMTP_MAX_CONNECTIONS", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub smtp_max_connections: u32,
+
+    /// Most simultaneous SMTP connections from one client IP address; beyond it `421 4.7.0`.
+    #[arg(long, env = "E2A_SMTP_MAX_CONNECTIONS_PER_IP", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub smtp_max_connections_per_ip: u32,
+
+    /// Bytes of message data all sessions together may hold in memory; a session that cannot get its share answers `452 4.3.1` (raised to at least E2A_SMTP_MAX_MESSAGE_BYTES).
+    #[arg(long, env = "E2A_SMTP_DATA_BUDGET_BYTES", default_value_t = crate::session::DEFAULT_DATA_BUDGET_BYTES as u64, value_parser = clap::value_parser!(u64).range(1024..=(1 << 40)))]
+    pub smtp_data_budget_bytes: u64,
+
+    /// Most mail transactions (MAIL commands) per session; the next gets `421 4.7.0` and the connection closes.
+    #[arg(long, env = "E2A_SMTP_MAX_TRANSACTIONS", default_value_t = crate::session::DEFAULT_MAX_TRANSACTIONS, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub smtp_max_transactions: u32,
+
+    /// Most RCPT commands per session, whatever their answer; the next gets `421 4.7.0` and the connection closes.
+    #[arg(long, env = "E2A_SMTP_MAX_RCPT_COMMANDS", default_value_t = crate::session::DEFAULT_MAX_RCPT_COMMANDS, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub smtp_max_rcpt_commands: u32,
 
     /// PEM certificate chain for STARTTLS (with E2A_SMTP_TLS_KEY); unset: STARTTLS is not offered.
     #[arg(long, env = "E2A_SMTP_TLS_CERT")]
@@ -125,13 +145,20 @@ impl Config {
             (None, None) => None,
             _ => return Err(crate::tls::TlsConfigError::Incomplete),
         };
+        let max_message_bytes = usize::try_from(self.smtp_max_message_bytes).unwrap_or(usize::MAX);
         Ok(SessionConfig {
             tls,
             domain: self.smtp_domain.clone(),
-            max_message_bytes: usize::try_from(self.smtp_max_message_bytes).unwrap_or(usize::MAX),
+            max_message_bytes,
             max_recipients: self.smtp_max_recipients as usize,
             idle_timeout: Duration::from_secs(self.smtp_idle_timeout_secs),
             session_timeout: Duration::from_secs(self.smtp_session_timeout_secs),
+            max_transactions: self.smtp_max_transactions,
+            max_rcpt_commands: self.smtp_max_rcpt_commands,
+            data_budget: crate::session::data_budget(
+                usize::try_from(self.smtp_data_budget_bytes).unwrap_or(usize::MAX),
+                max_message_bytes,
+            ),
         })
     }
 }
@@ -165,6 +192,10 @@ mod tests {
         assert_eq!(c.smtp_idle_timeout_secs, 30);
         assert_eq!(c.smtp_session_timeout_secs, 600);
         assert_eq!(c.smtp_max_connections, 1000);
+        assert_eq!(c.smtp_max_connections_per_ip, 50);
+        assert_eq!(c.smtp_data_budget_bytes, 64 << 20);
+        assert_eq!(c.smtp_max_transactions, 100);
+        assert_eq!(c.smtp_max_rcpt_commands, 1000);
         assert_eq!(c.common.ops_addr_or(DEFAULT_OPS_PORT).port(), 9091);
     }
 
@@ -184,6 +215,10 @@ mod tests {
         assert!(help.contains("250 is sent only after"), "{help}");
         for var in [
             "E2A_SMTP_MAX_CONNECTIONS",
+            "E2A_SMTP_MAX_CONNECTIONS_PER_IP",
+            "E2A_SMTP_DATA_BUDGET_BYTES",
+            "E2A_SMTP_MAX_TRANSACTIONS",
+            "E2A_SMTP_MAX_RCPT_COMMANDS",
             "E2A_SMTP_AUTH_DNS",
             "E2A_SMTP_TRUSTED_SIGNING_DOMAINS",
         ] {

@@ -24,6 +24,8 @@ use std::{
     borrow::Cow,
     collections::HashMap,
     net::{IpAddr, Ipv4Addr},
+    sync::{Mutex, PoisonError},
+    time::{Duration, Instant},
 };
 
 use e2a_mail::{
@@ -33,15 +35,21 @@ use e2a_mail::{
 };
 use e2a_store::{
     Store,
+    account_limits::Limits,
     address::EmailAddress,
     agents::{self, Recipient},
-    ids::{MessageId, UserId},
+    ids::{MessageId, SigningSecretId, UserId},
     inbound::{self, Delivery, InboundMail, Outcome},
     signing_secrets::{self, SigningSecret},
 };
 use time::OffsetDateTime;
 
 use crate::backend::{Backend, DeliveryOutcome, Envelope, RecipientCheck};
+
+/// How often at most `last_signed_at` of one signing secret is written:
+/// the column says "in use recently", not "at this second", and one UPDATE
+/// per message would put a shared row lock on every tenant's ingest path.
+const TOUCH_EVERY: Duration = Duration::from_secs(60);
 
 /// The store-backed gateway.
 pub struct Gateway {
@@ -50,6 +58,10 @@ pub struct Gateway {
     authenticator: Option<Authenticator>,
     local_host: String,
     trusted_signing_domains: Vec<String>,
+    /// Caps of accounts without an `account_limits` row (`E2A_LIMITS_*`).
+    default_limits: Limits,
+    /// When each signing secret's `last_signed_at` was last written.
+    touched: Mutex<HashMap<SigningSecretId, Instant>>,
 }
 
 impl Gateway {
@@ -61,13 +73,41 @@ impl Gateway {
         authenticator: Option<Authenticator>,
         local_host: String,
         trusted_signing_domains: Vec<String>,
+        default_limits: Limits,
     ) -> Self {
         Self {
             store,
             authenticator,
             local_host,
             trusted_signing_domains,
+            default_limits,
+            touched: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Records, off the reply path and at most every [`TOUCH_EVERY`] per
+    /// secret, that these secrets signed something (best effort).
+    fn touch(&self, secrets: impl Iterator<Item = SigningSecretId>) {
+        let now = Instant::now();
+        let due: Vec<SigningSecretId> = {
+            let mut touched = self.touched.lock().unwrap_or_else(PoisonError::into_inner);
+            // Bounded: entries older than the period are dropped.
+            touched.retain(|_, at| now.duration_since(*at) < TOUCH_EVERY);
+            secrets
+                .filter(|id| touched.insert(id.clone(), now).is_none())
+                .collect()
+        };
+        if due.is_empty() {
+            return;
+        }
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            if let Ok(client) = store.client().await {
+                for id in &due {
+                    let _ = signing_secrets::touch(&client, id).await;
+                }
+            }
+        });
     }
 
     async fn verdict(
@@ -108,9 +148,13 @@ impl Backend for Gateway {
     async fn recipient(&self, address: &EmailAddress) -> RecipientCheck<Recipient> {
         let lookup = async {
             let client = self.store.client().await?;
-            agents::resolve_recipient(&client, address).await
+            agents::resolve_recipient(&client, address, &self.default_limits).await
         };
         match lookup.await {
+            Ok(Some(recipient)) if recipient.over_quota.is_some() => {
+                tracing::info!(quota = ?recipient.over_quota, "recipient's account is over quota");
+                RecipientCheck::OverQuota
+            }
             Ok(Some(recipient)) => RecipientCheck::Accept(recipient),
             Ok(None) => RecipientCheck::Unknown,
             Err(e) => {
@@ -121,7 +165,14 @@ impl Backend for Gateway {
     }
 
     async fn deliver(&self, envelope: &Envelope<Recipient>, raw: Vec<u8>) -> DeliveryOutcome {
-        let parsed = e2a_mail::parse::parse(&raw);
+        // Parsed and hashed once, off the executor.
+        let (parsed, body_sha256) = e2a_mail::cpu::run(|| {
+            (
+                e2a_mail::parse::parse(&raw),
+                e2a_store::inbound::body_sha256(&raw),
+            )
+        })
+        .await;
         let verdict = self.verdict(envelope, &raw, &parsed).await;
         let recipients: Vec<&Recipient> = envelope
             .recipients
@@ -147,7 +198,7 @@ impl Backend for Gateway {
             );
         }
         match self
-            .store_for(envelope, &raw, &parsed, &verdict, &recipients)
+            .store_for(envelope, &raw, &body_sha256, &parsed, &verdict, &recipients)
             .await
         {
             Ok(outcomes) => {
@@ -186,6 +237,7 @@ impl Gateway {
         &self,
         envelope: &Envelope<Recipient>,
         raw: &[u8],
+        body_sha256: &str,
         parsed: &ParsedMessage,
         verdict: &AuthVerdict,
         recipients: &[&Recipient],
@@ -211,21 +263,23 @@ impl Gateway {
         let mut secrets: HashMap<UserId, SigningSecret> = HashMap::new();
         let mut deliveries = Vec::with_capacity(recipients.len());
         {
-            let client = self.store.client().await?;
+            let mut client = self.store.client().await?;
             for r in recipients {
                 if !secrets.contains_key(&r.user_id) {
-                    let secret = signing_secrets::newest_or_create(&client, &r.user_id).await?;
+                    let secret = signing_secrets::newest_or_create(&mut client, &r.user_id).await?;
                     secrets.insert(r.user_id.clone(), secret);
                 }
                 let secret = &secrets[&r.user_id];
                 let message_id = MessageId::new();
-                let input = headers::AuthHeaderInput::from_verdict(
-                    verdict,
-                    from.clone(),
-                    now,
-                    message_id.as_str(),
-                    raw,
-                );
+                let input = headers::AuthHeaderInput {
+                    verified: verdict.verified(),
+                    sender: from.clone(),
+                    domain_check: verdict.domain_check(),
+                    timestamp: now,
+                    message_id: message_id.as_str().to_owned(),
+                    body_sha256: body_sha256.to_owned(),
+                    delegation: None,
+                };
                 let signed = headers::sign(&input, secret.secret.as_bytes());
                 let auth_headers: serde_json::Map<String, serde_json::Value> = signed
                     .into_iter()
@@ -248,6 +302,7 @@ impl Gateway {
         let message_id = storable(parsed.message_id.as_deref().unwrap_or(""));
         let mail = InboundMail {
             raw,
+            body_sha256,
             email_message_id: &message_id,
             sender: &display_sender,
             subject: &subject,
@@ -261,12 +316,7 @@ impl Gateway {
             dmarc: verdict.dmarc.as_str(),
         };
         let outcomes = inbound::ingest(&self.store, &mail, &deliveries).await?;
-        // Best effort, after commit: which secret signed last.
-        if let Ok(client) = self.store.client().await {
-            for secret in secrets.values() {
-                let _ = signing_secrets::touch(&client, &secret.id).await;
-            }
-        }
+        self.touch(secrets.values().map(|s| s.id.clone()));
         Ok(outcomes)
     }
 }

@@ -91,13 +91,17 @@ pub async fn run_with(
         authenticator,
         config.smtp_domain.clone(),
         trusted,
+        config.limits.limits(),
     ));
     let ops = e2a_runtime::ops::OpsServer::spawn(listeners.ops, "relay", store, shutdown.clone());
     server::serve(
         listeners.smtp,
         Arc::new(config.session_config()?),
         gateway,
-        config.smtp_max_connections as usize,
+        server::ConnectionLimits {
+            total: config.smtp_max_connections as usize,
+            per_ip: config.smtp_max_connections_per_ip as usize,
+        },
         shutdown.clone(),
     )
     .await;

@@ -12,6 +12,7 @@
 
 pub mod auth;
 pub mod conversation;
+pub mod cpu;
 pub mod dkim_keys;
 pub mod headers;
 pub mod parse;

@@ -240,3 +240,48 @@ mod tests {
         assert_eq!(db.url().unwrap(), "postgres://primary/db");
     }
 }
+
+/// The caps of accounts without an `account_limits` row (`E2A_LIMITS_*`),
+/// shared by every service that enforces them (the API on sends and
+/// registrations, the relay at RCPT).
+#[derive(Debug, Clone, clap::Args)]
+pub struct LimitsArgs {
+    /// Plan code for accounts without an account_limits row.
+    #[arg(long, env = "E2A_LIMITS_PLAN_CODE", default_value = "default")]
+    pub limits_plan_code: String,
+
+    /// Default maximum agents per account.
+    #[arg(long, env = "E2A_LIMITS_MAX_AGENTS", default_value_t = 1_000_000, value_parser = clap::value_parser!(i32).range(0..))]
+    pub limits_max_agents: i32,
+
+    /// Default maximum custom domains per account.
+    #[arg(long, env = "E2A_LIMITS_MAX_DOMAINS", default_value_t = 1_000_000, value_parser = clap::value_parser!(i32).range(0..))]
+    pub limits_max_domains: i32,
+
+    /// Default maximum messages per account per UTC month.
+    #[arg(long, env = "E2A_LIMITS_MAX_MESSAGES_MONTH", default_value_t = 1_000_000_000, value_parser = clap::value_parser!(i32).range(0..))]
+    pub limits_max_messages_month: i32,
+
+    /// Default maximum stored bytes per account.
+    #[arg(long, env = "E2A_LIMITS_MAX_STORAGE_BYTES", default_value_t = 1 << 50, value_parser = clap::value_parser!(i64).range(0..))]
+    pub limits_max_storage_bytes: i64,
+
+    /// Default maximum webhooks per account.
+    #[arg(long, env = "E2A_LIMITS_MAX_WEBHOOKS", default_value_t = 50, value_parser = clap::value_parser!(i32).range(0..))]
+    pub limits_max_webhooks: i32,
+}
+
+impl LimitsArgs {
+    /// These settings as [`e2a_store::account_limits::Limits`].
+    pub fn limits(&self) -> e2a_store::account_limits::Limits {
+        e2a_store::account_limits::Limits {
+            plan_code: self.limits_plan_code.clone(),
+            max_agents: self.limits_max_agents,
+            max_domains: self.limits_max_domains,
+            max_messages_month: self.limits_max_messages_month,
+            max_storage_bytes: self.limits_max_storage_bytes,
+            max_webhooks: self.limits_max_webhooks,
+            upgrade_url: String::new(),
+        }
+    }
+}
