@@ -286,3 +286,74 @@ async fn the_loop_survives_a_database_outage() {
         .unwrap()
         .unwrap();
 }
+
+/// A sweep batch that deadlocks with another transaction (here: one holding
+/// the account's usage counters and then wanting an expiring message the
+/// batch holds) loses, rolls back and is run again: the sweep still ends
+/// with every expired message deleted and the counters exact.
+#[tokio::test]
+async fn a_sweep_batch_that_loses_a_deadlock_is_retried() {
+    let db = TestDb::new().await;
+    let store = Store::new(&StoreConfig::new(db.url())).unwrap();
+    let alice = user(&store, "alice@example.com").await;
+    let c = store.client().await.unwrap();
+    e2a_store::domains::ensure_shared(&c, "agents.test")
+        .await
+        .unwrap();
+    c.execute(
+        "INSERT INTO agents (id, user_id, domain, agent_mode) VALUES ('a@agents.test', $1, 'agents.test', 'local')",
+        &[&alice],
+    )
+    .await
+    .unwrap();
+    for i in 0..3 {
+        c.execute(
+            "INSERT INTO messages (id, user_id, agent_id, direction, raw_message, body_sha256, inbox_status, expires_at) \
+             VALUES ($1, $2, 'a@agents.test', 'inbound', $3, repeat('a', 63) || $4, 'unread', now() - interval '1 minute')",
+            &[&format!("msg_dl{i}"), &alice, &vec![b'x'; 100], &i.to_string()],
+        )
+        .await
+        .unwrap();
+    }
+    // The other transaction takes the counters first.
+    let mut other = db.client().await;
+    let tx = other.transaction().await.unwrap();
+    tx.execute(
+        "SELECT 1 FROM account_usage WHERE user_id = $1 FOR UPDATE",
+        &[&alice],
+    )
+    .await
+    .unwrap();
+    let sweep = tokio::spawn({
+        let store = store.clone();
+        async move { sweep_once(&store, 10).await }
+    });
+    // The batch now holds the expired rows and waits for the counters; the
+    // other transaction wants one of those rows: a deadlock, which the
+    // batch (waiting longest) detects and loses.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tx.execute(
+        "UPDATE messages SET labels = '{x}' WHERE id = 'msg_dl0'",
+        &[],
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let report = tokio::time::timeout(PROMPT, sweep)
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("the sweep retried the batch");
+    assert_eq!(report.messages_deleted, 3);
+    let (messages, storage): (i64, i64) = {
+        let r = c
+            .query_one(
+                "SELECT (SELECT count(*) FROM messages), u.storage_bytes FROM e2a_account_usage($1) u",
+                &[&alice],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!((messages, storage), (0, 0));
+}
