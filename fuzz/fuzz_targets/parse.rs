@@ -34,6 +34,7 @@ fuzz_target!(|data: &[u8]| {
             domain: from_domain.clone(),
             signed_headers: vec!["x-e2a-conversation-id".into()],
         }],
+        ..AuthVerdict::unchecked(data)
     };
     if let Some(id) = conversation::trusted_conversation_id(&parsed, &verdict, &[&from_domain]) {
         assert!(conversation::is_valid(&id));

@@ -31,6 +31,17 @@ pub enum DeliveryOutcome {
     },
     /// Not stored; the sender should retry: `451 4.3.0`.
     TempFail,
+    /// Not stored for a reason of policy that may pass (e.g. DMARC cannot
+    /// be evaluated right now); the sender should retry. Answered as given
+    /// (a 4xx) and not counted as a client error.
+    Deferred {
+        /// SMTP code (4xx).
+        code: u16,
+        /// Enhanced status code.
+        esc: [u8; 3],
+        /// Human-readable text.
+        message: String,
+    },
     /// Refused for good (e.g. DMARC failure for an agent that opted in).
     Reject {
         /// SMTP code (5xx).

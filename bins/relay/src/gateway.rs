@@ -8,9 +8,15 @@
 //! partial remains (flaw 3).
 //!
 //! DMARC rejection: an agent that opted in (`reject_dmarc_failures`) does
-//! not receive mail that fails DMARC under a `p=reject` policy. When every
-//! recipient opted in the message is refused with `550 5.7.1`; otherwise it
-//! is stored for the others only.
+//! not receive mail that fails DMARC under a `p=reject` policy
+//! ([`AuthVerdict::should_reject`]). When every recipient opted in the
+//! message is refused with `550 5.7.1`; otherwise it is stored for the
+//! others only. When DMARC cannot be decided now
+//! ([`AuthVerdict::should_defer`]) and any recipient opted in, the whole
+//! message is answered `451 4.7.0` so the sender retries.
+//!
+//! The signed sender (`X-E2A-Auth-Sender`) is the `From` address DMARC
+//! judged ([`AuthVerdict::author`]), never one only `mail-parser` saw.
 //!
 //! The conversation header is trusted only when a passing DKIM signature of
 //! a configured signing domain covers it (flaw 28); see
@@ -29,7 +35,7 @@ use std::{
 };
 
 use e2a_mail::{
-    auth::{AuthInput, AuthVerdict, Authenticator, DkimResult, DmarcResult, SpfResult},
+    auth::{AuthInput, AuthVerdict, Authenticator},
     conversation, headers,
     parse::ParsedMessage,
 };
@@ -110,12 +116,7 @@ impl Gateway {
         });
     }
 
-    async fn verdict(
-        &self,
-        envelope: &Envelope<Recipient>,
-        raw: &[u8],
-        parsed: &ParsedMessage,
-    ) -> AuthVerdict {
+    async fn verdict(&self, envelope: &Envelope<Recipient>, raw: &[u8]) -> AuthVerdict {
         match &self.authenticator {
             Some(authenticator) => {
                 let input = AuthInput {
@@ -129,15 +130,7 @@ impl Gateway {
                 };
                 authenticator.authenticate(&input).await
             }
-            None => AuthVerdict {
-                spf: SpfResult::None,
-                spf_domain: String::new(),
-                dkim: DkimResult::None,
-                dmarc: DmarcResult::None,
-                dmarc_policy: None,
-                from_domain: parsed.from.as_ref().and_then(|m| m.domain_lower()),
-                dkim_pass_domains: Vec::new(),
-            },
+            None => e2a_mail::cpu::run(|| AuthVerdict::unchecked(raw)).await,
         }
     }
 }
@@ -173,7 +166,23 @@ impl Backend for Gateway {
             )
         })
         .await;
-        let verdict = self.verdict(envelope, &raw, &parsed).await;
+        let verdict = self.verdict(envelope, &raw).await;
+        if verdict.should_defer()
+            && envelope
+                .recipients
+                .iter()
+                .any(|(_, r)| r.reject_dmarc_failures)
+        {
+            tracing::info!(
+                dmarc = verdict.dmarc.as_str(),
+                "message deferred: DMARC undecided, a recipient opted in to rejection"
+            );
+            return DeliveryOutcome::Deferred {
+                code: 451,
+                esc: [4, 7, 0],
+                message: "DMARC of the From domain cannot be evaluated now, try again later".into(),
+            };
+        }
         let recipients: Vec<&Recipient> = envelope
             .recipients
             .iter()
@@ -248,9 +257,10 @@ impl Gateway {
             .map(String::as_str)
             .collect();
         let trusted_conversation = conversation::trusted_conversation_id(parsed, verdict, &trusted);
-        // X-E2A-Auth-Sender is the From header address; the display sender
-        // prefers Reply-To (spec §6.4).
-        let from = storable(parsed.from_address().unwrap_or(&envelope.mail_from)).into_owned();
+        // X-E2A-Auth-Sender is the From address DMARC judged (mail-auth's
+        // parse, not mail-parser's); the display sender prefers Reply-To
+        // (spec §6.4).
+        let from = storable(verdict.author().unwrap_or(&envelope.mail_from)).into_owned();
         let subject = storable(&parsed.subject);
         let (to, cc, reply_to) = (
             storable_all(&parsed.to),

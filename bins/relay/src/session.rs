@@ -661,6 +661,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin, B: Backend> Session<S, B> {
                 );
                 Flow::Continue
             }
+            DeliveryOutcome::Deferred { code, esc, message } => {
+                self.reply(code, esc, &message);
+                Flow::Continue
+            }
             DeliveryOutcome::Reject { code, esc, message } => self.reject(code, esc, &message),
         }
     }

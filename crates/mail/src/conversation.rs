@@ -132,6 +132,7 @@ mod tests {
             dmarc_policy: None,
             from_domain: Some("e2a.example".into()),
             dkim_pass_domains: passes,
+            ..AuthVerdict::unchecked(b"From: a@e2a.example\r\n\r\n")
         }
     }
 

@@ -74,7 +74,9 @@ pub struct ParsedMessage {
     pub references: Vec<String>,
     /// `Subject`, RFC 2047-decoded; empty when absent.
     pub subject: String,
-    /// The first `From` mailbox.
+    /// The first mailbox of the `From` field `mail-parser` returns (the last
+    /// one when there are several). Display only: the authenticated sender
+    /// is [`crate::auth::AuthVerdict::author`].
     pub from: Option<Mailbox>,
     /// `Reply-To` addresses (display names dropped).
     pub reply_to: Vec<String>,
@@ -118,6 +120,52 @@ impl ParsedMessage {
             MAX_IN_REPLY_TO + MAX_REFERENCES,
         )
     }
+}
+
+/// The `From` header fields of a message's top-level header block, as
+/// `mail-parser` reads them (see [`from_fields`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FromFields {
+    /// How many `From` header fields there are.
+    pub fields: usize,
+    /// Every mailbox address of every `From` field (groups included), in
+    /// order, trimmed and as written; empty addresses dropped.
+    pub addresses: Vec<String>,
+}
+
+/// The `From` header fields of `raw` as `mail-parser` reads them: the
+/// parser behind [`parse`] and so behind every stored and displayed field.
+///
+/// `mail-parser` and `mail-auth` (which DMARC judges) disagree on malformed
+/// header blocks: a line without a colon ends the header block for
+/// `mail-auth` and is skipped by `mail-parser`, and with several `From`
+/// fields [`ParsedMessage::from`] is taken from the last one.
+/// [`crate::auth::AuthVerdict`] compares both views and is only verified
+/// when they name the same single mailbox (RFC 7489 §6.6.1).
+///
+/// Guarantees: never panics, never fails, does no I/O; parses the header
+/// block only.
+pub fn from_fields(raw: &[u8]) -> FromFields {
+    let Some(message) = MessageParser::default().parse_headers(raw) else {
+        return FromFields::default();
+    };
+    let mut from = FromFields::default();
+    for header in message.headers() {
+        if header.name != HeaderName::From {
+            continue;
+        }
+        from.fields += 1;
+        if let Some(address) = header.value.as_address() {
+            from.addresses.extend(
+                address
+                    .iter()
+                    .filter_map(|a| a.address.as_deref().map(str::trim))
+                    .filter(|a| !a.is_empty())
+                    .map(str::to_string),
+            );
+        }
+    }
+    from
 }
 
 /// Parses `raw` (the DATA payload) into a [`ParsedMessage`].
@@ -405,6 +453,22 @@ aGVsbG8gd29ybGQ=\r\n\
         let p = parse(raw);
         assert!(p.html.as_deref().unwrap().contains("<b>there</b>"));
         assert!(p.text.as_deref().unwrap().contains("Hello there"));
+    }
+
+    #[test]
+    fn from_fields_lists_every_from_field_and_mailbox() {
+        let raw = b"From: A <a@x.example>, b@y.example\r\nfrom: c@z.example\r\nTo: t@x\r\n\r\nFrom: body@no";
+        let from = from_fields(raw);
+        assert_eq!(from.fields, 2);
+        assert_eq!(
+            from.addresses,
+            ["a@x.example", "b@y.example", "c@z.example"]
+        );
+        // mail-parser skips a line without a colon and reads on.
+        let junk = from_fields(b"From: x@a.example\r\njunk\r\nFrom: ceo@v.example\r\n\r\nhi");
+        assert_eq!(junk.fields, 2);
+        assert_eq!(junk.addresses, ["x@a.example", "ceo@v.example"]);
+        assert_eq!(from_fields(b""), FromFields::default());
     }
 
     #[test]

@@ -2,13 +2,13 @@
 //! parts that depend on them: conversation trust and the signed headers.
 //! No test here touches the network (`Authenticator::with_records`).
 
-use std::net::{IpAddr, Ipv4Addr};
-use std::sync::OnceLock;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use e2a_mail::auth::{
-    AuthInput, AuthVerdict, Authenticator, DkimResult, DmarcPolicy, DmarcResult, RecordCache,
-    SpfResult,
+    AuthInput, AuthVerdict, Authenticator, DkimResult, DmarcPolicy, DmarcResult,
+    MAX_DKIM_SIGNATURES, MAX_DMARC_FROM_DOMAINS, RecordCache, SpfResult,
 };
 use e2a_mail::conversation::trusted_conversation_id;
 use e2a_mail::dkim_keys::{self, DkimKeyPair};
@@ -444,6 +444,336 @@ async fn dmarc_temperror_when_the_policy_lookup_fails() {
     let raw = message("alice@sender.example", "", "hi\r\n");
     let v = check(records, &raw, SENDER_IP, "alice@sender.example").await;
     assert_eq!(v.dmarc, DmarcResult::TempError);
+}
+
+// ------------------------------------------- one From, as DMARC judged it
+
+/// `From: x@attacker.example`, a line without a colon, then the victim's
+/// `From`: mail-auth stops at the junk line, mail-parser skips it.
+fn junk_line_message() -> Vec<u8> {
+    b"From: x@attacker.example\r\njunk\r\nFrom: ceo@victim.example\r\n\
+To: demo@agents.localhost\r\nSubject: wire the money\r\n\r\npay now\r\n"
+        .to_vec()
+}
+
+/// SPF passes for attacker.example (their own domain, `p=none`), and the
+/// victim publishes `p=reject`.
+fn attacker_zone() -> RecordCache {
+    let records = zone();
+    records
+        .spf("attacker.example", "v=spf1 ip4:192.0.2.10 -all")
+        .dmarc("attacker.example", "v=DMARC1; p=none")
+        .dmarc("victim.example", "v=DMARC1; p=reject");
+    records
+}
+
+#[tokio::test]
+async fn a_from_hidden_behind_a_junk_line_is_never_verified_as_the_victim() {
+    let raw = junk_line_message();
+    // The premise: the two parsers read different senders.
+    assert_eq!(
+        e2a_mail::parse(&raw).from_address(),
+        Some("ceo@victim.example")
+    );
+    let v = check(attacker_zone(), &raw, SENDER_IP, "x@attacker.example").await;
+    assert_eq!(v.spf, SpfResult::Pass);
+    assert!(!v.parsers_agree);
+    assert!(!v.verified(), "{v:?}");
+    // The sender to sign is the one DMARC judged, not the victim.
+    assert_eq!(v.author(), Some("x@attacker.example"));
+    // And the victim's domain is judged too: its p=reject fails.
+    assert_eq!(v.dmarc, DmarcResult::Fail);
+    assert!(v.should_reject());
+}
+
+#[tokio::test]
+async fn two_from_fields_are_not_verified() {
+    let records = zone();
+    records
+        .spf("sender.example", "v=spf1 ip4:192.0.2.10 -all")
+        .dmarc("sender.example", "v=DMARC1; p=none");
+    let raw = b"From: a@sender.example\r\nFrom: b@sender.example\r\nSubject: x\r\n\r\nhi\r\n";
+    let v = check(records, raw, SENDER_IP, "a@sender.example").await;
+    assert_eq!(
+        v.dmarc,
+        DmarcResult::Pass,
+        "same domain: DMARC itself passes"
+    );
+    assert_eq!(v.from_fields, 2);
+    assert!(!v.verified());
+    assert_eq!(v.author(), Some("a@sender.example"));
+}
+
+#[tokio::test]
+async fn a_from_with_two_mailboxes_is_not_verified() {
+    let records = zone();
+    records
+        .spf("sender.example", "v=spf1 ip4:192.0.2.10 -all")
+        .dmarc("sender.example", "v=DMARC1; p=none");
+    let raw = b"From: a@sender.example, B@Sender.Example\r\nSubject: x\r\n\r\nhi\r\n";
+    let v = check(records, raw, SENDER_IP, "a@sender.example").await;
+    assert_eq!(v.dmarc, DmarcResult::Pass);
+    assert_eq!(v.from_fields, 1);
+    assert!(v.parsers_agree);
+    assert_eq!(v.from_addresses, ["a@sender.example", "B@Sender.Example"]);
+    assert!(!v.verified());
+}
+
+#[tokio::test]
+async fn one_agreed_from_keeps_its_spelling_and_is_verified() {
+    let records = zone();
+    records
+        .spf("sender.example", "v=spf1 ip4:192.0.2.10 -all")
+        .dmarc("sender.example", "v=DMARC1; p=reject");
+    let raw = message("Alice@Sender.Example", "", "hi\r\n");
+    let v = check(records, &raw, SENDER_IP, "alice@sender.example").await;
+    assert!(v.single_author());
+    assert!(v.verified());
+    assert_eq!(v.author(), Some("Alice@Sender.Example"));
+}
+
+#[test]
+fn unchecked_verdicts_record_the_same_from_facts() {
+    let v = AuthVerdict::unchecked(&junk_line_message());
+    assert_eq!(v.author(), Some("x@attacker.example"));
+    assert!(!v.parsers_agree);
+    assert!(!v.verified());
+    assert_eq!(v.dmarc, DmarcResult::None);
+    let ok = AuthVerdict::unchecked(&message("alice@sender.example", "", "hi\r\n"));
+    assert!(ok.single_author());
+    assert_eq!(ok.from_domain.as_deref(), Some("sender.example"));
+    assert!(!ok.verified(), "no DMARC, no verification");
+    assert!(!ok.should_reject() && !ok.should_defer());
+}
+
+// ------------------------------------------- the DMARC opt-in, not sidestepped
+
+#[tokio::test]
+async fn two_from_domains_are_judged_by_the_strictest_policy() {
+    // mail-auth exempts a multi-domain From from DMARC (result `none`).
+    for raw in [
+        &b"From: x@attacker.example, ceo@victim.example\r\nSubject: x\r\n\r\nhi\r\n"[..],
+        &b"From: x@attacker.example\r\nFrom: ceo@victim.example\r\nSubject: x\r\n\r\nhi\r\n"[..],
+    ] {
+        let v = check(attacker_zone(), raw, SENDER_IP, "x@attacker.example").await;
+        assert_eq!(v.dmarc, DmarcResult::Fail, "{v:?}");
+        assert_eq!(v.dmarc_policy, Some(DmarcPolicy::Reject));
+        let domains: Vec<(&str, DmarcResult)> = v
+            .dmarc_checks
+            .iter()
+            .map(|c| (c.domain.as_str(), c.result))
+            .collect();
+        assert_eq!(
+            domains,
+            [
+                ("attacker.example", DmarcResult::Pass),
+                ("victim.example", DmarcResult::Fail)
+            ]
+        );
+        assert!(v.should_reject());
+        assert!(!v.verified());
+    }
+}
+
+#[tokio::test]
+async fn too_many_from_domains_are_rejected_unjudged() {
+    let from: Vec<String> = (0..=MAX_DMARC_FROM_DOMAINS)
+        .map(|i| format!("a@d{i}.example"))
+        .collect();
+    let raw = format!("From: {}\r\nSubject: x\r\n\r\nhi\r\n", from.join(", "));
+    let v = check(zone(), raw.as_bytes(), SENDER_IP, "a@d0.example").await;
+    assert_eq!(v.dmarc, DmarcResult::PermError);
+    assert!(v.dmarc_checks.is_empty());
+    assert!(v.should_reject());
+}
+
+#[tokio::test]
+async fn dmarc_temperror_defers_instead_of_delivering() {
+    let records = zone();
+    records
+        .spf("attacker.example", "v=spf1 ip4:192.0.2.10 -all")
+        .temp_error("_dmarc.victim.example");
+    let raw = message("ceo@victim.example", "", "hi\r\n");
+    let v = check(records, &raw, SENDER_IP, "x@attacker.example").await;
+    assert_eq!(v.dmarc, DmarcResult::TempError);
+    assert!(!v.should_reject());
+    assert!(v.should_defer());
+}
+
+#[tokio::test]
+async fn pct_below_100_never_turns_into_a_reject() {
+    for (record, reject) in [
+        ("v=DMARC1; p=reject; pct=50", false),
+        ("v=DMARC1; p=reject; pct=0", false),
+        ("v=DMARC1; p=reject; pct=100", true),
+        ("v=DMARC1; p=reject", true),
+        ("v=DMARC1; p=reject; t=y", false),
+    ] {
+        let records = zone();
+        records.dmarc("victim.example", record);
+        let raw = message("ceo@victim.example", "", "hi\r\n");
+        let v = check(records, &raw, SENDER_IP, "x@attacker.example").await;
+        assert_eq!(v.dmarc, DmarcResult::Fail, "{record}");
+        assert_eq!(v.should_reject(), reject, "{record}: {v:?}");
+        assert!(!v.should_defer(), "{record}");
+    }
+    // The organisational domain's record applies to a subdomain, pct too.
+    let records = zone();
+    records.dmarc("victim.example", "v=DMARC1; p=reject; pct=10");
+    let raw = message("ceo@mail.victim.example", "", "hi\r\n");
+    let v = check(records, &raw, SENDER_IP, "x@attacker.example").await;
+    assert_eq!(v.dmarc, DmarcResult::Fail);
+    assert_eq!(v.dmarc_checks[0].pct, Some(10));
+    assert!(!v.should_reject());
+}
+
+/// A name server on a real local socket that reads queries and never
+/// answers; it records the names asked.
+struct SilentDns {
+    addr: SocketAddr,
+    asked: Arc<Mutex<Vec<Vec<u8>>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SilentDns {
+    async fn start() -> SilentDns {
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let log = Arc::clone(&asked);
+        let task = tokio::spawn(async move {
+            let mut buf = [0u8; 1500];
+            while let Ok((n, _)) = socket.recv_from(&mut buf).await {
+                // The question name starts after the 12-byte header.
+                log.lock().unwrap().push(buf[12.min(n)..n].to_vec());
+            }
+        });
+        SilentDns { addr, asked, task }
+    }
+
+    fn distinct_questions(&self) -> usize {
+        let mut asked = self.asked.lock().unwrap().clone();
+        asked.sort();
+        asked.dedup();
+        asked.len()
+    }
+}
+
+impl Drop for SilentDns {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test]
+async fn slow_dkim_keys_do_not_erase_a_pass_already_made() {
+    let dns = SilentDns::start().await;
+    let records = zone();
+    records.dmarc("sender.example", "v=DMARC1; p=reject");
+    let mut raw = dkim_sign(
+        &message("alice@sender.example", "", "hi\r\n"),
+        "sender.example",
+        &["From", "To", "Subject"],
+        false,
+    );
+    for i in 0..3 {
+        let slow = format!("slow{i}.example");
+        records.forward(&format!("{SELECTOR}._domainkey.{slow}"));
+        raw = dkim_sign(&raw, &slow, &["From", "To"], false);
+    }
+    // The deadline runs out before the silent server's 200 ms query timeout.
+    let auth = Authenticator::with_records_via(records, dns.addr)
+        .unwrap()
+        .with_phase_deadline(Duration::from_millis(100));
+    let started = Instant::now();
+    let v = auth
+        .authenticate(&AuthInput {
+            raw: &raw,
+            remote_ip: OTHER_IP,
+            helo: "mx.sender.example",
+            mail_from: "x@bounce.example",
+            local_host: "relay.e2a.example",
+        })
+        .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        dns.distinct_questions() >= 1,
+        "the slow keys were asked for"
+    );
+    assert_eq!(v.dkim, DkimResult::Pass, "{v:?}");
+    let domains: Vec<&str> = v
+        .dkim_pass_domains
+        .iter()
+        .map(|p| p.domain.as_str())
+        .collect();
+    assert_eq!(domains, ["sender.example"]);
+    assert_eq!(v.dmarc, DmarcResult::Pass);
+    assert!(v.verified());
+}
+
+#[tokio::test]
+async fn a_slow_aligned_key_makes_dmarc_temperror_and_defers() {
+    let dns = SilentDns::start().await;
+    let records = zone();
+    records
+        .dmarc("victim.example", "v=DMARC1; p=reject")
+        .forward(&format!("{SELECTOR}._domainkey.victim.example"));
+    let raw = dkim_sign(
+        &message("ceo@victim.example", "", "hi\r\n"),
+        "victim.example",
+        &["From", "To"],
+        false,
+    );
+    let auth = Authenticator::with_records_via(records, dns.addr)
+        .unwrap()
+        .with_phase_deadline(Duration::from_millis(100));
+    let v = auth
+        .authenticate(&AuthInput {
+            raw: &raw,
+            remote_ip: OTHER_IP,
+            helo: "mx.attacker.example",
+            mail_from: "x@attacker.example",
+            local_host: "relay.e2a.example",
+        })
+        .await;
+    assert_eq!(v.dkim, DkimResult::TempError);
+    assert_eq!(v.dmarc, DmarcResult::TempError);
+    assert!(!v.should_reject());
+    assert!(v.should_defer());
+}
+
+#[tokio::test]
+async fn at_most_the_capped_number_of_signatures_is_looked_up() {
+    let dns = SilentDns::start().await;
+    let records = zone();
+    let mut raw = message("alice@sender.example", "", "hi\r\n");
+    for i in 0..(MAX_DKIM_SIGNATURES + 15) {
+        let domain = format!("many{i}.example");
+        records.forward(&format!("{SELECTOR}._domainkey.{domain}"));
+        raw = dkim_sign(&raw, &domain, &["From"], false);
+    }
+    let auth = Authenticator::with_records_via(records, dns.addr)
+        .unwrap()
+        .with_phase_deadline(Duration::from_millis(400));
+    let v = auth
+        .authenticate(&AuthInput {
+            raw: &raw,
+            remote_ip: OTHER_IP,
+            helo: "mx.sender.example",
+            mail_from: "alice@sender.example",
+            local_host: "relay.e2a.example",
+        })
+        .await;
+    assert_eq!(v.dkim, DkimResult::TempError);
+    let asked = dns.distinct_questions();
+    assert!(
+        (1..=MAX_DKIM_SIGNATURES).contains(&asked),
+        "{asked} distinct questions"
+    );
 }
 
 #[tokio::test]
