@@ -241,11 +241,12 @@ pub fn message(message_id: &str, body: &str) -> Vec<u8> {
 /// The real `e2a-relay` binary as a child process (so its memory is its
 /// own), on a fresh database with the agent [`AGENT`]; killed when dropped.
 pub struct RelayProcess {
+    // Dropped first: the relay stops before its database goes away.
+    child: tokio::process::Child,
     pub db: TestDb,
     pub smtp: SocketAddr,
     pub store: Store,
     pub user: UserId,
-    child: tokio::process::Child,
 }
 
 impl RelayProcess {
@@ -287,11 +288,11 @@ impl RelayProcess {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         RelayProcess {
+            child,
             db,
             smtp,
             store,
             user,
-            child,
         }
     }
 
