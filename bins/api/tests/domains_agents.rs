@@ -95,14 +95,14 @@ async fn domains_and_agents_end_to_end() {
     // Registration errors.
     for (body, status, expected) in [
         (
-            json!({"domain": "alice.example"}),
-            400,
-            "domain_unavailable",
-        ),
-        (
             json!({"domain": "Agents.Localhost"}),
             400,
             "reserved_domain",
+        ),
+        (
+            json!({"domain": "x.agents.localhost"}),
+            400,
+            "domain_unavailable",
         ),
         (json!({"domain": "localhost"}), 400, "invalid_domain"),
         (json!({"domain": "exa mple.com"}), 400, "invalid_domain"),
@@ -204,6 +204,23 @@ async fn domains_and_agents_end_to_end() {
         )
     );
     assert!(v["verified_at"].as_str().unwrap().ends_with('Z'));
+
+    // Verified by Alice: neither it nor a name under it is Bob's to claim.
+    for domain in ["alice.example", "mail.alice.example"] {
+        let (s, b) = api
+            .call(
+                Method::POST,
+                "/v1/domains",
+                &bob,
+                Some(json!({"domain": domain})),
+            )
+            .await;
+        assert_eq!(
+            (s, code(&b)),
+            (StatusCode::BAD_REQUEST, "domain_unavailable"),
+            "{domain}"
+        );
+    }
 
     // Create by email (normalised) and by slug.
     let (s, a) = api
@@ -754,7 +771,7 @@ async fn production_verification_reads_dns_and_never_unverifies() {
 }
 
 #[tokio::test]
-async fn a_shared_domain_owned_by_a_user_fails_start_up() {
+async fn a_shared_domain_verified_by_a_user_fails_start_up() {
     let db = TestDb::new().await;
     {
         let store = Store::new(&StoreConfig::new(db.url())).unwrap();
@@ -768,6 +785,10 @@ async fn a_shared_domain_owned_by_a_user_fails_start_up() {
             private_key_der: vec![1],
         };
         domains::claim(&mut c, &user.id, SHARED, &keys, 10)
+            .await
+            .unwrap();
+        // A pending claim would simply end; a verified one blocks.
+        domains::record_check(&mut c, &user.id, SHARED, true)
             .await
             .unwrap();
     }

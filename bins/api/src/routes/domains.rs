@@ -246,7 +246,7 @@ pub async fn create(
             Err(StoreError::NotFound) => {}
             Err(e) => return Err(e.into()),
         }
-        if domains::held_by_another(&client, &caller.user_id, &domain).await? {
+        if domains::verified_by_another(&client, &caller.user_id, &domain).await? {
             return Err(domain_unavailable());
         }
         let limits =
@@ -339,8 +339,8 @@ pub async fn verify(
     } else {
         Probe::development(&current)
     };
-    let client = state.store.client().await?;
-    let updated = domains::record_check(&client, &caller.user_id, &domain, probe.txt_found)
+    let mut client = state.store.client().await?;
+    let updated = domains::record_check(&mut client, &caller.user_id, &domain, probe.txt_found)
         .await
         .map_err(domain_store_error)?;
     if updated.verified && !current.verified {
