@@ -222,6 +222,48 @@ async fn names_under_a_verified_domain_belong_to_its_owner() {
 }
 
 #[tokio::test]
+async fn a_name_verified_before_its_parent_stays_with_its_prover() {
+    let (_db, store) = super::store().await;
+    let alice = super::user(&store, "alice@example.com").await;
+    let bob = super::user(&store, "bob@example.com").await;
+    let mut c = store.client().await.unwrap();
+    domains::claim(&mut c, &bob, "shop.brand.example", &keys(), 10)
+        .await
+        .unwrap();
+    domains::record_check(&mut c, &bob, "shop.brand.example", true)
+        .await
+        .unwrap();
+    // Alice proves the parent later: she gets it, Bob keeps what he proved.
+    domains::claim(&mut c, &alice, "brand.example", &keys(), 10)
+        .await
+        .unwrap();
+    domains::record_check(&mut c, &alice, "brand.example", true)
+        .await
+        .unwrap();
+    assert!(
+        domains::get(&c, &bob, "shop.brand.example")
+            .await
+            .unwrap()
+            .verified
+    );
+    let err = domains::claim(&mut c, &alice, "shop.brand.example", &keys(), 10)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Conflict { what: "domain" }),
+        "{err:?}"
+    );
+    // Bob may not claim anything else under Alice's domain.
+    let err = domains::claim(&mut c, &bob, "blog.brand.example", &keys(), 10)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Conflict { what: "domain" }),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
 async fn the_shared_domain_is_verified_and_never_claimable() {
     let (_db, store) = super::store().await;
     let alice = super::user(&store, "alice@example.com").await;
