@@ -95,14 +95,14 @@ async fn domains_and_agents_end_to_end() {
     // Registration errors.
     for (body, status, expected) in [
         (
-            json!({"domain": "alice.example"}),
-            400,
-            "domain_unavailable",
-        ),
-        (
             json!({"domain": "Agents.Localhost"}),
             400,
             "reserved_domain",
+        ),
+        (
+            json!({"domain": "x.agents.localhost"}),
+            400,
+            "domain_unavailable",
         ),
         (json!({"domain": "localhost"}), 400, "invalid_domain"),
         (json!({"domain": "exa mple.com"}), 400, "invalid_domain"),
@@ -204,6 +204,37 @@ async fn domains_and_agents_end_to_end() {
         )
     );
     assert!(v["verified_at"].as_str().unwrap().ends_with('Z'));
+
+    // Verified by Alice: neither it nor a name under it is Bob's to claim
+    // or verify.
+    for domain in ["alice.example", "mail.alice.example"] {
+        let (s, b) = api
+            .call(
+                Method::POST,
+                "/v1/domains",
+                &bob,
+                Some(json!({"domain": domain})),
+            )
+            .await;
+        assert_eq!(
+            (s, code(&b)),
+            (StatusCode::BAD_REQUEST, "domain_unavailable"),
+            "{domain}"
+        );
+        let (s, b) = api
+            .call(
+                Method::POST,
+                &format!("/v1/domains/{domain}/verify"),
+                &bob,
+                None,
+            )
+            .await;
+        assert_eq!(
+            (s, code(&b)),
+            (StatusCode::BAD_REQUEST, "domain_unavailable"),
+            "{domain}"
+        );
+    }
 
     // Create by email (normalised) and by slug.
     let (s, a) = api
@@ -754,7 +785,7 @@ async fn production_verification_reads_dns_and_never_unverifies() {
 }
 
 #[tokio::test]
-async fn a_shared_domain_owned_by_a_user_fails_start_up() {
+async fn a_shared_domain_verified_by_a_user_fails_start_up() {
     let db = TestDb::new().await;
     {
         let store = Store::new(&StoreConfig::new(db.url())).unwrap();
@@ -768,6 +799,10 @@ async fn a_shared_domain_owned_by_a_user_fails_start_up() {
             private_key_der: vec![1],
         };
         domains::claim(&mut c, &user.id, SHARED, &keys, 10)
+            .await
+            .unwrap();
+        // A pending claim would simply end; a verified one blocks.
+        domains::record_check(&mut c, &user.id, SHARED, true)
             .await
             .unwrap();
     }
@@ -938,5 +973,131 @@ async fn primary_domain_idna_paths_and_names() {
         )
         .await;
     assert_eq!((s, code(&b)), (StatusCode::BAD_REQUEST, "invalid_request"));
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn competing_claims_are_decided_by_verification() {
+    let db = TestDb::new().await;
+    let alice = key_for(db.url(), "alice@example.com").await;
+    let mallory = key_for(db.url(), "mallory@example.com").await;
+    let mut config = dev_config(&db);
+    config.common.environment = e2a_runtime::config::Environment::Production;
+    let dns = Arc::new(FakeDns::default());
+    let api = Running::start_with_resolver(config, dns.clone()).await;
+    let register = |key: &str, domain: &str| {
+        let (api, key, domain) = (&api, key.to_owned(), domain.to_owned());
+        async move {
+            api.call(
+                Method::POST,
+                "/v1/domains",
+                &key,
+                Some(json!({ "domain": domain })),
+            )
+            .await
+        }
+    };
+    let verify = |key: &str, domain: &str| {
+        let (api, key, domain) = (&api, key.to_owned(), domain.to_owned());
+        async move {
+            api.call(
+                Method::POST,
+                &format!("/v1/domains/{domain}/verify"),
+                &key,
+                None,
+            )
+            .await
+        }
+    };
+
+    // Mallory registers Alice's company domain first, and a name under it.
+    let (s, squat) = register(&mallory, "corp.example").await;
+    assert_eq!(s, StatusCode::CREATED, "{squat}");
+    let (s, _) = register(&mallory, "mail.corp.example").await;
+    assert_eq!(s, StatusCode::CREATED);
+    // That blocks nobody: Alice gets her own claim, token and key.
+    let (s, mine) = register(&alice, "corp.example").await;
+    assert_eq!(s, StatusCode::CREATED, "{mine}");
+    assert_ne!(mine["verification_token"], squat["verification_token"]);
+    assert_ne!(mine["dns_records"]["dkim"], squat["dns_records"]["dkim"]);
+
+    // Only Alice can publish her token; Mallory's proof fails.
+    let token = mine["verification_token"].as_str().unwrap();
+    dns.set("txt", "corp.example", &[token]);
+    let (s, v) = verify(&mallory, "corp.example").await;
+    assert_eq!(
+        (s, &v["verified"]),
+        (StatusCode::PRECONDITION_FAILED, &json!(false))
+    );
+    let (s, v) = verify(&alice, "corp.example").await;
+    assert_eq!((s, &v["verified"]), (StatusCode::OK, &json!(true)), "{v}");
+
+    // Mallory's claims of the name and below it ended.
+    let (_, list) = api.call(Method::GET, "/v1/domains", &mallory, None).await;
+    assert_eq!(list, json!({"domains": []}));
+    let (s, b) = api
+        .call(Method::GET, "/v1/domains/corp.example", &mallory, None)
+        .await;
+    assert_eq!((s, code(&b)), (StatusCode::NOT_FOUND, "not_found"));
+    for domain in ["corp.example", "mail.corp.example", "x.mail.corp.example"] {
+        let (s, b) = register(&mallory, domain).await;
+        assert_eq!(
+            (s, code(&b)),
+            (StatusCode::BAD_REQUEST, "domain_unavailable"),
+            "{domain}"
+        );
+        let (s, b) = verify(&mallory, domain).await;
+        assert_eq!(
+            (s, code(&b)),
+            (StatusCode::BAD_REQUEST, "domain_unavailable"),
+            "{domain}"
+        );
+    }
+    // Alice may use names under her domain.
+    let (s, _) = register(&alice, "mail.corp.example").await;
+    assert_eq!(s, StatusCode::CREATED);
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn two_racing_verifications_through_the_api_have_one_winner() {
+    let db = TestDb::new().await;
+    let alice = key_for(db.url(), "alice@example.com").await;
+    let bob = key_for(db.url(), "bob@example.com").await;
+    // Development: every probe passes, so only the store decides.
+    let api = Running::start(dev_config(&db)).await;
+    for round in 0..5 {
+        let domain = format!("race{round}.example");
+        for key in [&alice, &bob] {
+            let (s, b) = api
+                .call(
+                    Method::POST,
+                    "/v1/domains",
+                    key,
+                    Some(json!({ "domain": domain })),
+                )
+                .await;
+            assert_eq!(s, StatusCode::CREATED, "{b}");
+        }
+        let path = format!("/v1/domains/{domain}/verify");
+        let ((sa, ba), (sb, bb)) = tokio::join!(
+            api.call(Method::POST, &path, &alice, None),
+            api.call(Method::POST, &path, &bob, None),
+        );
+        let (winner, loser, lost) = match (sa, sb) {
+            (StatusCode::OK, StatusCode::BAD_REQUEST) => (&alice, &bob, bb),
+            (StatusCode::BAD_REQUEST, StatusCode::OK) => (&bob, &alice, ba),
+            other => panic!("{domain}: expected one 200 and one 400, got {other:?}: {ba} {bb}"),
+        };
+        assert_eq!(code(&lost), "domain_unavailable", "{lost}");
+        let (s, d) = api
+            .call(Method::GET, &format!("/v1/domains/{domain}"), winner, None)
+            .await;
+        assert_eq!((s, &d["verified"]), (StatusCode::OK, &json!(true)));
+        let (s, _) = api
+            .call(Method::GET, &format!("/v1/domains/{domain}"), loser, None)
+            .await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "the loser's claim is gone");
+    }
     api.stop().await;
 }

@@ -4,8 +4,9 @@
 //! once at start and then every `E2A_JANITOR_INTERVAL_SECS` until the
 //! shutdown token is cancelled. A failed sweep (database down, timeout) is
 //! logged and retried at the next interval; the loop never exits on a
-//! store error. Sweeps ([`sweep`]): messages past their TTL and
-//! expired/revoked sessions; the others arrive in later issues. `main.rs` only calls
+//! store error. Sweeps ([`sweep`]): messages past their TTL,
+//! expired/revoked sessions and expired pending domain claims; the others
+//! arrive in later issues. `main.rs` only calls
 //! [`e2a_runtime::main`] with [`serve`]; tests call [`run`] or
 //! [`sweep_once`] directly.
 
@@ -51,7 +52,7 @@ pub async fn run(
         ops = %listeners.ops.local_addr()?,
         interval_secs = config.janitor_interval_secs,
         batch = config.janitor_batch,
-        "janitor started (sweeps: expired messages, expired sessions)"
+        "janitor started (sweeps: expired messages, expired sessions, expired domain claims)"
     );
     let ops = e2a_runtime::ops::OpsServer::spawn(
         listeners.ops,
@@ -81,6 +82,7 @@ async fn sweep_loop(store: &Store, interval: Duration, batch: i64, shutdown: &Ca
                 tracing::info!(
                     messages_deleted = report.messages_deleted,
                     sessions_deleted = report.sessions_deleted,
+                    domain_claims_deleted = report.domain_claims_deleted,
                     duration_ms = started.elapsed().as_millis() as u64,
                     "sweep done"
                 );

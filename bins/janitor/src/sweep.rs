@@ -6,10 +6,11 @@
 //!
 //! Sweeps in this build: messages past their TTL (`expires_at`, 10 days;
 //! held messages still pending approval are kept), then expired or revoked
-//! dashboard sessions. Webhook deliveries, events and idempotency keys come
-//! in later issues.
+//! dashboard sessions, then domain claims left unverified past
+//! `domains::PENDING_CLAIM_TTL` (7 days). Webhook deliveries, events and
+//! idempotency keys come in later issues.
 
-use e2a_store::{Store, StoreError, messages, sessions};
+use e2a_store::{Store, StoreError, domains, messages, sessions};
 use tokio_util::sync::CancellationToken;
 
 /// What one pass deleted.
@@ -19,6 +20,8 @@ pub struct SweepReport {
     pub messages_deleted: u64,
     /// Expired or revoked `user_sessions` rows deleted.
     pub sessions_deleted: u64,
+    /// Expired pending domain claims deleted.
+    pub domain_claims_deleted: u64,
 }
 
 /// Runs every sweep until its queue is empty ("run until the queue is
@@ -51,9 +54,18 @@ pub async fn sweep(
         })
         .await?
     };
+    let domain_claims_deleted = if shutdown.is_cancelled() {
+        0
+    } else {
+        drain("domain_claims", batch, shutdown, || {
+            domains::delete_expired_claims(&client, batch)
+        })
+        .await?
+    };
     Ok(SweepReport {
         messages_deleted,
         sessions_deleted,
+        domain_claims_deleted,
     })
 }
 

@@ -91,7 +91,7 @@ async fn sweep_once_deletes_exactly_the_dead_sessions() {
         report,
         SweepReport {
             sessions_deleted: 6,
-            messages_deleted: 0
+            ..SweepReport::default()
         }
     );
     let mut want = vec![
@@ -356,4 +356,52 @@ async fn a_sweep_batch_that_loses_a_deadlock_is_retried() {
         (r.get(0), r.get(1))
     };
     assert_eq!((messages, storage), (0, 0));
+}
+
+#[tokio::test]
+async fn expired_domain_claims_are_swept_and_the_rest_kept() {
+    use e2a_store::domains::{self, DkimKeys};
+    let db = TestDb::new().await;
+    let store = Store::new(&StoreConfig::new(db.url())).unwrap();
+    let alice = user(&store, "alice@example.com").await;
+    let bob = user(&store, "bob@example.com").await;
+    let mut c = store.client().await.unwrap();
+    let keys = DkimKeys {
+        selector: "s".into(),
+        public_key_b64: "cA==".into(),
+        private_key_der: vec![0],
+    };
+    for (owner, name) in [
+        (&alice, "old.example"),
+        (&bob, "old.example"),
+        (&bob, "new.example"),
+        (&alice, "mine.example"),
+    ] {
+        domains::claim(&mut c, owner, name, &keys, 10)
+            .await
+            .unwrap();
+    }
+    domains::record_check(&mut c, &alice, "mine.example", true)
+        .await
+        .unwrap();
+    // Everything but new.example is older than the TTL; mine.example is
+    // verified, so it stays.
+    let age = (domains::PENDING_CLAIM_TTL + time::Duration::hours(1)).whole_seconds() as f64;
+    c.execute(
+        "UPDATE domains SET created_at = now() - make_interval(secs => $1) WHERE domain <> 'new.example'",
+        &[&age],
+    )
+    .await
+    .unwrap();
+
+    let report = sweep_once(&store, 1).await.unwrap();
+    assert_eq!(report.domain_claims_deleted, 2);
+    let left: Vec<String> = c
+        .query("SELECT domain FROM domains ORDER BY domain", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(left, ["mine.example", "new.example"]);
 }

@@ -541,7 +541,7 @@ async fn e2a_db(cluster: &Cluster, admin: &Client, name: &str, shape: Shape) -> 
             domains::claim(&mut c, &user, TENANT_DOMAIN, &keys, 10)
                 .await
                 .unwrap();
-            domains::record_check(&c, &user, TENANT_DOMAIN, true)
+            domains::record_check(&mut c, &user, TENANT_DOMAIN, true)
                 .await
                 .unwrap();
             for i in 0..SESSIONS {

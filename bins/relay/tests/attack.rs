@@ -191,7 +191,7 @@ async fn internationalised_addresses_end_to_end() {
         domains::claim(&mut c, &relay.user, "xn--bcher-kva.example", &keys, 10)
             .await
             .unwrap();
-        domains::record_check(&c, &relay.user, "xn--bcher-kva.example", true)
+        domains::record_check(&mut c, &relay.user, "xn--bcher-kva.example", true)
             .await
             .unwrap();
         let new = NewAgent {

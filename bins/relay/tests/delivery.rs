@@ -98,7 +98,7 @@ impl Relay {
         domains::claim(&mut c, &user, address.domain(), &keys, 10)
             .await
             .unwrap();
-        domains::record_check(&c, &user, address.domain(), true)
+        domains::record_check(&mut c, &user, address.domain(), true)
             .await
             .unwrap();
         let new = NewAgent {

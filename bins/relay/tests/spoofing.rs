@@ -84,7 +84,7 @@ impl Relay {
         domains::claim(&mut c, &user, parsed.domain(), &keys, 10)
             .await
             .unwrap();
-        domains::record_check(&c, &user, parsed.domain(), true)
+        domains::record_check(&mut c, &user, parsed.domain(), true)
             .await
             .unwrap();
         let new = NewAgent {

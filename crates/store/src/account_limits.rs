@@ -11,7 +11,7 @@
 use deadpool_postgres::GenericClient;
 use serde::Serialize;
 
-use crate::{error::Result, ids::UserId};
+use crate::{domains, error::Result, ids::UserId};
 
 /// The caps that apply to one account.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -52,7 +52,8 @@ impl Default for Limits {
 pub struct Usage {
     /// Agents owned.
     pub agents: i64,
-    /// Custom domains owned.
+    /// Custom domains held: verified ones plus pending claims that have not
+    /// expired.
     pub domains: i64,
     /// Messages stored this calendar month (UTC), both directions.
     pub messages_month: i64,
@@ -133,14 +134,15 @@ pub async fn overview(
     defaults: &Limits,
 ) -> Result<(Limits, Usage)> {
     let stmt = c
-        .prepare_cached(
+        .prepare_cached(&format!(
             "SELECT l.plan_code, l.max_agents, l.max_domains, l.max_messages_month, l.max_storage_bytes, \
                     l.max_webhooks, l.upgrade_url, \
                     (SELECT count(*) FROM agents WHERE user_id = $1), \
-                    (SELECT count(*) FROM domains WHERE user_id = $1), \
+                    (SELECT count(*) FROM domains d WHERE d.user_id = $1 AND {live}), \
                     u.messages_month, u.storage_bytes \
              FROM e2a_account_usage($1) AS u LEFT JOIN account_limits l ON l.user_id = $1",
-        )
+            live = domains::live_sql("d.")
+        ))
         .await?;
     let r = c.query_one(&stmt, &[user_id]).await?;
     let limits = limits_from_row(&r).unwrap_or_else(|| defaults.clone());
@@ -156,12 +158,13 @@ pub async fn overview(
 /// The user's current usage, read in one statement (a consistent snapshot).
 pub async fn usage(c: &impl GenericClient, user_id: &UserId) -> Result<Usage> {
     let stmt = c
-        .prepare_cached(
+        .prepare_cached(&format!(
             "SELECT (SELECT count(*) FROM agents WHERE user_id = $1), \
-                    (SELECT count(*) FROM domains WHERE user_id = $1), \
+                    (SELECT count(*) FROM domains d WHERE d.user_id = $1 AND {live}), \
                     u.messages_month, u.storage_bytes \
              FROM e2a_account_usage($1) AS u",
-        )
+            live = domains::live_sql("d.")
+        ))
         .await?;
     let r = c.query_one(&stmt, &[user_id]).await?;
     Ok(Usage {

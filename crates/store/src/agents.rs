@@ -191,12 +191,17 @@ pub async fn create(
     let domain = new.address.domain().to_owned();
     let tx = c.transaction().await?;
     users::lock(&tx, user_id).await?;
+    // The name's verified (or shared) row if there is one, else the
+    // caller's live pending claim; other accounts' pending claims are not
+    // registrations of the caller's.
+    let sql = format!(
+        "SELECT d.user_id, d.verified FROM domains d \
+         WHERE d.domain = $1 AND (d.verified OR d.user_id = $2) AND {} \
+         ORDER BY d.verified DESC LIMIT 1",
+        crate::domains::live_sql("d.")
+    );
     let row = tx
-        .query_opt(
-            &tx.prepare_cached("SELECT user_id, verified FROM domains WHERE domain = $1")
-                .await?,
-            &[&domain],
-        )
+        .query_opt(&tx.prepare_cached(&sql).await?, &[&domain, user_id])
         .await?;
     match row.map(|r| (r.get::<_, Option<UserId>>(0), r.get::<_, bool>(1))) {
         None => return Err(CreateError::DomainNotRegistered(domain)),
@@ -243,7 +248,7 @@ pub async fn create(
 /// [`StoreError::NotFound`].
 pub async fn get(c: &impl GenericClient, user_id: &UserId, address: &str) -> Result<Agent> {
     let sql = format!(
-        "SELECT {COLUMNS} FROM agents a JOIN domains d ON d.domain = a.domain WHERE a.id = $1 AND a.user_id = $2"
+        "SELECT {COLUMNS} FROM agents a JOIN domains d ON d.owned_domain = a.domain WHERE a.id = $1 AND a.user_id = $2"
     );
     c.query_opt(&c.prepare_cached(&sql).await?, &[&address, user_id])
         .await?
@@ -254,7 +259,7 @@ pub async fn get(c: &impl GenericClient, user_id: &UserId, address: &str) -> Res
 /// The caller's agents, newest first.
 pub async fn list(c: &impl GenericClient, user_id: &UserId) -> Result<Vec<Agent>> {
     let sql = format!(
-        "SELECT {COLUMNS} FROM agents a JOIN domains d ON d.domain = a.domain WHERE a.user_id = $1 \
+        "SELECT {COLUMNS} FROM agents a JOIN domains d ON d.owned_domain = a.domain WHERE a.user_id = $1 \
          ORDER BY a.created_at DESC, a.id"
     );
     Ok(c.query(&c.prepare_cached(&sql).await?, &[user_id])
@@ -409,7 +414,7 @@ pub async fn resolve_recipient(
                     u.messages_month >= COALESCE(l.max_messages_month::int8, $2::int8), \
                     u.storage_bytes >= COALESCE(l.max_storage_bytes, $3::int8) \
              FROM agents a \
-             JOIN domains d ON d.domain = a.domain \
+             JOIN domains d ON d.owned_domain = a.domain \
              CROSS JOIN LATERAL e2a_account_usage(a.user_id) AS u \
              LEFT JOIN account_limits l ON l.user_id = a.user_id \
              WHERE a.id = $1 AND d.verified",

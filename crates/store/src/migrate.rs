@@ -100,10 +100,21 @@ pub fn run_skip() -> Result<MigrationReport, MigrateError> {
     })
 }
 
-/// Names of every migration embedded in this build, as `V{n}__{name}`, in order.
+/// Names of every migration embedded in this build, as `V{n}__{name}`, in
+/// version order (refinery lists them by file name, where `V10` sorts
+/// before `V2`).
 pub fn embedded_names() -> Vec<String> {
-    let runner = embedded::migrations::runner();
-    runner.get_migrations().iter().map(label).collect()
+    by_version(&embedded::migrations::runner())
+        .iter()
+        .map(label)
+        .collect()
+}
+
+/// The runner's migrations in version order.
+fn by_version(runner: &refinery::Runner) -> Vec<refinery::Migration> {
+    let mut migrations = runner.get_migrations().clone();
+    migrations.sort_by_key(refinery::Migration::version);
+    migrations
 }
 
 fn label(m: &refinery::Migration) -> String {
@@ -146,7 +157,7 @@ async fn run_locked(
 ) -> Result<MigrationReport, MigrateError> {
     let mut runner = embedded::migrations::runner();
     runner.set_migration_table_name(HISTORY_TABLE);
-    let known = runner.get_migrations().clone();
+    let known = by_version(&runner);
     let applied = applied_migrations(client).await?;
 
     let unknown: Vec<String> = applied

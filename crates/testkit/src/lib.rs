@@ -17,8 +17,10 @@
 //!   leftover databases of *this host's* processes that no longer run are
 //!   swept on first use, never those of other hosts.
 //! * otherwise: one throwaway cluster per test process (see [`cluster`]),
-//!   started lazily on first use under `<target>/e2a-testpg/<pid>-<n>` and
-//!   stopped and removed when the process exits, however it exits.
+//!   started lazily on first use under `<target>/e2a-testpg/<pid>-<n>` (or
+//!   `<temp>/e2a-testpg/…` when the server's OS user cannot enter the target
+//!   directory; see [`cluster_base_dirs`]) and stopped and removed when the
+//!   process exits, however it exits.
 //!
 //! Either way each [`TestDb::new`] is a `CREATE DATABASE … TEMPLATE
 //! e2a_tpl_<hash>` ([`template_db`]), where `<hash>` covers the labels and
@@ -616,26 +618,65 @@ fn create_empty_sql(name: &str) -> String {
     format!("CREATE DATABASE {name} TEMPLATE template0 ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C'")
 }
 
-/// Creates, starts and ties to this process a throwaway cluster under the
-/// target directory (the OS temp dir when that is unusable). Blocking.
+/// Creates, starts and ties to this process a throwaway cluster in the first
+/// usable of [`cluster_base_dirs`]. Blocking.
 fn start_throwaway_cluster() -> Result<(Cluster, Reaper), ClusterError> {
     let bins = PgBinaries::find()?;
+    let leaf = format!(
+        "{}-{}",
+        std::process::id(),
+        CLUSTER_COUNTER.fetch_add(1, Ordering::Relaxed)
+    );
+    let (mut cluster, reaper) = init_throwaway_cluster(&bins, &cluster_base_dirs(), &leaf)?;
+    cluster.start(PortChoice::AnyFree)?;
+    Ok((cluster, reaper))
+}
+
+/// Where throwaway clusters are created, in order of preference:
+/// `<target>/e2a-testpg` (when [`target_dir`] finds one), then
+/// `<temp>/e2a-testpg`.
+///
+/// The target directory is preferred (it is removed by `cargo clean` and
+/// never shared between checkouts), but it is unusable when the server runs
+/// as another OS user who cannot enter it: as root, PostgreSQL runs as
+/// `postgres`, which cannot search a checkout under `/root` or inside a
+/// `0700` directory. [`init_throwaway_cluster`] then falls back to the next
+/// base. Every cluster the testkit creates, and the testkit's own tests,
+/// choose their directory this way.
+pub fn cluster_base_dirs() -> Vec<PathBuf> {
     let mut bases: Vec<PathBuf> = target_dir()
         .map(|t| t.join(TEST_CLUSTERS_DIR))
         .into_iter()
         .collect();
     bases.push(std::env::temp_dir().join(TEST_CLUSTERS_DIR));
+    bases
+}
+
+/// Initialises (but does not start) a throwaway cluster in `<base>/<leaf>`
+/// for the first of `bases` where that works, and ties it to this process
+/// with a [`Reaper`] spawned before `initdb` (dropping the reaper stops the
+/// cluster and removes its directory). Blocking.
+///
+/// A base is skipped when it cannot be created or when the OS user the
+/// server runs as cannot reach the directory
+/// ([`ClusterError::DataDirNotAccessible`] or [`ClusterError::Io`]); the
+/// error of the last base tried is returned when none works. Any other
+/// error (no binaries, `initdb` failing) is returned at once. `leaf` should
+/// start with `<pid>-` so that directories left by dead processes are swept
+/// (once per base and process, before the first cluster is created there);
+/// an existing `<base>/<leaf>` is removed first (a crashed earlier process
+/// with the same pid left it).
+pub fn init_throwaway_cluster(
+    bins: &PgBinaries,
+    bases: &[PathBuf],
+    leaf: &str,
+) -> Result<(Cluster, Reaper), ClusterError> {
     let mut last_err = None;
     for base in bases {
-        sweep_dead_cluster_dirs(&base);
-        let dir = base.join(format!(
-            "{}-{}",
-            std::process::id(),
-            CLUSTER_COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        // Same pid as a crashed earlier process: its directory is stale.
+        sweep_dead_cluster_dirs(base);
+        let dir = base.join(leaf);
         let _ = std::fs::remove_dir_all(&dir);
-        if let Err(e) = std::fs::create_dir_all(&base) {
+        if let Err(e) = std::fs::create_dir_all(base) {
             last_err = Some(ClusterError::Io {
                 context: format!("creating {}", base.display()),
                 source: e,
@@ -644,12 +685,9 @@ fn start_throwaway_cluster() -> Result<(Cluster, Reaper), ClusterError> {
         }
         // Before initdb, so that even an interrupted creation is removed;
         // dropping it (on any error below) removes the directory.
-        let reaper = Reaper::spawn(&bins, &dir)?;
+        let reaper = Reaper::spawn(bins, &dir)?;
         match Cluster::init(bins.clone(), &dir, &ClusterOptions::throwaway()) {
-            Ok(mut cluster) => {
-                cluster.start(PortChoice::AnyFree)?;
-                return Ok((cluster, reaper));
-            }
+            Ok(cluster) => return Ok((cluster, reaper)),
             // Unusable directory (e.g. another user's target/): try the next base.
             Err(e @ (ClusterError::DataDirNotAccessible { .. } | ClusterError::Io { .. })) => {
                 last_err = Some(e)

@@ -1,11 +1,15 @@
 //! `/v1/domains…`: register, list, get, set primary, delete and verify the caller's
 //! custom mail domains.
 //!
-//! Registering mints the verification token and an RSA-2048 DKIM key pair
-//! (`e2a_mail::dkim_keys`, off the async executor and bounded by
-//! [`AppState::keygen`]); a re-registration by the owner returns the
-//! existing row without generating anything. The configured shared domain
-//! is reserved. Another user's domain is 404 on every route, like a missing
+//! Registering creates a pending claim with its own verification token and
+//! RSA-2048 DKIM key pair (`e2a_mail::dkim_keys`, off the async executor and
+//! bounded by [`AppState::keygen`]); a re-registration by the same account
+//! returns the existing row without generating anything. Several accounts
+//! may hold pending claims of one name: the first to verify owns it and the
+//! others' claims end (see `e2a_store::domains`). A name that is — or is
+//! under — another account's verified domain is `400 domain_unavailable`,
+//! both to register and to verify. The configured shared domain is
+//! reserved. Another user's domain is 404 on every route, like a missing
 //! one; verification never un-verifies (spec §3.9).
 
 use axum::{
@@ -246,7 +250,7 @@ pub async fn create(
             Err(StoreError::NotFound) => {}
             Err(e) => return Err(e.into()),
         }
-        if domains::held_by_another(&client, &caller.user_id, &domain).await? {
+        if domains::verified_by_another(&client, &caller.user_id, &domain).await? {
             return Err(domain_unavailable());
         }
         let limits =
@@ -282,7 +286,7 @@ pub async fn create(
 fn domain_unavailable() -> ApiError {
     ApiError::bad_request(
         "domain_unavailable",
-        "this domain is registered to another account",
+        "this domain, or a domain it is under, is verified by another account",
     )
 }
 
@@ -319,8 +323,12 @@ struct VerifyDomainView {
 
 /// `POST /v1/domains/{domain}/verify`: records the attempt, probes DNS
 /// (production) and marks the domain verified when the TXT token is
-/// published. 200 when verified (now or before), 412 with the same body
-/// (`verified: false`) when the token is missing.
+/// published, ending other accounts' pending claims of it. 200 when verified
+/// (now or before), 412 with the same body (`verified: false`) when the
+/// token is missing, 400 `domain_unavailable` when another account verified
+/// the name (or a domain above it) first — that account's claim won and the
+/// caller's is gone (also when it was gone before this request) — and 404
+/// when the caller holds no claim of an otherwise free name.
 pub async fn verify(
     State(state): State<AppState>,
     caller: Caller,
@@ -329,9 +337,17 @@ pub async fn verify(
     let domain = path_domain(&domain)?;
     let current = {
         let client = state.store.client().await?;
-        domains::get(&client, &caller.user_id, &domain)
-            .await
-            .map_err(domain_store_error)?
+        match domains::get(&client, &caller.user_id, &domain).await {
+            Ok(current) => current,
+            // The caller's claim ended because another account verified the
+            // name (or a domain above it) first: say so rather than 404.
+            Err(StoreError::NotFound)
+                if domains::verified_by_another(&client, &caller.user_id, &domain).await? =>
+            {
+                return Err(domain_unavailable());
+            }
+            Err(e) => return Err(domain_store_error(e)),
+        }
     };
     // No pooled connection is held across the DNS lookups.
     let probe = if state.production {
@@ -339,10 +355,13 @@ pub async fn verify(
     } else {
         Probe::development(&current)
     };
-    let client = state.store.client().await?;
-    let updated = domains::record_check(&client, &caller.user_id, &domain, probe.txt_found)
+    let mut client = state.store.client().await?;
+    let updated = domains::record_check(&mut client, &caller.user_id, &domain, probe.txt_found)
         .await
-        .map_err(domain_store_error)?;
+        .map_err(|e| match e {
+            StoreError::Conflict { .. } => domain_unavailable(),
+            other => domain_store_error(other),
+        })?;
     if updated.verified && !current.verified {
         tracing::info!(domain = %updated.domain, "domain verified");
     }

@@ -24,7 +24,9 @@ pub async fn verified_domain(store: &Store, user: &UserId, domain: &str) {
     domains::claim(&mut c, user, domain, &super::domains::keys(), 100)
         .await
         .unwrap();
-    domains::record_check(&c, user, domain, true).await.unwrap();
+    domains::record_check(&mut c, user, domain, true)
+        .await
+        .unwrap();
 }
 
 /// Creates a local agent (its domain must be usable by `user`).
@@ -60,7 +62,7 @@ async fn agents_live_on_verified_own_domains_or_the_shared_domain() {
         .await
         .unwrap_err();
     assert!(matches!(err, CreateError::DomainNotVerified(_)), "{err:?}");
-    domains::record_check(&c, &alice, "alice.example", true)
+    domains::record_check(&mut c, &alice, "alice.example", true)
         .await
         .unwrap();
     let a = agents::create(&mut c, &alice, &local("X@Alice.Example"), 10)
@@ -234,12 +236,20 @@ async fn recipients_resolve_only_on_verified_domains() {
         .unwrap()
         .is_none()
     );
-    c.execute(
-        "UPDATE domains SET verified = false WHERE domain = 'alice.example'",
-        &[],
-    )
-    .await
-    .unwrap();
+    // A domain with agents can no longer lose its verification, so an
+    // agent can never sit on an unverified domain (V10).
+    let err = c
+        .execute(
+            "UPDATE domains SET verified = false WHERE domain = 'alice.example'",
+            &[],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION),
+        "{err}"
+    );
     assert!(
         agents::resolve_recipient(
             &c,
@@ -248,7 +258,7 @@ async fn recipients_resolve_only_on_verified_domains() {
         )
         .await
         .unwrap()
-        .is_none()
+        .is_some()
     );
 }
 
@@ -278,6 +288,45 @@ async fn the_database_keeps_agents_on_their_owners_domains() {
         err.code(),
         Some(&tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION),
         "{err}"
+    );
+
+    // Nor on a domain that is only claimed, not verified: his own pending
+    // claim, or a pending claim of his on Alice's name (which the store never
+    // creates, but a bypassing caller might).
+    let mut cm = store.client().await.unwrap();
+    domains::claim(&mut cm, &bob, "bob.example", &super::domains::keys(), 10)
+        .await
+        .unwrap();
+    c.execute(
+        "INSERT INTO domains (domain, user_id, verification_token) VALUES ('alice.example', $1, 'e2a-verify=0')",
+        &[&bob.as_str()],
+    )
+    .await
+    .unwrap();
+    for (id, domain) in [
+        ("pending@bob.example", "bob.example"),
+        ("sneaky@alice.example", "alice.example"),
+    ] {
+        let err = c
+            .execute(
+                "INSERT INTO agents (id, user_id, domain, agent_mode) VALUES ($1, $2, $3, 'local')",
+                &[&id, &bob.as_str(), &domain],
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.code(),
+            Some(&tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION),
+            "{id}: {err}"
+        );
+    }
+    // And the store says why.
+    let err = agents::create(&mut cm, &bob, &local("x@alice.example"), 10)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, CreateError::DomainNotRegistered(_)),
+        "{err:?}"
     );
 
     // Deleting Alice takes her domain and its agents in one statement; Bob's
