@@ -273,10 +273,17 @@ impl Gateway {
         let mut secrets: HashMap<UserId, SigningSecret> = HashMap::new();
         let mut deliveries = Vec::with_capacity(recipients.len());
         {
-            let mut client = self.store.client().await?;
             for r in recipients {
                 if !secrets.contains_key(&r.user_id) {
-                    let secret = signing_secrets::newest_or_create(&mut client, &r.user_id).await?;
+                    // Read with the recipient at RCPT (no extra round trip);
+                    // created under the user lock on the owner's first mail.
+                    let secret = match &r.signing_secret {
+                        Some(secret) => secret.clone(),
+                        None => {
+                            let mut client = self.store.client().await?;
+                            signing_secrets::newest_or_create(&mut client, &r.user_id).await?
+                        }
+                    };
                     secrets.insert(r.user_id.clone(), secret);
                 }
                 let secret = &secrets[&r.user_id];

@@ -13,7 +13,9 @@ use crate::{
     account_limits::Limits,
     address::EmailAddress,
     error::{Result, StoreError},
+    ids::SigningSecretId,
     ids::UserId,
+    signing_secrets::SigningSecret,
     users,
 };
 
@@ -384,6 +386,10 @@ pub struct Recipient {
     /// The owner's account is at or over a cap (spec §6.2: monthly messages
     /// first, then storage): the relay answers `552 5.2.2`.
     pub over_quota: Option<Quota>,
+    /// The owner's newest signing secret at lookup time (`None` when the
+    /// owner has none yet: see [`crate::signing_secrets::newest_or_create`]),
+    /// read in the same statement so signing costs no extra round trip.
+    pub signing_secret: Option<SigningSecret>,
 }
 
 /// Which account cap a recipient's owner has reached.
@@ -412,11 +418,15 @@ pub async fn resolve_recipient(
         .prepare_cached(
             "SELECT a.id, a.user_id, a.agent_mode, a.reject_dmarc_failures, \
                     u.messages_month >= COALESCE(l.max_messages_month::int8, $2::int8), \
-                    u.storage_bytes >= COALESCE(l.max_storage_bytes, $3::int8) \
+                    u.storage_bytes >= COALESCE(l.max_storage_bytes, $3::int8), \
+                    s.id, s.secret \
              FROM agents a \
              JOIN domains d ON d.owned_domain = a.domain \
              CROSS JOIN LATERAL e2a_account_usage(a.user_id) AS u \
              LEFT JOIN account_limits l ON l.user_id = a.user_id \
+             LEFT JOIN LATERAL (SELECT id, secret FROM webhook_signing_secrets \
+                                 WHERE user_id = a.user_id \
+                                 ORDER BY created_at DESC, id DESC LIMIT 1) s ON true \
              WHERE a.id = $1 AND d.verified",
         )
         .await?;
@@ -441,5 +451,11 @@ pub async fn resolve_recipient(
         } else {
             None
         },
+        signing_secret: r
+            .get::<_, Option<SigningSecretId>>(6)
+            .map(|id| SigningSecret {
+                id,
+                secret: r.get(7),
+            }),
     }))
 }

@@ -226,6 +226,21 @@ async fn recipients_resolve_only_on_verified_domains() {
     .unwrap();
     assert_eq!((r.agent_id, r.user_id), (a.id.clone(), alice.clone()));
     assert_eq!(r.over_quota, None);
+    assert_eq!(r.signing_secret, None, "no secret yet");
+    // Once the owner has a secret, the lookup carries the newest one.
+    let mut cm = store.client().await.unwrap();
+    let secret = e2a_store::signing_secrets::newest_or_create(&mut cm, &alice)
+        .await
+        .unwrap();
+    let r = agents::resolve_recipient(
+        &c,
+        &EmailAddress::parse("bot@alice.example").unwrap(),
+        &Limits::default(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(r.signing_secret, Some(secret));
     assert!(
         agents::resolve_recipient(
             &c,
