@@ -4,6 +4,8 @@
 //! judged, and the per-agent DMARC opt-in cannot be sidestepped with
 //! several `From` domains or a DNS failure.
 
+mod common;
+
 use std::{net::SocketAddr, time::Duration};
 
 use e2a_mail::auth::{Authenticator, RecordCache};
@@ -11,11 +13,8 @@ use e2a_relay::{Config, Listeners};
 use e2a_runtime::{BoxError, CancellationToken};
 use e2a_store::{
     Store, StoreConfig,
-    address::EmailAddress,
-    agents::{self, AgentMode, AgentPatch, NewAgent},
-    domains::{self, DkimKeys},
+    agents::{self, AgentPatch},
     ids::UserId,
-    users,
 };
 use e2a_testkit::TestDb;
 use serde_json::Value;
@@ -70,35 +69,13 @@ impl Relay {
     /// A user owning a verified domain with one local agent on it,
     /// optionally opted in to DMARC rejection.
     async fn agent(&self, email: &str, address: &str, reject_dmarc_failures: bool) -> UserId {
-        let mut c = self.store.client().await.unwrap();
-        let user = users::create(&c, &EmailAddress::parse(email).unwrap(), "")
-            .await
-            .unwrap()
-            .id;
-        let parsed = EmailAddress::parse(address).unwrap();
-        let keys = DkimKeys {
-            selector: "s".into(),
-            public_key_b64: "cA==".into(),
-            private_key_der: vec![0],
-        };
-        domains::claim(&mut c, &user, parsed.domain(), &keys, 10)
-            .await
-            .unwrap();
-        domains::record_check(&mut c, &user, parsed.domain(), true)
-            .await
-            .unwrap();
-        let new = NewAgent {
-            address: parsed,
-            name: String::new(),
-            webhook_url: String::new(),
-            agent_mode: AgentMode::Local,
-        };
-        agents::create(&mut c, &user, &new, 10).await.unwrap();
+        let user = common::owner_with_agent(&self.store, email, address).await;
         if reject_dmarc_failures {
             let opt_in = AgentPatch {
                 reject_dmarc_failures: Some(true),
                 ..AgentPatch::default()
             };
+            let c = self.store.client().await.unwrap();
             agents::update(&c, &user, address, &opt_in).await.unwrap();
         }
         user

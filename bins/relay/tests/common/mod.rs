@@ -79,29 +79,7 @@ impl Relay {
 
     /// A user owning the verified domain of [`AGENT`], and the agent.
     pub async fn agent(store: &Store) -> UserId {
-        let mut c = store.client().await.unwrap();
-        let email = EmailAddress::parse("alice@example.com").unwrap();
-        let user = users::create(&c, &email, "").await.unwrap().id;
-        let address = EmailAddress::parse(AGENT).unwrap();
-        let keys = DkimKeys {
-            selector: "s".into(),
-            public_key_b64: "cA==".into(),
-            private_key_der: vec![0],
-        };
-        domains::claim(&mut c, &user, address.domain(), &keys, 10)
-            .await
-            .unwrap();
-        domains::record_check(&mut c, &user, address.domain(), true)
-            .await
-            .unwrap();
-        let new = NewAgent {
-            address,
-            name: String::new(),
-            webhook_url: String::new(),
-            agent_mode: AgentMode::Local,
-        };
-        agents::create(&mut c, &user, &new, 10).await.unwrap();
-        user
+        owner_with_agent(store, "alice@example.com", AGENT).await
     }
 
     pub async fn count(&self, sql: &str) -> i64 {
@@ -317,4 +295,34 @@ impl RelayProcess {
             .unwrap()
             .get(0)
     }
+}
+
+/// A new user `email` owning the (verified) domain of `address`, and a local
+/// agent at `address`.
+pub async fn owner_with_agent(store: &Store, email: &str, address: &str) -> UserId {
+    let mut c = store.client().await.unwrap();
+    let user = users::create(&c, &EmailAddress::parse(email).unwrap(), "")
+        .await
+        .unwrap()
+        .id;
+    let address = EmailAddress::parse(address).unwrap();
+    let keys = DkimKeys {
+        selector: "s".into(),
+        public_key_b64: "cA==".into(),
+        private_key_der: vec![0],
+    };
+    domains::claim(&mut c, &user, address.domain(), &keys, 10)
+        .await
+        .unwrap();
+    domains::record_check(&mut c, &user, address.domain(), true)
+        .await
+        .unwrap();
+    let new = NewAgent {
+        address,
+        name: String::new(),
+        webhook_url: String::new(),
+        agent_mode: AgentMode::Local,
+    };
+    agents::create(&mut c, &user, &new, 10).await.unwrap();
+    user
 }
