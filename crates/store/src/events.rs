@@ -10,6 +10,7 @@ use serde_json::Value;
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
 use crate::{
+    Store,
     error::Result,
     ids::{EventId, UserId},
     secret,
@@ -90,6 +91,50 @@ pub async fn append(c: &impl GenericClient, event: &NewEvent<'_>) -> Result<bool
         )
         .await?;
     Ok(n == 1)
+}
+
+/// How long a deferred wake-up may wait for more commits to share it.
+pub const WAKE_WINDOW: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// Turns off the per-commit `NOTIFY` of the event trigger for the rest of
+/// transaction `tx` (V11). The caller must call [`wake_deliverer`] after
+/// the commit. One statement.
+pub async fn defer_notify(tx: &impl GenericClient) -> Result<()> {
+    let stmt = tx
+        .prepare_cached("SELECT set_config('e2a.defer_notify', 'on', true)")
+        .await?;
+    tx.query_one(&stmt, &[]).await?;
+    Ok(())
+}
+
+/// Wakes the deliverer for events committed with [`defer_notify`]: sends
+/// `NOTIFY webhook_events_new` at most [`WAKE_WINDOW`] later, one
+/// notification for every commit in that window, from a short-lived task
+/// (never on the caller's path).
+///
+/// Guarantee: a notification is sent after every call. A call either
+/// schedules the send, or finds one scheduled whose flag it saw before that
+/// send clears it, and the flag is cleared before the `NOTIFY` goes out, so
+/// the send happens after the caller's commit. Best effort like any NOTIFY:
+/// on a database error the deliverer's own polling picks the events up.
+pub fn wake_deliverer(store: &Store) {
+    use std::sync::atomic::Ordering;
+    if store.event_wake_pending.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let store = store.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(WAKE_WINDOW).await;
+        store.event_wake_pending.store(false, Ordering::Release);
+        let sent = async {
+            let client = store.client().await?;
+            client.batch_execute("NOTIFY webhook_events_new").await?;
+            Ok::<_, crate::StoreError>(())
+        };
+        if let Err(e) = sent.await {
+            tracing::warn!(error = %crate::error::chain(&e), "waking the deliverer failed; it will poll");
+        }
+    });
 }
 
 /// The envelope of event `id` as it goes on the wire, or `None` when there

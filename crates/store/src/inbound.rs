@@ -17,6 +17,10 @@
 //!   and nowhere else; the `email.received` event carries no copy of it (its
 //!   `raw_message` is filled in from the row when the event is rendered for
 //!   delivery, see [`crate::events::render`]).
+//! * **Wake-up:** the events' per-commit NOTIFY is deferred (V11) and sent
+//!   coalesced after the commit ([`events::wake_deliverer`]): a NOTIFY in
+//!   the committing transaction would serialise every ingest commit on the
+//!   notification-queue lock.
 //! * **Lock order:** copies are written in (owner, agent) order whatever the
 //!   RCPT order, so two messages to the same agents cannot deadlock each
 //!   other on the counters or rows they lock.
@@ -127,9 +131,10 @@ pub async fn ingest(
     deliveries: &[Delivery],
 ) -> Result<Vec<Outcome>> {
     let ctx = Ctx { mail, deliveries };
-    store
+    let outcomes = store
         .transaction(&ctx, |tx, ctx| {
             Box::pin(async move {
+                events::defer_notify(tx).await?;
                 // One global lock order: by owner, then agent.
                 let mut order: Vec<usize> = (0..ctx.deliveries.len()).collect();
                 order.sort_by(|&a, &b| {
@@ -141,10 +146,14 @@ pub async fn ingest(
                 for i in order {
                     outcomes[i] = Some(store_one(tx, ctx, &ctx.deliveries[i]).await?);
                 }
-                Ok(outcomes.into_iter().flatten().collect())
+                Ok(outcomes.into_iter().flatten().collect::<Vec<_>>())
             })
         })
-        .await
+        .await?;
+    if outcomes.iter().any(|o| matches!(o, Outcome::Stored { .. })) {
+        events::wake_deliverer(store);
+    }
+    Ok(outcomes)
 }
 
 async fn store_one(tx: &Transaction<'_>, ctx: &Ctx<'_>, d: &Delivery) -> Result<Outcome> {

@@ -2,7 +2,13 @@
 //! bounded connection, acquisition and statement timeouts, a readiness ping,
 //! pool statistics, migrations and a retrying transaction helper.
 
-use std::{future::Future, pin::Pin, str::FromStr, time::Duration};
+use std::{
+    future::Future,
+    pin::Pin,
+    str::FromStr,
+    sync::{Arc, atomic::AtomicBool},
+    time::Duration,
+};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Transaction};
 use tokio_postgres::{IsolationLevel, NoTls};
@@ -93,6 +99,9 @@ pub const TX_MAX_ATTEMPTS: u32 = 5;
 pub struct Store {
     pool: Pool,
     pg_config: tokio_postgres::Config,
+    /// A coalesced `NOTIFY webhook_events_new` is scheduled (see
+    /// [`crate::events::wake_deliverer`]).
+    pub(crate) event_wake_pending: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Store {
@@ -134,7 +143,11 @@ impl Store {
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|e| ConfigError::Pool(e.to_string()))?;
-        Ok(Self { pool, pg_config })
+        Ok(Self {
+            pool,
+            pg_config,
+            event_wake_pending: Arc::new(AtomicBool::new(false)),
+        })
     }
 
     /// A pooled client. [`StoreError::Unavailable`] when none can be had

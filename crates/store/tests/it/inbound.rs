@@ -448,3 +448,84 @@ async fn threading_lookups_use_their_indexes() {
         .unwrap();
     assert!(found.is_some_and(|id| id.starts_with("cnv_")));
 }
+
+/// V11: a transaction that defers its NOTIFY commits without one, and the
+/// coalesced wake-up sends it afterwards; writers that do not defer still
+/// notify at commit.
+#[tokio::test]
+async fn deferred_notifications_come_from_the_coalesced_wake_up() {
+    let (db, store) = super::store().await;
+    let alice = super::user(&store, "alice@example.com").await;
+    let (listener, mut connection) = tokio_postgres::connect(db.url(), NoTls).await.unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(Ok(msg)) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            if let AsyncMessage::Notification(n) = msg {
+                let _ = tx.send(n.channel().to_owned());
+            }
+        }
+    });
+    listener
+        .batch_execute("LISTEN webhook_events_new")
+        .await
+        .unwrap();
+    let append = |defer: bool| {
+        let (store, alice) = (store.clone(), alice.clone());
+        async move {
+            let mut c = store.client().await.unwrap();
+            let tx = c.transaction().await.unwrap();
+            if defer {
+                events::defer_notify(&tx).await.unwrap();
+            }
+            let id = EventId::new();
+            let envelope = json!({"event": "email.received"});
+            events::append(
+                &tx,
+                &events::NewEvent {
+                    id: &id,
+                    user_id: &alice,
+                    event_type: events::EMAIL_RECEIVED,
+                    envelope: &envelope,
+                    agent_id: None,
+                    conversation_id: None,
+                    message_id: None,
+                    labels: &[],
+                },
+            )
+            .await
+            .unwrap();
+            tx.commit().await.unwrap();
+        }
+    };
+    let quiet = std::time::Duration::from_millis(300);
+    append(true).await;
+    assert!(
+        tokio::time::timeout(quiet, rx.recv()).await.is_err(),
+        "a deferring commit sends no NOTIFY of its own"
+    );
+    events::wake_deliverer(&store);
+    let woken = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
+        .await
+        .expect("the wake-up notifies")
+        .unwrap();
+    assert_eq!(woken, "webhook_events_new");
+    // Many wake-ups within one window share a notification.
+    for _ in 0..50 {
+        events::wake_deliverer(&store);
+    }
+    tokio::time::sleep(quiet).await;
+    let mut shared = 0;
+    while rx.try_recv().is_ok() {
+        shared += 1;
+    }
+    assert!(
+        (1..50).contains(&shared),
+        "{shared} notifications for 50 wake-ups"
+    );
+    // A writer that does not defer still notifies at commit.
+    append(false).await;
+    tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
+        .await
+        .expect("the trigger notifies at commit")
+        .unwrap();
+}
