@@ -37,8 +37,11 @@ CREATE FUNCTION e2a_usage_slot() RETURNS smallint
 AS $$ SELECT (pg_backend_pid() % 64)::smallint $$;
 
 -- A tenant's usage: storage bytes (floored at 0) and messages this UTC month.
-CREATE FUNCTION e2a_account_usage(p_user_id text,
-                                  OUT storage_bytes bigint, OUT messages_month bigint)
+-- Always exactly one row (an aggregate without GROUP BY). Declared as a
+-- table function so the planner inlines it into the calling query (the
+-- recipient lookup at every RCPT) instead of calling and re-planning it.
+CREATE FUNCTION e2a_account_usage(p_user_id text)
+    RETURNS TABLE (storage_bytes bigint, messages_month bigint)
     LANGUAGE sql STABLE PARALLEL SAFE
 AS $$
     SELECT GREATEST(COALESCE(sum(u.storage_bytes), 0), 0)::bigint,
