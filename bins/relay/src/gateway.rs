@@ -130,7 +130,7 @@ impl Gateway {
                 };
                 authenticator.authenticate(&input).await
             }
-            None => e2a_mail::cpu::run(|| AuthVerdict::unchecked(raw)).await,
+            None => e2a_mail::cpu::run_for(raw.len(), || AuthVerdict::unchecked(raw)).await,
         }
     }
 }
@@ -159,7 +159,7 @@ impl Backend for Gateway {
 
     async fn deliver(&self, envelope: &Envelope<Recipient>, raw: Vec<u8>) -> DeliveryOutcome {
         // Parsed and hashed once, off the executor.
-        let (parsed, body_sha256) = e2a_mail::cpu::run(|| {
+        let (parsed, body_sha256) = e2a_mail::cpu::run_for(raw.len(), || {
             (
                 e2a_mail::parse::parse(&raw),
                 e2a_store::inbound::body_sha256(&raw),

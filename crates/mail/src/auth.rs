@@ -895,7 +895,7 @@ impl Authenticator {
 
         // Header parsing and the DKIM body hashes (one per canonicalization
         // the signatures ask for) are the CPU-heavy part: off the executor.
-        let (message, from) = crate::cpu::run(|| {
+        let (message, from) = crate::cpu::run_for(input.raw.len(), || {
             let message = AuthenticatedMessage::parse(input.raw);
             let from = FromFacts::of(message.as_ref(), input.raw);
             (message, from)

@@ -10,7 +10,9 @@
 //! message is parsed and hashed in place, once.
 //!
 //! On a current-thread runtime (unit tests) there is no other worker to
-//! hand tasks to, and the closure simply runs inline.
+//! hand tasks to, and the closure simply runs inline. [`run_for`] also runs
+//! small inputs inline (below [`INLINE_BYTES`]), where the hand-off would
+//! cost more than the work.
 
 use std::sync::OnceLock;
 
@@ -26,6 +28,21 @@ fn permits() -> &'static Semaphore {
         let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
         Semaphore::new(cpus.max(1))
     })
+}
+
+/// Messages smaller than this are parsed and hashed inline: the work takes
+/// well under a millisecond, less than handing the worker thread off would
+/// cost.
+pub const INLINE_BYTES: usize = 64 * 1024;
+
+/// Runs `work` over `bytes` of input: inline below [`INLINE_BYTES`], else
+/// through [`run`].
+pub async fn run_for<R>(bytes: usize, work: impl FnOnce() -> R) -> R {
+    if bytes < INLINE_BYTES {
+        work()
+    } else {
+        run(work).await
+    }
 }
 
 /// Runs `work` off the executor (see the module docs) and returns its result.
