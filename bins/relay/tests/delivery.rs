@@ -3,6 +3,8 @@
 //! on a real socket, backed by a real database; SPF/DKIM/DMARC answer from
 //! recorded DNS records.
 
+mod common;
+
 use std::{net::SocketAddr, time::Duration};
 
 use e2a_mail::auth::{Authenticator, RecordCache};
@@ -10,11 +12,8 @@ use e2a_relay::{Config, Listeners};
 use e2a_runtime::{BoxError, CancellationToken};
 use e2a_store::{
     Store, StoreConfig,
-    address::EmailAddress,
-    agents::{self, AgentMode, AgentPatch, NewAgent},
-    domains::{self, DkimKeys},
+    agents::{self, AgentPatch},
     ids::UserId,
-    users,
 };
 use e2a_testkit::{PrivateCluster, TestDb};
 use mail_send::{SmtpClientBuilder, smtp::message::Message};
@@ -79,36 +78,7 @@ impl Relay {
 
     /// A user owning a verified domain with one local agent on it.
     async fn agent(&self, email: &str, address: &str) -> UserId {
-        let mut c = self.store.client().await.unwrap();
-        let user = match users::create(&c, &EmailAddress::parse(email).unwrap(), "").await {
-            Ok(u) => u.id,
-            Err(_) => {
-                users::get_by_email(&c, &EmailAddress::parse(email).unwrap())
-                    .await
-                    .unwrap()
-                    .id
-            }
-        };
-        let address = EmailAddress::parse(address).unwrap();
-        let keys = DkimKeys {
-            selector: "s".into(),
-            public_key_b64: "cA==".into(),
-            private_key_der: vec![0],
-        };
-        domains::claim(&mut c, &user, address.domain(), &keys, 10)
-            .await
-            .unwrap();
-        domains::record_check(&mut c, &user, address.domain(), true)
-            .await
-            .unwrap();
-        let new = NewAgent {
-            address,
-            name: String::new(),
-            webhook_url: String::new(),
-            agent_mode: AgentMode::Local,
-        };
-        agents::create(&mut c, &user, &new, 10).await.unwrap();
-        user
+        common::owner_with_agent(&self.store, email, address).await
     }
 
     async fn rows(&self, sql: &str) -> Vec<tokio_postgres::Row> {

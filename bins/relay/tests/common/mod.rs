@@ -297,14 +297,15 @@ impl RelayProcess {
     }
 }
 
-/// A new user `email` owning the (verified) domain of `address`, and a local
-/// agent at `address`.
+/// The user `email` (created unless it exists) owning the (verified) domain
+/// of `address`, and a local agent at `address`.
 pub async fn owner_with_agent(store: &Store, email: &str, address: &str) -> UserId {
     let mut c = store.client().await.unwrap();
-    let user = users::create(&c, &EmailAddress::parse(email).unwrap(), "")
-        .await
-        .unwrap()
-        .id;
+    let email = EmailAddress::parse(email).unwrap();
+    let user = match users::create(&c, &email, "").await {
+        Ok(user) => user.id,
+        Err(_) => users::get_by_email(&c, &email).await.unwrap().id,
+    };
     let address = EmailAddress::parse(address).unwrap();
     let keys = DkimKeys {
         selector: "s".into(),
