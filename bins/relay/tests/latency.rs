@@ -21,8 +21,8 @@ async fn ehlo_stays_prompt_while_large_messages_are_processed() {
         ("TOKIO_WORKER_THREADS", "1"),
     ])
     .await;
-    // A multipart message of many base64 parts: MIME parsing decodes every
-    // one of them, real work for the parser.
+    // A multipart message of ~10 000 small base64 parts: MIME parsing
+    // decodes every one of them, real work for the parser.
     let mut body = format!(
         "From: sender@remote.test\r\nTo: {}\r\nSubject: big\r\nMessage-ID: <big@remote.test>\r\n\
          MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b\"\r\n\r\n",
@@ -40,7 +40,7 @@ async fn ehlo_stays_prompt_while_large_messages_are_processed() {
             )
             .as_bytes(),
         );
-        for _ in 0..100 {
+        for _ in 0..8 {
             body.extend_from_slice(line.as_bytes());
         }
         part += 1;
@@ -84,9 +84,18 @@ async fn ehlo_stays_prompt_while_large_messages_are_processed() {
     );
     assert!(rtts.len() >= 5, "the probe ran during the transfers");
     // Generous for a loaded 2-core CI machine (the bench prints the figure;
-    // target 50 ms). With parsing on the one executor thread, the probe
-    // waits out a whole 10 MiB parse: over 200 ms here in a debug build.
+    // target 50 ms; here the worst probe took 45–100 ms). With parsing on
+    // the one executor thread the probe waits out a whole 10 MiB parse of
+    // ~10 000 small parts: over 300 ms in this debug build.
+    let slow = rtts
+        .iter()
+        .filter(|rtt| **rtt > Duration::from_millis(200))
+        .count();
+    println!("probes over 200 ms: {slow}");
     assert!(p90 < Duration::from_millis(100), "EHLO p90 {p90:?}");
-    assert!(max < Duration::from_millis(200), "EHLO max {max:?}");
+    assert!(
+        slow == 0,
+        "{slow} EHLO round trips over 200 ms (max {max:?})"
+    );
     assert_eq!(relay.messages().await, 4);
 }
