@@ -270,6 +270,9 @@ impl Gateway {
         let display_sender = reply_to.first().cloned().unwrap_or_else(|| from.clone());
         let now = OffsetDateTime::now_utc();
 
+        // What every copy's headers assert, but its own message id.
+        let signed_facts =
+            headers::AuthHeaderInput::from_verdict(verdict, from.clone(), now, "", body_sha256);
         let mut secrets: HashMap<UserId, SigningSecret> = HashMap::new();
         let mut deliveries = Vec::with_capacity(recipients.len());
         {
@@ -289,13 +292,8 @@ impl Gateway {
                 let secret = &secrets[&r.user_id];
                 let message_id = MessageId::new();
                 let input = headers::AuthHeaderInput {
-                    verified: verdict.verified(),
-                    sender: from.clone(),
-                    domain_check: verdict.domain_check(),
-                    timestamp: now,
                     message_id: message_id.as_str().to_owned(),
-                    body_sha256: body_sha256.to_owned(),
-                    delegation: None,
+                    ..signed_facts.clone()
                 };
                 let signed = headers::sign(&input, secret.secret.as_bytes());
                 let auth_headers: serde_json::Map<String, serde_json::Value> = signed

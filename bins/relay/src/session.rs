@@ -189,16 +189,17 @@ impl std::fmt::Debug for SessionConfig {
 impl SessionConfig {
     /// The defaults of `e2a-relay --help` with `domain` as host name.
     pub fn new(domain: impl Into<String>) -> Self {
+        let max_message_bytes = 10 << 20;
         Self {
             tls: None,
             domain: domain.into(),
-            max_message_bytes: 10 << 20,
+            max_message_bytes,
             max_recipients: 50,
             idle_timeout: Duration::from_secs(30),
             session_timeout: Duration::from_secs(600),
             max_transactions: DEFAULT_MAX_TRANSACTIONS,
             max_rcpt_commands: DEFAULT_MAX_RCPT_COMMANDS,
-            data_budget: data_budget(DEFAULT_DATA_BUDGET_BYTES, 10 << 20),
+            data_budget: data_budget(DEFAULT_DATA_BUDGET_BYTES, max_message_bytes),
         }
     }
 }
@@ -560,9 +561,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin, B: Backend> Session<S, B> {
         if self.rcpt_commands > self.config.max_rcpt_commands {
             return self.too_many("too many recipients in one session");
         }
-        let Some(transaction) = self.transaction.as_ref() else {
-            return self.reject(503, [5, 5, 1], "need MAIL before RCPT");
-        };
         let address = match recipient_address(address) {
             Recipient::Address(address) => address,
             Recipient::NotAnAgent => return self.reject(550, [5, 1, 1], "recipient not found"),
@@ -570,11 +568,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin, B: Backend> Session<S, B> {
                 return self.reject(501, [5, 1, 3], "invalid recipient address");
             }
         };
-        if transaction.recipients.iter().any(|(a, _)| *a == address) {
+        let recipients = self
+            .transaction
+            .as_ref()
+            .map_or(&[][..], |t| t.recipients.as_slice());
+        if recipients.iter().any(|(a, _)| *a == address) {
             self.reply(250, [2, 1, 5], "OK");
             return Flow::Continue;
         }
-        if transaction.recipients.len() >= self.config.max_recipients {
+        if recipients.len() >= self.config.max_recipients {
             self.reply(452, [4, 5, 3], "too many recipients");
             return Flow::Continue;
         }

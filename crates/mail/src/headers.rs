@@ -57,13 +57,15 @@ pub struct AuthHeaderInput {
 }
 
 impl AuthHeaderInput {
-    /// Builds the input for a message from its verdict.
+    /// Builds the input for a message from its verdict. `body_sha256` is the
+    /// raw message's digest ([`body_sha256`]), computed once by the caller
+    /// however many copies it signs.
     pub fn from_verdict(
         verdict: &AuthVerdict,
         sender: impl Into<String>,
         timestamp: OffsetDateTime,
         message_id: impl Into<String>,
-        raw: &[u8],
+        body_sha256: impl Into<String>,
     ) -> Self {
         AuthHeaderInput {
             verified: verdict.verified(),
@@ -71,7 +73,7 @@ impl AuthHeaderInput {
             domain_check: verdict.domain_check(),
             timestamp,
             message_id: message_id.into(),
-            body_sha256: body_sha256(raw),
+            body_sha256: body_sha256.into(),
             delegation: None,
         }
     }

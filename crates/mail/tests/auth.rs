@@ -926,7 +926,13 @@ async fn verdict_headers_sign_and_verify() {
     );
     let v = check(records, &raw, SENDER_IP, "alice@sender.example").await;
     let now = time::OffsetDateTime::now_utc();
-    let input = AuthHeaderInput::from_verdict(&v, "alice@sender.example", now, "msg_1", &raw);
+    let input = AuthHeaderInput::from_verdict(
+        &v,
+        "alice@sender.example",
+        now,
+        "msg_1",
+        headers::body_sha256(&raw),
+    );
     let signed = headers::sign(&input, b"secret");
     assert_eq!(signed[0], (headers::VERIFIED.into(), "true".into()));
     assert_eq!(

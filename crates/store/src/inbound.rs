@@ -137,11 +137,7 @@ pub async fn ingest(
                 events::defer_notify(tx).await?;
                 // One global lock order: by owner, then agent.
                 let mut order: Vec<usize> = (0..ctx.deliveries.len()).collect();
-                order.sort_by(|&a, &b| {
-                    let (a, b) = (&ctx.deliveries[a], &ctx.deliveries[b]);
-                    (a.user_id.as_str(), a.agent_id.as_str())
-                        .cmp(&(b.user_id.as_str(), b.agent_id.as_str()))
-                });
+                order.sort_by_key(|&i| (&ctx.deliveries[i].user_id, &ctx.deliveries[i].agent_id));
                 let mut outcomes: Vec<Option<Outcome>> = vec![None; ctx.deliveries.len()];
                 for i in order {
                     outcomes[i] = Some(store_one(tx, ctx, &ctx.deliveries[i]).await?);
