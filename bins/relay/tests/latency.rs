@@ -47,21 +47,47 @@ async fn ehlo_stays_prompt_while_large_messages_are_processed() {
     }
     body.extend_from_slice(b"--b--\r\n");
     let body = Arc::new(body);
+    // A stall from parsing on the executor recurs every round; a one-off
+    // scheduling hiccup of the loaded test machine does not. So a second
+    // round is run only when the first saw a probe over the bound, and the
+    // bound must hold in one of the two.
+    let mut worst = Vec::new();
+    for round in 0..2 {
+        let (slow, p90, max) = ehlo_round(relay.smtp, &body, round).await;
+        if slow == 0 && p90 < Duration::from_millis(100) {
+            assert_eq!(relay.messages().await, 4 * (round + 1) as i64);
+            return;
+        }
+        worst.push((slow, p90, max));
+    }
+    panic!(
+        "in both rounds EHLO round trips went over 200 ms or p90 over 100 ms \
+         (slow probes, p90, max): {worst:?}"
+    );
+}
+
+/// Four sessions send `body` (made distinct by `round` and sender) while a
+/// fifth repeats EHLO. Returns the probes over 200 ms, p90 and max.
+async fn ehlo_round(
+    addr: std::net::SocketAddr,
+    body: &Arc<Vec<u8>>,
+    round: usize,
+) -> (usize, Duration, Duration) {
     let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let senders: Vec<_> = (0..4)
         .map(|i| {
-            let (body, addr, done) = (body.clone(), relay.smtp, done.clone());
+            let (body, done) = (body.clone(), done.clone());
             tokio::spawn(async move {
                 let mut s = Raw::greeted(addr).await;
                 let mut body = (*body).clone();
-                body.extend_from_slice(format!("sender {i}\r\n").as_bytes());
+                body.extend_from_slice(format!("round {round} sender {i}\r\n").as_bytes());
                 let reply = s.send_message(&body).await;
                 done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 reply
             })
         })
         .collect();
-    let mut probe = Raw::greeted(relay.smtp).await;
+    let mut probe = Raw::greeted(addr).await;
     let mut rtts = Vec::new();
     while done.load(std::sync::atomic::Ordering::SeqCst) < 4 {
         let started = std::time::Instant::now();
@@ -92,10 +118,5 @@ async fn ehlo_stays_prompt_while_large_messages_are_processed() {
         .filter(|rtt| **rtt > Duration::from_millis(200))
         .count();
     println!("probes over 200 ms: {slow}");
-    assert!(p90 < Duration::from_millis(100), "EHLO p90 {p90:?}");
-    assert!(
-        slow == 0,
-        "{slow} EHLO round trips over 200 ms (max {max:?})"
-    );
-    assert_eq!(relay.messages().await, 4);
+    (slow, p90, max)
 }
