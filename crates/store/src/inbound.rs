@@ -25,13 +25,13 @@
 //!   RCPT order, so two messages to the same agents cannot deadlock each
 //!   other on the counters or rows they lock.
 
-use deadpool_postgres::{GenericClient, Transaction};
+use deadpool_postgres::GenericClient;
 use serde_json::{Value, json};
 use time::{Duration, OffsetDateTime, format_description::well_known::Rfc3339};
 
 use crate::{
     error::Result,
-    events::{self, NewEvent},
+    events,
     ids::{MessageId, UserId},
     secret,
     store::Store,
@@ -116,148 +116,172 @@ pub enum Outcome {
     },
 }
 
-struct Ctx<'a> {
-    mail: &'a InboundMail<'a>,
-    deliveries: &'a [Delivery],
-}
+/// The one statement of [`ingest`] (V11 `defer_notify`, then every copy and
+/// its event). `$1`–`$7` are per-copy arrays in lock order (message id,
+/// owner, agent, signed headers, conversation, event id, envelope); the rest
+/// are the shared parts of the mail. Returns the ids actually inserted (a
+/// copy already stored is skipped by the dedupe index, and so is its event).
+///
+/// `quiet` runs before the rows are produced and the event trigger fires at
+/// the end of the statement, so it sees `e2a.defer_notify = on`; the setting
+/// is local to the statement's implicit transaction.
+const INGEST_SQL: &str = "WITH quiet AS MATERIALIZED ( \
+       SELECT set_config('e2a.defer_notify', 'on', true) AS deferred), \
+     d AS MATERIALIZED ( \
+       SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::text[], $6::text[], $7::jsonb[]) \
+         WITH ORDINALITY AS d(id, user_id, agent_id, auth_headers, conversation_id, event_id, envelope, n)), \
+     m AS ( \
+       INSERT INTO messages (id, user_id, agent_id, direction, sender, recipient, subject, email_message_id, \
+         raw_message, body_sha256, auth_headers, spf_result, dkim_result, dmarc_result, conversation_id, \
+         inbox_status, to_recipients, cc, reply_to, created_at, expires_at) \
+       SELECT d.id, d.user_id, d.agent_id, 'inbound', $8, d.agent_id, $9, $10, $11, $12, d.auth_headers, \
+         $13, $14, $15, d.conversation_id, 'unread', $16, $17, $18, $19, $20 \
+         FROM quiet, d WHERE quiet.deferred = 'on' ORDER BY d.n \
+       ON CONFLICT (agent_id, email_message_id, body_sha256) WHERE direction = 'inbound' DO NOTHING \
+       RETURNING id), \
+     e AS ( \
+       INSERT INTO webhook_events (id, user_id, type, envelope, agent_id, conversation_id, message_id, labels) \
+       SELECT d.event_id, d.user_id, 'email.received', d.envelope, d.agent_id, d.conversation_id, d.id, '{}' \
+         FROM d JOIN m ON m.id = d.id ORDER BY d.n \
+       ON CONFLICT (id) DO NOTHING) \
+     SELECT id FROM m";
 
 /// Stores `mail` once per delivery, atomically; see the module docs.
-/// Returns one
-/// [`Outcome`] per delivery, in the order given. Any error means nothing
-/// was stored (the caller answers 451).
+/// Returns one [`Outcome`] per delivery, in the order given. Any error
+/// means nothing was stored (the caller answers 451).
+///
+/// The threading lookups run first (reads; READ COMMITTED would read the
+/// same inside a transaction), then every copy, its event and the usage
+/// counters are written by **one statement** — atomic on its own, one round
+/// trip whatever the number of recipients, retried as a whole on a
+/// serialization failure or deadlock.
 pub async fn ingest(
     store: &Store,
     mail: &InboundMail<'_>,
     deliveries: &[Delivery],
 ) -> Result<Vec<Outcome>> {
-    let ctx = Ctx { mail, deliveries };
-    let outcomes = store
-        .transaction(&ctx, |tx, ctx| {
-            Box::pin(async move {
-                events::defer_notify(tx).await?;
-                // One global lock order: by owner, then agent.
-                let mut order: Vec<usize> = (0..ctx.deliveries.len()).collect();
-                order.sort_by_key(|&i| (&ctx.deliveries[i].user_id, &ctx.deliveries[i].agent_id));
-                let mut outcomes: Vec<Option<Outcome>> = vec![None; ctx.deliveries.len()];
-                for i in order {
-                    outcomes[i] = Some(store_one(tx, ctx, &ctx.deliveries[i]).await?);
-                }
-                Ok(outcomes.into_iter().flatten().collect::<Vec<_>>())
-            })
-        })
-        .await?;
-    if outcomes.iter().any(|o| matches!(o, Outcome::Stored { .. })) {
-        events::wake_deliverer(store);
+    if deliveries.is_empty() {
+        return Ok(Vec::new());
     }
-    Ok(outcomes)
-}
+    let client = store.client().await?;
+    // One global lock order: by owner, then agent.
+    let mut order: Vec<usize> = (0..deliveries.len()).collect();
+    order.sort_by_key(|&i| (&deliveries[i].user_id, &deliveries[i].agent_id));
 
-async fn store_one(tx: &Transaction<'_>, ctx: &Ctx<'_>, d: &Delivery) -> Result<Outcome> {
-    let mail = ctx.mail;
-    let conversation_id = match mail.trusted_conversation_id {
-        Some(id) => id.to_owned(),
-        None => match thread_of(tx, &d.agent_id, mail.thread_refs).await? {
-            Some(id) => id,
-            None => mint_conversation_id(),
-        },
-    };
     let now = OffsetDateTime::now_utc()
         .replace_nanosecond(0)
         .unwrap_or_else(|_| OffsetDateTime::now_utc());
-    let insert = tx
-        .prepare_cached(
-            "INSERT INTO messages (id, user_id, agent_id, direction, sender, recipient, subject, email_message_id, \
-               raw_message, body_sha256, auth_headers, spf_result, dkim_result, dmarc_result, conversation_id, \
-               inbox_status, to_recipients, cc, reply_to, created_at, expires_at) \
-             VALUES ($1, $2, $3, 'inbound', $4, $3, $5, $6, $7, $8, $9, $10, $11, $12, $13, 'unread', $14, $15, $16, \
-               $17, $18) \
-             ON CONFLICT (agent_id, email_message_id, body_sha256) \
-               WHERE direction = 'inbound' DO NOTHING \
-             RETURNING id",
-        )
-        .await?;
     let reply_to: Option<&[String]> = (!mail.reply_to.is_empty()).then_some(mail.reply_to);
-    let inserted = tx
-        .query_opt(
-            &insert,
-            &[
-                &d.message_id,
-                &d.user_id,
-                &d.agent_id,
-                &mail.sender,
-                &mail.subject,
-                &mail.email_message_id,
-                &mail.raw,
-                &mail.body_sha256,
-                &d.auth_headers,
-                &mail.spf,
-                &mail.dkim,
-                &mail.dmarc,
-                &conversation_id,
-                &mail.to,
-                &mail.cc,
-                &reply_to,
-                &now,
-                &(now + MESSAGE_TTL),
-            ],
-        )
-        .await?;
-    if inserted.is_none() {
-        let existing = tx
+    let mut conversations = vec![String::new(); deliveries.len()];
+    let (mut ids, mut users, mut agents, mut headers, mut convs, mut event_ids, mut envelopes) =
+        (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+    for &i in &order {
+        let d = &deliveries[i];
+        let conversation_id = match mail.trusted_conversation_id {
+            Some(id) => id.to_owned(),
+            None => match thread_of(&client, &d.agent_id, mail.thread_refs).await? {
+                Some(id) => id,
+                None => mint_conversation_id(),
+            },
+        };
+        let event_id = events::deterministic_id(&[d.message_id.as_str(), events::EMAIL_RECEIVED]);
+        let data = json!({
+            "message_id": d.message_id,
+            "conversation_id": conversation_id,
+            "agent": { "id": d.agent_id, "email": d.agent_id, "domain": d.agent_domain },
+            "from": mail.sender,
+            "to": mail.to,
+            "cc": mail.cc,
+            "reply_to": reply_to,
+            "recipient": d.agent_id,
+            "subject": mail.subject,
+            "auth_headers": d.auth_headers,
+            "received_at": now.format(&Rfc3339).unwrap_or_default(),
+        });
+        envelopes.push(events::envelope(
+            events::EMAIL_RECEIVED,
+            &event_id,
+            OffsetDateTime::now_utc(),
+            data,
+        ));
+        ids.push(d.message_id.as_str());
+        users.push(d.user_id.as_str());
+        agents.push(d.agent_id.as_str());
+        headers.push(&d.auth_headers);
+        event_ids.push(event_id.as_str().to_owned());
+        convs.push(conversation_id.clone());
+        conversations[i] = conversation_id;
+    }
+
+    let stmt = client.prepare_cached(INGEST_SQL).await?;
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 20] = [
+        &ids,
+        &users,
+        &agents,
+        &headers,
+        &convs,
+        &event_ids,
+        &envelopes,
+        &mail.sender,
+        &mail.subject,
+        &mail.email_message_id,
+        &mail.raw,
+        &mail.body_sha256,
+        &mail.spf,
+        &mail.dkim,
+        &mail.dmarc,
+        &mail.to,
+        &mail.cc,
+        &reply_to,
+        &now,
+        &(now + MESSAGE_TTL),
+    ];
+    let mut attempt = 1;
+    let rows = loop {
+        match client.query(&stmt, &params).await {
+            Err(e) => {
+                let e = crate::StoreError::from(e);
+                if e.is_retryable_conflict() && attempt < crate::TX_MAX_ATTEMPTS {
+                    crate::store::conflict_backoff(attempt).await;
+                    attempt += 1;
+                    continue;
+                }
+                return Err(e);
+            }
+            Ok(rows) => break rows,
+        }
+    };
+    let inserted: std::collections::HashSet<String> = rows.iter().map(|r| r.get(0)).collect();
+
+    let mut outcomes = Vec::with_capacity(deliveries.len());
+    for (d, conversation_id) in deliveries.iter().zip(conversations) {
+        if inserted.contains(d.message_id.as_str()) {
+            outcomes.push(Outcome::Stored {
+                message_id: d.message_id.clone(),
+                conversation_id,
+            });
+            continue;
+        }
+        let existing = client
             .prepare_cached(
                 "SELECT id FROM messages WHERE agent_id = $1 AND email_message_id = $2 AND body_sha256 = $3 \
                  AND direction = 'inbound'",
             )
             .await?;
-        let row = tx
+        let row = client
             .query_one(
                 &existing,
                 &[&d.agent_id, &mail.email_message_id, &mail.body_sha256],
             )
             .await?;
-        return Ok(Outcome::Duplicate {
+        outcomes.push(Outcome::Duplicate {
             message_id: row.get(0),
         });
     }
-
-    let event_id = events::deterministic_id(&[d.message_id.as_str(), events::EMAIL_RECEIVED]);
-    let data = json!({
-        "message_id": d.message_id,
-        "conversation_id": conversation_id,
-        "agent": { "id": d.agent_id, "email": d.agent_id, "domain": d.agent_domain },
-        "from": mail.sender,
-        "to": mail.to,
-        "cc": mail.cc,
-        "reply_to": reply_to,
-        "recipient": d.agent_id,
-        "subject": mail.subject,
-        "auth_headers": d.auth_headers,
-        "received_at": now.format(&Rfc3339).unwrap_or_default(),
-    });
-    let envelope = events::envelope(
-        events::EMAIL_RECEIVED,
-        &event_id,
-        OffsetDateTime::now_utc(),
-        data,
-    );
-    events::append(
-        tx,
-        &NewEvent {
-            id: &event_id,
-            user_id: &d.user_id,
-            event_type: events::EMAIL_RECEIVED,
-            envelope: &envelope,
-            agent_id: Some(&d.agent_id),
-            conversation_id: Some(&conversation_id),
-            message_id: Some(d.message_id.as_str()),
-            labels: &[],
-        },
-    )
-    .await?;
-    Ok(Outcome::Stored {
-        message_id: d.message_id.clone(),
-        conversation_id,
-    })
+    if !inserted.is_empty() {
+        events::wake_deliverer(store);
+    }
+    Ok(outcomes)
 }
 
 /// The statement of [`thread_of`] (`$1` agent, `$2` ids): one index lookup

@@ -277,17 +277,19 @@ impl Store {
             .await;
             match outcome {
                 Err(e) if e.is_retryable_conflict() && attempt < TX_MAX_ATTEMPTS => {
-                    let backoff = 5 * u64::from(attempt) + crate::secret::random_below(20);
-                    tracing::debug!(
-                        attempt,
-                        backoff_ms = backoff,
-                        "retrying transaction after conflict"
-                    );
-                    tokio::time::sleep(Duration::from_millis(backoff)).await;
+                    conflict_backoff(attempt).await;
                     attempt += 1;
                 }
                 other => return other,
             }
         }
     }
+}
+
+/// The jittered pause before retry number `attempt + 1` of a transaction or
+/// statement that failed with a serialization failure or deadlock.
+pub(crate) async fn conflict_backoff(attempt: u32) {
+    let backoff = 5 * u64::from(attempt) + crate::secret::random_below(20);
+    tracing::debug!(attempt, backoff_ms = backoff, "retrying after conflict");
+    tokio::time::sleep(Duration::from_millis(backoff)).await;
 }

@@ -529,3 +529,51 @@ async fn deferred_notifications_come_from_the_coalesced_wake_up() {
         .expect("the trigger notifies at commit")
         .unwrap();
 }
+
+/// Ingest's one statement defers the trigger's NOTIFY: an ingest of two
+/// copies is announced by exactly one notification (the coalesced wake-up),
+/// not one per event plus the wake-up.
+#[tokio::test]
+async fn ingest_announces_itself_once_through_the_wake_up() {
+    let (db, store) = super::store().await;
+    let alice = super::user(&store, "alice@example.com").await;
+    super::agents::verified_domain(&store, &alice, "alice.example").await;
+    super::agents::agent(&store, &alice, "a@alice.example").await;
+    super::agents::agent(&store, &alice, "b@alice.example").await;
+    let (listener, mut connection) = tokio_postgres::connect(db.url(), NoTls).await.unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(Ok(msg)) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            if let AsyncMessage::Notification(n) = msg {
+                let _ = tx.send(n.channel().to_owned());
+            }
+        }
+    });
+    listener
+        .batch_execute("LISTEN webhook_events_new")
+        .await
+        .unwrap();
+    let mail = Mail::new("once@remote.example", "hello");
+    let outcomes = inbound::ingest(
+        &store,
+        &mail.view(),
+        &[
+            delivery("b@alice.example", &alice),
+            delivery("a@alice.example", &alice),
+        ],
+    )
+    .await
+    .unwrap();
+    assert!(outcomes.iter().all(|o| matches!(o, Outcome::Stored { .. })));
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM webhook_events").await,
+        2,
+        "one event per copy"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let mut notifications = 0;
+    while rx.try_recv().is_ok() {
+        notifications += 1;
+    }
+    assert_eq!(notifications, 1);
+}

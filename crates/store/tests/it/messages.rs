@@ -752,3 +752,83 @@ async fn concurrent_sweeps_skip_each_others_rows() {
     tx.rollback().await.unwrap();
     assert_eq!(messages::delete_expired(&other, 10).await.unwrap(), 2);
 }
+
+/// The label rule is enforced by the schema itself (V12 writes it as a plain
+/// expression): lowercase `[a-z0-9:_-]`, 1..64 characters, no NULL element;
+/// an empty set is valid.
+#[tokio::test]
+async fn the_schema_refuses_malformed_labels() {
+    let (_db, store) = super::store().await;
+    let alice = mailbox(&store, "alice").await;
+    let (id, _) = deliver(&store, &alice, Mail::default()).await;
+    let c = store.client().await.unwrap();
+    let set = |labels: &'static str| {
+        let (c, id) = (&c, &id);
+        async move {
+            c.execute(
+                &format!("UPDATE messages SET labels = '{labels}' WHERE id = $1"),
+                &[&id.as_str()],
+            )
+            .await
+        }
+    };
+    for good in [
+        "{}",
+        "{a}",
+        "{a,b:c,x_y-9}",
+        &*format!("{{{}}}", "z".repeat(64)),
+    ] {
+        let good: &'static str = Box::leak(good.to_owned().into_boxed_str());
+        assert_eq!(set(good).await.unwrap(), 1, "{good}");
+    }
+    for bad in [
+        "{Upper}",
+        "{\"\"}",
+        "{NULL}",
+        "{a,NULL}",
+        "{\"a b\"}",
+        "{\"a,b\"}",
+        "{é}",
+        &*format!("{{{}}}", "z".repeat(65)),
+    ] {
+        let bad: &'static str = Box::leak(bad.to_owned().into_boxed_str());
+        let err = set(bad).await.expect_err(bad);
+        assert_eq!(
+            err.code(),
+            Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION),
+            "{bad}: {err}"
+        );
+    }
+}
+
+/// Deleting a user deletes its events (V12 trigger; the foreign key that
+/// did this is gone) and leaves other users' events alone.
+#[tokio::test]
+async fn deleting_a_user_deletes_its_events() {
+    let (_db, store) = super::store().await;
+    let alice = mailbox(&store, "alice").await;
+    let bob = mailbox(&store, "bob").await;
+    deliver(&store, &alice, Mail::default()).await;
+    deliver(&store, &bob, Mail::default()).await;
+    let c = store.client().await.unwrap();
+    let events = |user: &UserId| {
+        let (c, user) = (&c, user.clone());
+        async move {
+            let n: i64 = c
+                .query_one(
+                    "SELECT count(*) FROM webhook_events WHERE user_id = $1",
+                    &[&user.as_str()],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            n
+        }
+    };
+    assert_eq!(events(&alice.user).await, 1);
+    c.execute("DELETE FROM users WHERE id = $1", &[&alice.user.as_str()])
+        .await
+        .unwrap();
+    assert_eq!(events(&alice.user).await, 0);
+    assert_eq!(events(&bob.user).await, 1);
+}
