@@ -49,3 +49,16 @@ CREATE TRIGGER users_delete_events_trg
     AFTER DELETE ON users
     REFERENCING OLD TABLE AS old_users
     FOR EACH STATEMENT EXECUTE FUNCTION e2a_users_delete_events();
+
+-- 3. The raw message (a few KB and up, compressed inline or in TOAST) is
+--    compressed with lz4 where the server supports it: about five times
+--    cheaper in CPU than the default pglz for a similar ratio on mail. Only
+--    new rows are affected; old rows stay readable either way.
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_settings
+                WHERE name = 'default_toast_compression' AND 'lz4' = ANY (enumvals)) THEN
+        ALTER TABLE messages ALTER COLUMN raw_message SET COMPRESSION lz4;
+    END IF;
+END
+$$;
