@@ -40,6 +40,9 @@ const SERVICES: &[(&str, u16)] = &[
 
 /// Defaults for the services (only where the variable is not already set).
 const DEV_ENV: &[(&str, &str)] = &[
+    // The services default to production; a dev machine has no DNS for its
+    // domains and delivers webhooks to localhost.
+    ("E2A_ENV", "development"),
     ("E2A_HTTP_ADDR", "127.0.0.1:8080"),
     ("E2A_SMTP_ADDR", "127.0.0.1:2525"),
     ("E2A_SHARED_DOMAIN", "agents.localhost"),

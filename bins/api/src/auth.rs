@@ -16,7 +16,7 @@ use e2a_store::{
     ids::{ApiKeyId, UserId},
 };
 
-use crate::{AppState, error::ApiError};
+use crate::{AppState, error::ApiError, ratelimit::ClientIp};
 
 /// The authenticated caller of a `/v1` route.
 #[derive(Debug, Clone)]
@@ -45,6 +45,10 @@ impl FromRequestParts<AppState> for Caller {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
+        // Already authenticated by a layer (the poll limit) of this request.
+        if let Some(caller) = parts.extensions.get::<Caller>() {
+            return Ok(caller.clone());
+        }
         // Exactly one Authorization header: with two, which one a proxy or
         // the application honours is ambiguous, so neither is.
         let mut values = parts.headers.get_all(header::AUTHORIZATION).iter();
@@ -54,21 +58,39 @@ impl FromRequestParts<AppState> for Caller {
         let token = only
             .and_then(|v| v.to_str().ok())
             .and_then(bearer_token)
-            .ok_or_else(ApiError::unauthorized)?;
+            .ok_or_else(ApiError::unauthorized)?
+            .to_owned();
+        let token = token.as_str();
         if !api_keys::is_well_formed(token) {
             return Err(ApiError::unauthorized());
+        }
+        // Every lookup is charged to the client address before it runs and
+        // refunded when the key is good: a flood of made-up keys, however
+        // concurrent, costs at most the failure limit's worth of lookups
+        // per address, and valid keys are never limited here.
+        let Ok(ip) = ClientIp::from_request_parts(parts, state).await;
+        let charge = state.limits.auth_failures.hit(&ip.0);
+        if !charge.allowed {
+            return Err(ApiError::rate_limited(&charge));
         }
         let client = state.store.client().await?;
         match api_keys::authenticate(&client, token).await {
             Ok(p) => {
+                state.limits.auth_failures.refund(&ip.0);
                 tracing::Span::current().record("user.id", p.user_id.as_str());
-                Ok(Caller {
+                let caller = Caller {
                     user_id: p.user_id,
                     key_id: p.key_id,
-                })
+                };
+                parts.extensions.insert(caller.clone());
+                Ok(caller)
             }
             Err(StoreError::NotFound) => Err(ApiError::unauthorized()),
-            Err(e) => Err(e.into()),
+            Err(e) => {
+                // An outage is not the client's failure.
+                state.limits.auth_failures.refund(&ip.0);
+                Err(e.into())
+            }
         }
     }
 }

@@ -50,6 +50,34 @@ pub struct Config {
     #[command(flatten)]
     #[allow(missing_docs)]
     pub limits: e2a_runtime::config::LimitsArgs,
+
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub rates: RateArgs,
+}
+
+/// Request rate limits (see docs/operations.md for which hold per replica).
+#[derive(Debug, Clone, clap::Args)]
+pub struct RateArgs {
+    /// Poll-limited reads (message and conversation lists and gets) per user per minute, per API replica.
+    #[arg(long, env = "E2A_RATE_POLL_PER_MINUTE", default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..))]
+    pub poll_per_minute: u32,
+
+    /// Agent registrations (POST /v1/agents) per client address per hour, per API replica.
+    #[arg(long, env = "E2A_RATE_AGENT_CREATE_PER_HOUR", default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
+    pub agent_create_per_hour: u32,
+
+    /// Requests with an unknown, expired or revoked API key per client address per minute, per API replica; beyond it 429 without a database lookup.
+    #[arg(long, env = "E2A_RATE_AUTH_FAILURES_PER_MINUTE", default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..))]
+    pub auth_failures_per_minute: u32,
+
+    /// Domain registrations (POST /v1/domains, an RSA key each) per account per hour, across all API replicas.
+    #[arg(long, env = "E2A_RATE_DOMAIN_CREATE_PER_HOUR", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    pub domain_create_per_hour: u32,
+
+    /// Proxies whose X-Forwarded-For is believed: comma-separated addresses or CIDR blocks. Empty: the socket peer is the client.
+    #[arg(long, env = "E2A_TRUSTED_PROXIES", default_value = "", value_parser = crate::ratelimit::parse_proxies)]
+    pub trusted_proxies: std::vec::Vec<ipnet::IpNet>,
 }
 
 fn parse_host(s: &str) -> Result<String, String> {
@@ -79,6 +107,20 @@ impl Config {
         let mut config = Config::parse_from(["e2a-api"]);
         config.common = CommonArgs::for_database(url);
         config
+    }
+
+    /// The rate limiters this configuration describes.
+    pub fn rate_limits(&self) -> crate::ratelimit::RateLimits {
+        use crate::ratelimit::LocalLimiter;
+        use e2a_store::rate_limits::Quota;
+        let r = &self.rates;
+        crate::ratelimit::RateLimits {
+            poll: LocalLimiter::new(Quota::per_minute(r.poll_per_minute)),
+            agent_create: LocalLimiter::new(Quota::per_hour(r.agent_create_per_hour)),
+            auth_failures: LocalLimiter::new(Quota::per_minute(r.auth_failures_per_minute)),
+            domain_create: Quota::per_hour(r.domain_create_per_hour),
+            trusted_proxies: r.trusted_proxies.clone(),
+        }
     }
 
     /// Limits for users without an `account_limits` row.

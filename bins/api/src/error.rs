@@ -34,6 +34,9 @@ pub struct ApiError {
     pub message: String,
     /// Optional structured details.
     pub details: Option<serde_json::Value>,
+    /// For 429s: the limit's decision, sent as `Retry-After` and
+    /// `RateLimit-*` headers.
+    pub rate_limit: Option<e2a_store::rate_limits::Decision>,
 }
 
 #[derive(Serialize)]
@@ -58,7 +61,21 @@ impl ApiError {
             code,
             message: message.into(),
             details: None,
+            rate_limit: None,
         }
+    }
+
+    /// 429 `rate_limited` for a refused request, with
+    /// `details.retry_after_seconds` and the limit's headers.
+    pub fn rate_limited(d: &e2a_store::rate_limits::Decision) -> Self {
+        let mut e = Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!("rate limit exceeded; retry in {} s", d.retry_after_secs),
+        )
+        .with_details(serde_json::json!({ "retry_after_seconds": d.retry_after_secs }));
+        e.rate_limit = Some(*d);
+        e
     }
 
     /// 400 `bad_request`-style errors with a specific code.
@@ -173,6 +190,9 @@ impl IntoResponse for ApiError {
             },
         };
         let mut response = (self.status, Json(body)).into_response();
+        if let Some(d) = &self.rate_limit {
+            crate::ratelimit::set_headers(response.headers_mut(), d);
+        }
         if self.status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,

@@ -13,6 +13,7 @@ pub mod dns;
 pub mod error;
 pub mod extract;
 mod middleware;
+pub mod ratelimit;
 pub mod routes;
 
 use std::sync::Arc;
@@ -41,6 +42,8 @@ pub struct AppState {
     pub dns: Arc<dyn dns::Resolver>,
     /// Bounds concurrent DKIM key generations (CPU-heavy) to the core count.
     pub keygen: Arc<Semaphore>,
+    /// Request rate limits.
+    pub limits: Arc<ratelimit::RateLimits>,
 }
 
 /// The listeners [`run`] serves on.
@@ -108,6 +111,7 @@ pub async fn run_with_resolver(
         production: config.is_production(),
         dns,
         keygen: Arc::new(Semaphore::new(cores)),
+        limits: Arc::new(config.rate_limits()),
     };
     let app = app(state, &config);
     tracing::info!(
@@ -117,9 +121,12 @@ pub async fn run_with_resolver(
     );
     let ops = e2a_runtime::ops::OpsServer::spawn(listeners.ops, "api", store, shutdown.clone());
     let graceful = shutdown.clone();
-    axum::serve(listeners.http, app)
-        .with_graceful_shutdown(async move { graceful.cancelled().await })
-        .await?;
+    axum::serve(
+        listeners.http,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { graceful.cancelled().await })
+    .await?;
     ops.stop(&shutdown).await?;
     Ok(())
 }

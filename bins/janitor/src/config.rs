@@ -18,7 +18,8 @@ e2a janitor: deletes data that has outlived its retention, in small batches.
 
 It sweeps once at start, then every E2A_JANITOR_INTERVAL_SECS, until stopped. \
 Sweeps in this build: messages past their 10-day TTL (held messages still \
-pending approval are kept) and expired or revoked dashboard sessions. The \
+pending approval are kept), expired or revoked dashboard sessions, domain \
+claims left unverified for 7 days, and idle API rate-limit keys. The \
 other sweeps (webhook deliveries, events, idempotency keys) are not \
 implemented yet and arrive in later issues. Several replicas may run \
 at once (rows are claimed with SKIP LOCKED). A failed sweep (e.g. the database \

@@ -52,7 +52,7 @@ pub async fn run(
         ops = %listeners.ops.local_addr()?,
         interval_secs = config.janitor_interval_secs,
         batch = config.janitor_batch,
-        "janitor started (sweeps: expired messages, expired sessions, expired domain claims)"
+        "janitor started (sweeps: expired messages, expired sessions, expired domain claims, idle rate-limit keys)"
     );
     let ops = e2a_runtime::ops::OpsServer::spawn(
         listeners.ops,
@@ -83,6 +83,7 @@ async fn sweep_loop(store: &Store, interval: Duration, batch: i64, shutdown: &Ca
                     messages_deleted = report.messages_deleted,
                     sessions_deleted = report.sessions_deleted,
                     domain_claims_deleted = report.domain_claims_deleted,
+                    rate_limits_deleted = report.rate_limits_deleted,
                     duration_ms = started.elapsed().as_millis() as u64,
                     "sweep done"
                 );

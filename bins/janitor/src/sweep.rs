@@ -7,10 +7,11 @@
 //! Sweeps in this build: messages past their TTL (`expires_at`, 10 days;
 //! held messages still pending approval are kept), then expired or revoked
 //! dashboard sessions, then domain claims left unverified past
-//! `domains::PENDING_CLAIM_TTL` (7 days). Webhook deliveries, events and
-//! idempotency keys come in later issues.
+//! `domains::PENDING_CLAIM_TTL` (7 days), then rate-limit keys whose bucket
+//! is full again (they say nothing a missing row would not). Webhook
+//! deliveries, events and idempotency keys come in later issues.
 
-use e2a_store::{Store, StoreError, domains, messages, sessions};
+use e2a_store::{Store, StoreError, domains, messages, rate_limits, sessions};
 use tokio_util::sync::CancellationToken;
 
 /// What one pass deleted.
@@ -22,6 +23,8 @@ pub struct SweepReport {
     pub sessions_deleted: u64,
     /// Expired pending domain claims deleted.
     pub domain_claims_deleted: u64,
+    /// Rate-limit keys back to a full bucket deleted.
+    pub rate_limits_deleted: u64,
 }
 
 /// Runs every sweep until its queue is empty ("run until the queue is
@@ -62,10 +65,19 @@ pub async fn sweep(
         })
         .await?
     };
+    let rate_limits_deleted = if shutdown.is_cancelled() {
+        0
+    } else {
+        drain("rate_limits", batch, shutdown, || {
+            rate_limits::sweep(&client, batch)
+        })
+        .await?
+    };
     Ok(SweepReport {
         messages_deleted,
         sessions_deleted,
         domain_claims_deleted,
+        rate_limits_deleted,
     })
 }
 

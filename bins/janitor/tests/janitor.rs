@@ -405,3 +405,38 @@ async fn expired_domain_claims_are_swept_and_the_rest_kept() {
         .collect();
     assert_eq!(left, ["mine.example", "new.example"]);
 }
+
+#[tokio::test]
+async fn idle_rate_limit_keys_are_swept_and_busy_ones_kept() {
+    use e2a_store::rate_limits::{self, Quota};
+    let db = TestDb::new().await;
+    let store = Store::new(&StoreConfig::new(db.url())).unwrap();
+    let c = store.client().await.unwrap();
+    // A key whose bucket refilled long ago, and one just spent.
+    for key in ["idle", "busy"] {
+        rate_limits::hit(&c, key, Quota::per_hour(1)).await.unwrap();
+    }
+    c.execute(
+        "UPDATE rate_limits SET tat = now() - interval '1 minute' WHERE key = 'idle'",
+        &[],
+    )
+    .await
+    .unwrap();
+    let report = sweep_once(&store, 1).await.unwrap();
+    assert_eq!(report.rate_limits_deleted, 1);
+    let left: Vec<String> = c
+        .query("SELECT key FROM rate_limits", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(left, ["busy"]);
+    // The busy key is still limited: the sweep forgot nothing that counts.
+    assert!(
+        !rate_limits::hit(&c, "busy", Quota::per_hour(1))
+            .await
+            .unwrap()
+            .allowed
+    );
+}

@@ -114,10 +114,13 @@ pub enum LogFormat {
 /// Deployment environment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
 pub enum Environment {
-    /// Local development: relaxed checks.
-    #[default]
+    /// Local development: relaxed checks (domains verify without DNS,
+    /// `http://` and private webhook targets allowed). `cargo xtask dev` and
+    /// the tests set it explicitly.
     Development,
-    /// Production: strict checks (HTTPS webhooks, real DNS probes, …).
+    /// Production, the default: strict checks (HTTPS-only public webhook
+    /// targets, real DNS probes before a domain verifies, …).
+    #[default]
     Production,
 }
 
@@ -140,8 +143,8 @@ pub struct CommonArgs {
     #[arg(long, env = "E2A_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
     pub log_format: LogFormat,
 
-    /// Deployment environment.
-    #[arg(long = "env", env = "E2A_ENV", value_enum, default_value_t = Environment::Development)]
+    /// Deployment environment. Production (the default) verifies domains through DNS and refuses http:// and private webhook targets; development relaxes both.
+    #[arg(long = "env", env = "E2A_ENV", value_enum, default_value_t = Environment::Production)]
     pub environment: Environment,
 
     /// Seconds allowed for in-flight work to finish after SIGINT/SIGTERM.
@@ -214,6 +217,22 @@ mod tests {
         assert_eq!(cli.common.log_format, LogFormat::Json);
         assert_eq!(cli.common.db.url().unwrap(), "postgres://localhost/e2a");
         assert_eq!(cli.common.ops_addr_or(9090).port(), 9090);
+    }
+
+    /// Safe by default: an operator who sets nothing runs production.
+    #[test]
+    fn the_environment_defaults_to_production() {
+        use clap::CommandFactory;
+        let cmd = Cli::command();
+        let env = cmd
+            .get_arguments()
+            .find(|a| a.get_id() == "environment")
+            .unwrap();
+        assert_eq!(env.get_env().unwrap(), "E2A_ENV");
+        assert_eq!(env.get_default_values(), ["production"]);
+        assert_eq!(Environment::default(), Environment::Production);
+        let cli = Cli::try_parse_from(["x", "--env", "development"]).unwrap();
+        assert_eq!(cli.common.environment, Environment::Development);
     }
 
     #[test]

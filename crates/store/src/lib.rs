@@ -22,6 +22,7 @@ pub mod ids;
 pub mod inbound;
 pub mod messages;
 pub mod migrate;
+pub mod rate_limits;
 pub mod secret;
 pub mod sessions;
 pub mod signing_secrets;

@@ -22,6 +22,7 @@ use e2a_mail::dkim_keys;
 use e2a_store::{
     StoreError, account_limits,
     domains::{self, Claimed, DkimKeys, Domain},
+    rate_limits,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -267,6 +268,13 @@ pub async fn create(
                 limit: i64::from(limits.max_domains),
             }
             .into());
+        }
+        // Each registration costs an RSA key generation: limited per
+        // account across all replicas (only new claims count).
+        let key = format!("domain_create:{}", caller.user_id.as_str());
+        let d = rate_limits::hit(&client, &key, state.limits.domain_create).await?;
+        if !d.allowed {
+            return Err(ApiError::rate_limited(&d));
         }
         limits.max_domains
     };

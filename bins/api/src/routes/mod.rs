@@ -11,14 +11,14 @@ pub mod messages;
 use axum::{
     Router,
     http::StatusCode,
-    middleware::from_fn,
+    middleware::{from_fn, from_fn_with_state},
     routing::{get, patch, post},
 };
 use tower_http::{
     catch_panic::CatchPanicLayer, limit::RequestBodyLimitLayer, timeout::TimeoutLayer,
 };
 
-use crate::{AppState, Config, error::ApiError};
+use crate::{AppState, Config, error::ApiError, ratelimit};
 
 /// All routes with their middleware. Unknown paths answer 404 and wrong
 /// methods 405, both with the JSON error body.
@@ -35,30 +35,22 @@ pub fn router(state: AppState, config: &Config) -> Router {
                 .delete(domains::delete),
         )
         .route("/v1/domains/{domain}/verify", post(domains::verify))
-        .route("/v1/agents", get(agents::list).post(agents::create))
+        .route(
+            "/v1/agents",
+            post(agents::create)
+                .layer(from_fn_with_state(
+                    state.clone(),
+                    ratelimit::agent_create_limit,
+                ))
+                .get(agents::list),
+        )
         .route(
             "/v1/agents/{address}",
             get(agents::get)
                 .patch(agents::update)
                 .delete(agents::delete),
         )
-        .route("/v1/agents/{address}/messages", get(messages::list))
-        .route(
-            "/v1/agents/{address}/messages/{id}",
-            get(messages::get).patch(messages::update_labels),
-        )
-        .route(
-            "/api/v1/agents/{address}/messages/{id}",
-            patch(messages::update_labels),
-        )
-        .route(
-            "/v1/agents/{address}/conversations",
-            get(conversations::list),
-        )
-        .route(
-            "/v1/agents/{address}/conversations/{id}",
-            get(conversations::get),
-        )
+        .merge(poll_limited(state.clone()))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -72,6 +64,32 @@ pub fn router(state: AppState, config: &Config) -> Router {
         ))
         .layer(RequestBodyLimitLayer::new(config.max_body_bytes as usize))
         .layer(from_fn(crate::middleware::request_context))
+}
+
+/// The poll-limited reads (spec §5.3): an agent's messages and
+/// conversations, listed or fetched. The label update shares the message
+/// route but is not a poll, so it is routed around the limit.
+fn poll_limited(state: AppState) -> Router<AppState> {
+    Router::new()
+        .route("/v1/agents/{address}/messages", get(messages::list))
+        .route("/v1/agents/{address}/messages/{id}", get(messages::get))
+        .route(
+            "/v1/agents/{address}/conversations",
+            get(conversations::list),
+        )
+        .route(
+            "/v1/agents/{address}/conversations/{id}",
+            get(conversations::get),
+        )
+        .route_layer(from_fn_with_state(state, ratelimit::poll_limit))
+        .route(
+            "/v1/agents/{address}/messages/{id}",
+            patch(messages::update_labels),
+        )
+        .route(
+            "/api/v1/agents/{address}/messages/{id}",
+            patch(messages::update_labels),
+        )
 }
 
 async fn not_found() -> ApiError {

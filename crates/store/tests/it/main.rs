@@ -10,6 +10,7 @@ mod domains;
 mod inbound;
 mod messages;
 mod migrate;
+mod rate_limits;
 mod sessions;
 mod signing_secrets;
 mod store;

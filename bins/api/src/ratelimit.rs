@@ -1,0 +1,365 @@
+//! Rate limits (spec §5.3) and the client address they key on.
+//!
+//! Two kinds, both the generic cell rate algorithm of
+//! [`e2a_store::rate_limits`] (a burst of `limit`, then one request every
+//! `window / limit`; refusals consume nothing):
+//!
+//! * **Shared** limits live in Postgres and hold across every API replica:
+//!   they protect what a customer pays for or what costs the gateway per
+//!   account whichever replica answers — domain registration (an RSA key
+//!   each), and, with the outbound routes, sending.
+//! * **Per-replica** limits live in this process ([`LocalLimiter`]): they
+//!   protect the replica's own CPU and database pool, must cost no database
+//!   round trip (the failed-authentication limit runs *before* the key
+//!   lookup), and scale with the number of replicas — polling per user,
+//!   agent registration per client address, failed authentication per
+//!   client address.
+//!
+//! The client address is the socket peer, or — only when the peer is one of
+//! `E2A_TRUSTED_PROXIES` — the right-most `X-Forwarded-For` entry that is
+//! not itself a trusted proxy ([`ClientIp`]). IPv6 clients are keyed by
+//! their /64, which is what one subscriber usually holds.
+
+use std::{
+    collections::HashMap,
+    hash::{BuildHasher, RandomState},
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    sync::Mutex,
+    time::Instant,
+};
+
+use axum::{
+    extract::{ConnectInfo, FromRequestParts, Request, State},
+    http::{HeaderMap, HeaderValue, request::Parts},
+    middleware::Next,
+    response::{IntoResponse, Response},
+};
+use e2a_store::rate_limits::{Decision, Quota};
+use ipnet::IpNet;
+
+use crate::{AppState, auth::Caller, error::ApiError};
+
+/// Keys one [`LocalLimiter`] remembers at most (over all shards).
+pub const LOCAL_MAX_KEYS: usize = 100_000;
+const SHARDS: usize = 16;
+
+/// A per-process GCRA limiter with bounded memory.
+///
+/// At most [`LOCAL_MAX_KEYS`] keys are remembered. A shard that is full
+/// first forgets keys whose bucket is full again (they mean nothing); if
+/// none is, it forgets an arbitrary key, which at worst gives that key a
+/// fresh burst — a flood of distinct keys can therefore not grow memory,
+/// only dilute its own limits.
+#[derive(Debug)]
+pub struct LocalLimiter {
+    quota: Quota,
+    hasher: RandomState,
+    shards: Box<[Shard]>,
+}
+
+/// Keys of one shard and their theoretical arrival times.
+type Shard = Mutex<HashMap<Box<str>, Instant>>;
+
+impl LocalLimiter {
+    /// A limiter enforcing `quota` per key.
+    pub fn new(quota: Quota) -> Self {
+        Self {
+            quota,
+            hasher: RandomState::new(),
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+        }
+    }
+
+    /// The quota enforced.
+    pub fn quota(&self) -> Quota {
+        self.quota
+    }
+
+    fn shard(&self, key: &str) -> &Shard {
+        &self.shards[(self.hasher.hash_one(key) as usize) % SHARDS]
+    }
+
+    /// Counts one request for `key` unless that would exceed the quota.
+    pub fn hit(&self, key: &str) -> Decision {
+        let now = Instant::now();
+        let interval = self.quota.interval();
+        let mut map = self.shard(key).lock().unwrap_or_else(|p| p.into_inner());
+        let tat = map.get(key).copied().unwrap_or(now).max(now);
+        let next = tat + interval;
+        if next.duration_since(now) > self.quota.window {
+            return self.quota.decide(false, tat.duration_since(now));
+        }
+        if !map.contains_key(key) && map.len() >= LOCAL_MAX_KEYS / SHARDS {
+            map.retain(|_, t| *t > now);
+            if map.len() >= LOCAL_MAX_KEYS / SHARDS
+                && let Some(victim) = map.keys().next().cloned()
+            {
+                map.remove(&victim);
+            }
+        }
+        map.insert(key.into(), next);
+        self.quota.decide(true, next.duration_since(now))
+    }
+
+    /// Gives back one request counted by [`LocalLimiter::hit`] (for
+    /// attempts that turned out not to count, such as a successful
+    /// authentication).
+    pub fn refund(&self, key: &str) {
+        let now = Instant::now();
+        let mut map = self.shard(key).lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tat) = map.get_mut(key) {
+            *tat = tat
+                .checked_sub(self.quota.interval())
+                .map_or(now, |t| t.max(now));
+        }
+    }
+}
+
+/// Every limit the API enforces, built from the configuration.
+#[derive(Debug)]
+pub struct RateLimits {
+    /// Poll-limited reads, per user, per replica.
+    pub poll: LocalLimiter,
+    /// `POST /v1/agents`, per client address, per replica.
+    pub agent_create: LocalLimiter,
+    /// Requests with a well-formed but unknown, expired or revoked key, per
+    /// client address, per replica; charged before the key lookup.
+    pub auth_failures: LocalLimiter,
+    /// `POST /v1/domains`, per account, shared by all replicas.
+    pub domain_create: Quota,
+    /// Peers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+/// The address limits are keyed on, as text: an IPv4 address, or the /64
+/// of an IPv6 address (`2001:db8:1:2::/64`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientIp(pub String);
+
+impl ClientIp {
+    /// The key for `ip`.
+    pub fn of(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(v4) => ClientIp(v4.to_string()),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => ClientIp(v4.to_string()),
+                None => {
+                    let s = v6.segments();
+                    let net = Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0);
+                    ClientIp(format!("{net}/64"))
+                }
+            },
+        }
+    }
+
+    /// The client address of a request from `peer` carrying `headers`.
+    pub fn resolve(peer: Option<IpAddr>, headers: &HeaderMap, trusted: &[IpNet]) -> Self {
+        let Some(peer) = peer else {
+            // In-process calls (tests driving the router directly).
+            return ClientIp("unknown".into());
+        };
+        let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
+        if !is_trusted(&peer) {
+            return Self::of(peer);
+        }
+        // Walk the hops right to left: each trusted proxy appended the
+        // address it received from; the first hop that is not a trusted
+        // proxy is the client. An entry that does not parse ends the walk
+        // at the last address a trusted proxy vouched for.
+        let mut client = peer;
+        let hops = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .collect::<Vec<_>>();
+        for hop in hops.iter().rev() {
+            let Ok(ip) = hop.trim().parse::<IpAddr>() else {
+                break;
+            };
+            client = ip;
+            if !is_trusted(&ip) {
+                break;
+            }
+        }
+        Self::of(client)
+    }
+}
+
+impl FromRequestParts<AppState> for ClientIp {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|ConnectInfo(addr)| addr.ip());
+        Ok(ClientIp::resolve(
+            peer,
+            &parts.headers,
+            &state.limits.trusted_proxies,
+        ))
+    }
+}
+
+/// Sets `RateLimit-Limit`, `RateLimit-Remaining`, `RateLimit-Reset` (and
+/// `Retry-After` when refused) from `d`.
+pub fn set_headers(headers: &mut HeaderMap, d: &Decision) {
+    headers.insert("ratelimit-limit", HeaderValue::from(d.limit));
+    headers.insert("ratelimit-remaining", HeaderValue::from(d.remaining));
+    headers.insert("ratelimit-reset", HeaderValue::from(d.reset_after_secs));
+    if !d.allowed {
+        headers.insert("retry-after", HeaderValue::from(d.retry_after_secs));
+    }
+}
+
+/// The 429 answer for a refused request.
+pub fn rate_limited(d: &Decision) -> Response {
+    ApiError::rate_limited(d).into_response()
+}
+
+/// Middleware of the poll-limited reads: authenticates the caller (the
+/// handler reuses the result), counts the request against the caller's
+/// poll limit, and puts the limit's headers on every answer.
+pub async fn poll_limit(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let (mut parts, body) = req.into_parts();
+    let caller = match Caller::from_request_parts(&mut parts, &state).await {
+        Ok(caller) => caller,
+        Err(e) => return e.into_response(),
+    };
+    let d = state.limits.poll.hit(caller.user_id.as_str());
+    if !d.allowed {
+        return rate_limited(&d);
+    }
+    parts.extensions.insert(caller);
+    let mut response = next.run(Request::from_parts(parts, body)).await;
+    set_headers(response.headers_mut(), &d);
+    response
+}
+
+/// Middleware of agent registration: counts the request against the
+/// client address's limit before anything else, and puts the limit's
+/// headers on every answer.
+pub async fn agent_create_limit(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let (mut parts, body) = req.into_parts();
+    let Ok(ip) = ClientIp::from_request_parts(&mut parts, &state).await;
+    let d = state.limits.agent_create.hit(&ip.0);
+    if !d.allowed {
+        return rate_limited(&d);
+    }
+    let mut response = next.run(Request::from_parts(parts, body)).await;
+    set_headers(response.headers_mut(), &d);
+    response
+}
+
+/// Parses `E2A_TRUSTED_PROXIES`: comma-separated addresses or CIDR blocks.
+pub fn parse_proxies(s: &str) -> Result<Vec<IpNet>, String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            p.parse::<IpNet>()
+                .or_else(|_| p.parse::<IpAddr>().map(IpNet::from))
+                .map_err(|_| format!("{p:?} is not an IP address or CIDR block"))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(xff: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for v in xff {
+            h.append("x-forwarded-for", HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn forwarded_for_is_believed_only_from_trusted_proxies() {
+        let trusted = parse_proxies("10.0.0.0/8, 192.0.2.1").unwrap();
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        // An untrusted peer's header is ignored (the original's flaw 34).
+        assert_eq!(
+            ClientIp::resolve(ip("203.0.113.9"), &headers(&["1.2.3.4"]), &trusted).0,
+            "203.0.113.9"
+        );
+        // Through a trusted proxy: the right-most untrusted hop, so a
+        // client-supplied left-most entry cannot choose its own key.
+        assert_eq!(
+            ClientIp::resolve(
+                ip("10.1.1.1"),
+                &headers(&["6.6.6.6, 198.51.100.7, 10.2.2.2"]),
+                &trusted
+            )
+            .0,
+            "198.51.100.7"
+        );
+        assert_eq!(
+            ClientIp::resolve(
+                ip("192.0.2.1"),
+                &headers(&["6.6.6.6", "198.51.100.8"]),
+                &trusted
+            )
+            .0,
+            "198.51.100.8"
+        );
+        // Garbage stops the walk at the last vouched-for address.
+        assert_eq!(
+            ClientIp::resolve(ip("10.1.1.1"), &headers(&["junk, 10.3.3.3"]), &trusted).0,
+            "10.3.3.3"
+        );
+        // No header: the proxy itself.
+        assert_eq!(
+            ClientIp::resolve(ip("10.1.1.1"), &HeaderMap::new(), &trusted).0,
+            "10.1.1.1"
+        );
+        // IPv6 by /64; mapped IPv4 as IPv4.
+        assert_eq!(
+            ClientIp::resolve(ip("2001:db8:1:2:3:4:5:6"), &HeaderMap::new(), &[]).0,
+            "2001:db8:1:2::/64"
+        );
+        assert_eq!(
+            ClientIp::resolve(ip("::ffff:198.51.100.1"), &HeaderMap::new(), &[]).0,
+            "198.51.100.1"
+        );
+        assert!(parse_proxies("10.0.0.0/33").is_err());
+        assert!(parse_proxies("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn local_limits_admit_the_burst_then_refuse_and_refund() {
+        let l = LocalLimiter::new(Quota::per_minute(3));
+        let d: Vec<_> = (0..4).map(|_| l.hit("a")).collect();
+        assert!(d[..3].iter().all(|d| d.allowed));
+        assert_eq!(
+            d.iter().map(|d| d.remaining).collect::<Vec<_>>(),
+            [2, 1, 0, 0]
+        );
+        assert!(!d[3].allowed);
+        assert_eq!(d[3].retry_after_secs, 20);
+        assert!(l.hit("b").allowed, "keys are independent");
+        l.refund("a");
+        assert!(l.hit("a").allowed, "a refund gives one request back");
+        assert!(!l.hit("a").allowed);
+    }
+
+    #[test]
+    fn memory_stays_bounded_under_a_flood_of_keys() {
+        let l = LocalLimiter::new(Quota::per_hour(1));
+        for i in 0..(LOCAL_MAX_KEYS + 5_000) {
+            l.hit(&format!("k{i}"));
+        }
+        let total: usize = l.shards.iter().map(|s| s.lock().unwrap().len()).sum();
+        assert!(total <= LOCAL_MAX_KEYS, "{total}");
+    }
+}
