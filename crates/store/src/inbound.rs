@@ -128,7 +128,8 @@ pub enum Outcome {
 const INGEST_SQL: &str = "WITH quiet AS MATERIALIZED ( \
        SELECT set_config('e2a.defer_notify', 'on', true) AS deferred), \
      d AS MATERIALIZED ( \
-       SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::text[], $6::text[], $7::jsonb[]) \
+       SELECT d.id, d.user_id, d.agent_id, d.auth_headers, d.conversation_id, d.event_id, d.envelope, d.n \
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::text[], $6::text[], $7::jsonb[]) \
          WITH ORDINALITY AS d(id, user_id, agent_id, auth_headers, conversation_id, event_id, envelope, n)), \
      m AS ( \
        INSERT INTO messages (id, user_id, agent_id, direction, sender, recipient, subject, email_message_id, \
