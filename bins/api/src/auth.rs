@@ -16,7 +16,11 @@ use e2a_store::{
     ids::{ApiKeyId, UserId},
 };
 
-use crate::{AppState, error::ApiError, ratelimit::ClientIp};
+use crate::{
+    AppState,
+    error::ApiError,
+    ratelimit::{ClientIp, LookupOutcome},
+};
 
 /// The authenticated caller of a `/v1` route.
 #[derive(Debug, Clone)]
@@ -64,19 +68,19 @@ impl FromRequestParts<AppState> for Caller {
         if !api_keys::is_well_formed(token) {
             return Err(ApiError::unauthorized());
         }
-        // Every lookup is charged to the client address before it runs and
-        // refunded when the key is good: a flood of made-up keys, however
-        // concurrent, costs at most the failure limit's worth of lookups
-        // per address, and valid keys are never limited here.
+        // Made-up keys are limited per client address before they cost a
+        // lookup (see `AuthGuard`: fresh addresses pre-pay each lookup,
+        // addresses with a recent success pay for failures only).
         let Ok(ip) = ClientIp::from_request_parts(parts, state).await;
-        let charge = state.limits.auth_failures.hit(&ip.0);
-        if !charge.allowed {
-            return Err(ApiError::rate_limited(&charge));
-        }
-        let client = state.store.client().await?;
-        match api_keys::authenticate(&client, token).await {
+        let guard = &state.limits.auth_failures;
+        let ticket = guard.admit(&ip.0).map_err(|d| ApiError::rate_limited(&d))?;
+        let looked_up = match state.store.client().await {
+            Ok(client) => api_keys::authenticate(&client, token).await,
+            Err(e) => Err(e),
+        };
+        match looked_up {
             Ok(p) => {
-                state.limits.auth_failures.refund(&ip.0);
+                guard.settle(&ip.0, ticket, LookupOutcome::Valid);
                 tracing::Span::current().record("user.id", p.user_id.as_str());
                 let caller = Caller {
                     user_id: p.user_id,
@@ -85,10 +89,12 @@ impl FromRequestParts<AppState> for Caller {
                 parts.extensions.insert(caller.clone());
                 Ok(caller)
             }
-            Err(StoreError::NotFound) => Err(ApiError::unauthorized()),
+            Err(StoreError::NotFound) => {
+                guard.settle(&ip.0, ticket, LookupOutcome::Invalid);
+                Err(ApiError::unauthorized())
+            }
             Err(e) => {
-                // An outage is not the client's failure.
-                state.limits.auth_failures.refund(&ip.0);
+                guard.settle(&ip.0, ticket, LookupOutcome::NotDone);
                 Err(e.into())
             }
         }

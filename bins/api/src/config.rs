@@ -117,7 +117,9 @@ impl Config {
         crate::ratelimit::RateLimits {
             poll: LocalLimiter::new(Quota::per_minute(r.poll_per_minute)),
             agent_create: LocalLimiter::new(Quota::per_hour(r.agent_create_per_hour)),
-            auth_failures: LocalLimiter::new(Quota::per_minute(r.auth_failures_per_minute)),
+            auth_failures: crate::ratelimit::AuthGuard::new(Quota::per_minute(
+                r.auth_failures_per_minute,
+            )),
             domain_create: Quota::per_hour(r.domain_create_per_hour),
             trusted_proxies: r.trusted_proxies.clone(),
         }

@@ -39,56 +39,42 @@ use ipnet::IpNet;
 
 use crate::{AppState, auth::Caller, error::ApiError};
 
-/// Keys one [`LocalLimiter`] remembers at most (over all shards).
+/// Keys one [`LocalLimiter`] (or the [`AuthGuard`]'s set of vouched-for
+/// addresses) remembers at most, over all shards.
 pub const LOCAL_MAX_KEYS: usize = 100_000;
 const SHARDS: usize = 16;
 
-/// A per-process GCRA limiter with bounded memory.
-///
-/// At most [`LOCAL_MAX_KEYS`] keys are remembered. A shard that is full
-/// first forgets keys whose bucket is full again (they mean nothing); if
-/// none is, it forgets an arbitrary key, which at worst gives that key a
-/// fresh burst — a flood of distinct keys can therefore not grow memory,
-/// only dilute its own limits.
+/// A bounded map from key to the instant until which its entry means
+/// something (a GCRA arrival time, an expiry). At most [`LOCAL_MAX_KEYS`]
+/// keys: a full shard first forgets entries that mean nothing any more;
+/// if none does, an arbitrary one — a flood of distinct keys can therefore
+/// not grow memory, only make the map forget.
 #[derive(Debug)]
-pub struct LocalLimiter {
-    quota: Quota,
+struct Shards {
     hasher: RandomState,
     shards: Box<[Shard]>,
 }
 
-/// Keys of one shard and their theoretical arrival times.
+/// Keys of one shard and their instants.
 type Shard = Mutex<HashMap<Box<str>, Instant>>;
 
-impl LocalLimiter {
-    /// A limiter enforcing `quota` per key.
-    pub fn new(quota: Quota) -> Self {
+impl Shards {
+    fn new() -> Self {
         Self {
-            quota,
             hasher: RandomState::new(),
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
         }
     }
 
-    /// The quota enforced.
-    pub fn quota(&self) -> Quota {
-        self.quota
+    /// Runs `f` on the shard of `key`, locked.
+    fn with<R>(&self, key: &str, f: impl FnOnce(&mut HashMap<Box<str>, Instant>) -> R) -> R {
+        let shard = &self.shards[(self.hasher.hash_one(key) as usize) % SHARDS];
+        let mut map = shard.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut map)
     }
 
-    fn shard(&self, key: &str) -> &Shard {
-        &self.shards[(self.hasher.hash_one(key) as usize) % SHARDS]
-    }
-
-    /// Counts one request for `key` unless that would exceed the quota.
-    pub fn hit(&self, key: &str) -> Decision {
-        let now = Instant::now();
-        let interval = self.quota.interval();
-        let mut map = self.shard(key).lock().unwrap_or_else(|p| p.into_inner());
-        let tat = map.get(key).copied().unwrap_or(now).max(now);
-        let next = tat + interval;
-        if next.duration_since(now) > self.quota.window {
-            return self.quota.decide(false, tat.duration_since(now));
-        }
+    /// Sets `key` to `until` in `map` (a shard), making room first.
+    fn insert(map: &mut HashMap<Box<str>, Instant>, key: &str, until: Instant, now: Instant) {
         if !map.contains_key(key) && map.len() >= LOCAL_MAX_KEYS / SHARDS {
             map.retain(|_, t| *t > now);
             if map.len() >= LOCAL_MAX_KEYS / SHARDS
@@ -97,20 +83,163 @@ impl LocalLimiter {
                 map.remove(&victim);
             }
         }
-        map.insert(key.into(), next);
-        self.quota.decide(true, next.duration_since(now))
+        map.insert(key.into(), until);
     }
 
-    /// Gives back one request counted by [`LocalLimiter::hit`] (for
-    /// attempts that turned out not to count, such as a successful
-    /// authentication).
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len())
+            .sum()
+    }
+}
+
+/// A per-process GCRA limiter with bounded memory (see [`Shards`]: at
+/// worst a forgotten key gets a fresh burst).
+#[derive(Debug)]
+pub struct LocalLimiter {
+    quota: Quota,
+    keys: Shards,
+}
+
+impl LocalLimiter {
+    /// A limiter enforcing `quota` per key.
+    pub fn new(quota: Quota) -> Self {
+        Self {
+            quota,
+            keys: Shards::new(),
+        }
+    }
+
+    /// The quota enforced.
+    pub fn quota(&self) -> Quota {
+        self.quota
+    }
+
+    /// Counts one request for `key` unless that would exceed the quota.
+    pub fn hit(&self, key: &str) -> Decision {
+        self.decide(key, true)
+    }
+
+    /// What [`LocalLimiter::hit`] would answer, without counting.
+    pub fn peek(&self, key: &str) -> Decision {
+        self.decide(key, false)
+    }
+
+    fn decide(&self, key: &str, count: bool) -> Decision {
+        let now = Instant::now();
+        self.keys.with(key, |map| {
+            let tat = map.get(key).copied().unwrap_or(now).max(now);
+            let next = tat + self.quota.interval();
+            if next.duration_since(now) > self.quota.window {
+                return self.quota.decide(false, tat.duration_since(now));
+            }
+            if count {
+                Shards::insert(map, key, next, now);
+            }
+            self.quota.decide(true, next.duration_since(now))
+        })
+    }
+
+    /// Gives back one request counted by [`LocalLimiter::hit`].
     pub fn refund(&self, key: &str) {
         let now = Instant::now();
-        let mut map = self.shard(key).lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(tat) = map.get_mut(key) {
-            *tat = tat
-                .checked_sub(self.quota.interval())
-                .map_or(now, |t| t.max(now));
+        self.keys.with(key, |map| {
+            if let Some(tat) = map.get_mut(key) {
+                *tat = tat
+                    .checked_sub(self.quota.interval())
+                    .map_or(now, |t| t.max(now));
+            }
+        });
+    }
+}
+
+/// How long a successful authentication vouches for its client address.
+pub const VOUCHED_FOR: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// The failed-authentication limit per client address, applied before the
+/// key lookup so that made-up keys cost no database round trip once an
+/// address is over it.
+///
+/// An address that authenticated successfully within [`VOUCHED_FOR`] is
+/// *vouched for*: its lookups run freely and only a failure is counted, so
+/// a busy client with many concurrent requests is never refused for
+/// requests still in flight. Any other address *pre-pays*: each lookup is
+/// counted before it runs and refunded when the key was good, so even a
+/// burst of concurrent made-up keys from a fresh address costs at most the
+/// limit's burst in lookups. Either way an address over the limit is
+/// refused before the lookup.
+#[derive(Debug)]
+pub struct AuthGuard {
+    failures: LocalLimiter,
+    vouched: Shards,
+}
+
+/// What [`AuthGuard::admit`] charged, to settle in [`AuthGuard::settle`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ticket {
+    /// Nothing yet (a vouched-for address).
+    Free,
+    /// One failure, paid in advance.
+    Prepaid,
+}
+
+/// How a lookup ended, for [`AuthGuard::settle`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LookupOutcome {
+    /// The key was good.
+    Valid,
+    /// Unknown, expired or revoked.
+    Invalid,
+    /// The lookup did not happen (database unavailable): not the client's
+    /// failure.
+    NotDone,
+}
+
+impl AuthGuard {
+    /// A guard allowing `quota` failures per client address.
+    pub fn new(quota: Quota) -> Self {
+        Self {
+            failures: LocalLimiter::new(quota),
+            vouched: Shards::new(),
+        }
+    }
+
+    /// Before a key lookup from `ip`: the ticket to settle afterwards, or
+    /// the refusal when the address is over its limit.
+    pub fn admit(&self, ip: &str) -> Result<Ticket, Decision> {
+        let now = Instant::now();
+        let vouched = self
+            .vouched
+            .with(ip, |map| map.get(ip).is_some_and(|until| *until > now));
+        if vouched {
+            let d = self.failures.peek(ip);
+            return if d.allowed { Ok(Ticket::Free) } else { Err(d) };
+        }
+        let d = self.failures.hit(ip);
+        if d.allowed {
+            Ok(Ticket::Prepaid)
+        } else {
+            Err(d)
+        }
+    }
+
+    /// After the lookup admitted with `ticket`.
+    pub fn settle(&self, ip: &str, ticket: Ticket, outcome: LookupOutcome) {
+        match (ticket, outcome) {
+            (Ticket::Prepaid, LookupOutcome::Valid | LookupOutcome::NotDone) => {
+                self.failures.refund(ip);
+            }
+            (Ticket::Free, LookupOutcome::Invalid) => {
+                self.failures.hit(ip);
+            }
+            _ => {}
+        }
+        if outcome == LookupOutcome::Valid {
+            let now = Instant::now();
+            self.vouched
+                .with(ip, |map| Shards::insert(map, ip, now + VOUCHED_FOR, now));
         }
     }
 }
@@ -123,8 +252,8 @@ pub struct RateLimits {
     /// `POST /v1/agents`, per client address, per replica.
     pub agent_create: LocalLimiter,
     /// Requests with a well-formed but unknown, expired or revoked key, per
-    /// client address, per replica; charged before the key lookup.
-    pub auth_failures: LocalLimiter,
+    /// client address, per replica; enforced before the key lookup.
+    pub auth_failures: AuthGuard,
     /// `POST /v1/domains`, per account, shared by all replicas.
     pub domain_create: Quota,
     /// Peers whose `X-Forwarded-For` is believed.
@@ -354,12 +483,42 @@ mod tests {
     }
 
     #[test]
+    fn fresh_addresses_prepay_and_vouched_ones_pay_for_failures_only() {
+        let g = AuthGuard::new(Quota::per_minute(3));
+        // A fresh address: three concurrent lookups prepaid, the fourth
+        // refused before it runs.
+        let tickets: Vec<_> = (0..3).map(|_| g.admit("a").unwrap()).collect();
+        assert!(tickets.iter().all(|t| *t == Ticket::Prepaid));
+        assert!(g.admit("a").is_err());
+        // One was good: refunded, and the address is now vouched for.
+        g.settle("a", tickets[0], LookupOutcome::Valid);
+        g.settle("a", tickets[1], LookupOutcome::Invalid);
+        g.settle("a", tickets[2], LookupOutcome::NotDone);
+        // Many concurrent lookups of a vouched-for address run freely…
+        let free: Vec<_> = (0..50).map(|_| g.admit("a").unwrap()).collect();
+        assert!(free.iter().all(|t| *t == Ticket::Free));
+        for t in free {
+            g.settle("a", t, LookupOutcome::Valid);
+        }
+        // …and its failures still count: 1 so far, 2 more, then refused.
+        for _ in 0..2 {
+            let t = g.admit("a").unwrap();
+            g.settle("a", t, LookupOutcome::Invalid);
+        }
+        let refused = g.admit("a").unwrap_err();
+        assert_eq!(refused.limit, 3);
+        assert!(refused.retry_after_secs >= 1);
+        // Another address is untouched.
+        assert_eq!(g.admit("b"), Ok(Ticket::Prepaid));
+    }
+
+    #[test]
     fn memory_stays_bounded_under_a_flood_of_keys() {
         let l = LocalLimiter::new(Quota::per_hour(1));
         for i in 0..(LOCAL_MAX_KEYS + 5_000) {
             l.hit(&format!("k{i}"));
         }
-        let total: usize = l.shards.iter().map(|s| s.lock().unwrap().len()).sum();
+        let total = l.keys.len();
         assert!(total <= LOCAL_MAX_KEYS, "{total}");
     }
 }

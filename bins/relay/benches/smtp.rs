@@ -51,7 +51,6 @@ use std::{
     io::{BufRead as _, Write as _},
     net::SocketAddr,
     os::fd::AsFd as _,
-    path::PathBuf,
     process::Stdio,
     sync::{
         Arc,
@@ -70,7 +69,7 @@ use e2a_store::{
     migrate::{self, MigrationMode},
     users,
 };
-use e2a_testkit::cluster::{Cluster, ClusterError, ClusterOptions, PgBinaries, PortChoice, Reaper};
+use e2a_testkit::cluster::{Cluster, Reaper};
 use serde_json::json;
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
@@ -424,40 +423,8 @@ fn free_port() -> u16 {
 
 // ---------------------------------------------------------------- Postgres
 
-/// A new durable cluster for this run, stopped and removed when the
-/// [`Reaper`] drops or the process exits. As the test kit does: under the
-/// target directory, else the OS temp dir (e.g. when, running as root, the
-/// `postgres` user cannot enter the target directory).
 fn start_cluster() -> (Cluster, Reaper) {
-    let bins = PgBinaries::find().unwrap_or_else(|e| panic!("PostgreSQL server binaries: {e}"));
-    let mut bases: Vec<PathBuf> = e2a_testkit::target_dir()
-        .map(|t| t.join("e2a-benchpg"))
-        .into_iter()
-        .collect();
-    bases.push(std::env::temp_dir().join("e2a-benchpg"));
-    let mut last_err = String::from("no candidate directory");
-    for base in bases {
-        let dir = base.join(format!("smtp-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        if let Err(e) = std::fs::create_dir_all(&base) {
-            last_err = format!("creating {}: {e}", base.display());
-            continue;
-        }
-        let reaper = Reaper::spawn(&bins, &dir).expect("cluster reaper");
-        match Cluster::init(bins.clone(), &dir, &ClusterOptions::durable()) {
-            Ok(mut cluster) => {
-                cluster
-                    .start(PortChoice::AnyFree)
-                    .unwrap_or_else(|e| panic!("starting the bench cluster: {e}"));
-                return (cluster, reaper);
-            }
-            Err(e @ (ClusterError::DataDirNotAccessible { .. } | ClusterError::Io { .. })) => {
-                last_err = e.to_string();
-            }
-            Err(e) => panic!("creating the bench cluster: {e}"),
-        }
-    }
-    panic!("no directory for the bench cluster: {last_err}")
+    e2a_testkit::durable_bench_cluster("smtp")
 }
 
 async fn connect(url: &str) -> (Client, tokio::task::JoinHandle<()>) {
