@@ -17,6 +17,7 @@ use axum::{
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use e2a_store::{
     StoreError,
+    address::EmailAddress,
     ids::MessageId,
     messages::{self, Direction, InboxStatus, ListFilter, Message, MessageSummary, Position, Sort},
 };
@@ -363,29 +364,48 @@ pub async fn list(
     caller: Caller,
     ApiPath(address): ApiPath<String>,
     RawQuery(query): RawQuery,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<MessageList>, ApiError> {
+    // One statement in the common case: the page query only ever returns
+    // the caller's own rows (`user_id` is part of it), so ownership of the
+    // agent needs its own lookup only when the page is empty — to answer
+    // 404 for an agent that is not the caller's, exactly as for one that
+    // does not exist.
+    let agent_id = EmailAddress::parse(&address)
+        .map_err(|_| ApiError::not_found("agent"))?
+        .as_str()
+        .to_owned();
+    let req = parse_list_query(query.as_deref().unwrap_or(""), &agent_id)?;
     let client = state.store.client().await?;
-    let agent = owned_agent(&client, &caller, &address).await?;
-    let req = parse_list_query(query.as_deref().unwrap_or(""), &agent.id)?;
     let page = messages::list(
         &client,
         &caller.user_id,
-        &agent.id,
+        &agent_id,
         &req.filter,
         req.after.as_ref(),
         req.limit,
     )
     .await?;
+    if page.items.is_empty() {
+        owned_agent(&client, &caller, &address).await?;
+    }
     let next_cursor = page
         .next
         .as_ref()
-        .map(|p| encode_cursor(&cursor_for(&agent.id, &req.filter, Some(p))));
+        .map(|p| encode_cursor(&cursor_for(&agent_id, &req.filter, Some(p))));
     let items: Vec<MessageSummaryView> = page
         .items
         .into_iter()
         .map(MessageSummaryView::from)
         .collect();
-    Ok(Json(json!({ "items": items, "next_cursor": next_cursor })))
+    Ok(Json(MessageList { items, next_cursor }))
+}
+
+/// The contract's `MessageList`, serialized straight from the views (no
+/// intermediate JSON tree).
+#[derive(Debug, Serialize)]
+pub struct MessageList {
+    items: Vec<MessageSummaryView>,
+    next_cursor: Option<String>,
 }
 
 fn message_not_found() -> ApiError {
