@@ -185,8 +185,12 @@ struct Cursor {
     lb: Vec<String>,
 }
 
+/// `t` in UTC with every digit, for the cursor; empty for `None` (every
+/// timestamp that reaches here came from the database or `parse_rfc3339`,
+/// so the conversion cannot fail).
 fn full_precision(t: Option<OffsetDateTime>) -> String {
-    t.and_then(|t| t.to_offset(UtcOffset::UTC).format(&Rfc3339).ok())
+    t.and_then(|t| t.checked_to_offset(UtcOffset::UTC))
+        .and_then(|t| t.format(&Rfc3339).ok())
         .unwrap_or_default()
 }
 
@@ -488,6 +492,9 @@ mod tests {
             "limit=ten",
             "since=yesterday",
             "since=2026-01-02T00:00:00Z&until=2026-01-01T00:00:00Z",
+            // Valid RFC 3339, but year 10000 in UTC (this used to panic).
+            "until=9999-12-31T23:59:59-01:00",
+            "since=9999-12-31T23:59:59-01:00",
             "labels=Bad",
             "conversation_id=a%0Ab",
             "sort=asc&sort=desc",
@@ -533,6 +540,21 @@ mod tests {
             )
             .unwrap_err()
             .code,
+            "invalid_cursor"
+        );
+    }
+
+    #[test]
+    fn a_cursor_position_outside_utc_is_invalid_cursor() {
+        let filter = parse_list_query("", AGENT).unwrap().filter;
+        let position = Position {
+            created_at: parse_rfc3339("2026-05-01T12:00:00Z").unwrap(),
+            id: MessageId::new(),
+        };
+        let mut cursor = cursor_for(AGENT, &filter, Some(&position));
+        cursor.c = "9999-12-31T23:59:59-01:00".into();
+        assert_eq!(
+            code(&format!("cursor={}", encode_cursor(&cursor))),
             "invalid_cursor"
         );
     }
