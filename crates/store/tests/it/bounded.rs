@@ -1,13 +1,15 @@
 //! Bounded queries on a real mailbox of 100,000 messages: a text search or
 //! a label filter examines at most `SCAN_BUDGET` rows per call and hands
 //! back where it stopped; walking the cursor finds every match exactly
-//! once; the plans walk one agent-scoped index with no sort or aggregate
-//! over the mailbox.
+//! once; the conversations list reads a page of summaries that agree with
+//! a full regrouping of the mailbox; the plans walk one agent-scoped index
+//! with no sort or aggregate over the mailbox. One fixture for all of it:
+//! inserting the mailbox is the slow part.
 
 use std::time::{Duration, Instant};
 
 use e2a_store::{
-    Store,
+    Store, conversations,
     ids::MessageId,
     messages::{self, Direction, InboxStatus, ListFilter, Page, Position, SCAN_BUDGET, Sort},
 };
@@ -69,7 +71,9 @@ pub async fn big_mailbox(store: &Store, owner: &Mailbox, t0: OffsetDateTime) {
     .await
     .unwrap();
     eprintln!("inserted {N} messages in {:?}", started.elapsed());
-    c.batch_execute("ANALYZE messages").await.unwrap();
+    c.batch_execute("ANALYZE messages, conversation_summaries")
+        .await
+        .unwrap();
     eprintln!("analyzed after {:?}", started.elapsed());
 }
 
@@ -161,7 +165,7 @@ pub fn assert_bounded_scan(explained: &Value, budget: i64) -> String {
 }
 
 #[tokio::test]
-async fn searches_and_label_filters_over_100k_messages_are_bounded_and_complete() {
+async fn a_mailbox_of_100k_messages_is_searched_and_threaded_in_bounded_calls() {
     let (_db, store) = super::store().await;
     let alice = mailbox(&store, "alice").await;
     let bob = mailbox(&store, "bob").await;
@@ -297,6 +301,8 @@ async fn searches_and_label_filters_over_100k_messages_are_bounded_and_complete(
         eprintln!("{what}: {index}");
     }
 
+    check_conversations(&store, &alice, t0).await;
+
     // Another agent's mailbox is not scanned at all.
     let other = messages::list(&c, &bob.user, &bob.agent, &needle, None, 50)
         .await
@@ -306,4 +312,191 @@ async fn searches_and_label_filters_over_100k_messages_are_bounded_and_complete(
         .await
         .unwrap();
     assert!(foreign.items.is_empty() && foreign.next.is_none());
+}
+
+/// The summaries of `ids` computed the old way: grouping the members.
+async fn regrouped(
+    store: &Store,
+    owner: &Mailbox,
+    ids: &[String],
+) -> Vec<(String, i64, i64, bool, String, String)> {
+    let c = store.client().await.unwrap();
+    c.query(
+        "SELECT conversation_id, count(*), count(*) FILTER (WHERE inbox_status = 'unread'), \
+                bool_or(inbox_status = 'unread'), \
+                (array_agg(subject ORDER BY created_at DESC, id DESC))[1], \
+                (array_agg(sender ORDER BY created_at DESC, id DESC))[1] \
+         FROM messages WHERE agent_id = $1 AND conversation_id = ANY($2) AND expires_at > now() \
+         GROUP BY conversation_id ORDER BY max(created_at) DESC, conversation_id DESC",
+        &[&owner.agent, &ids],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
+    .collect()
+}
+
+/// The conversations of the big mailbox: `cnv_k` holds rows k, k + 5000, …
+/// so its newest message is `t0 - k s` (`cnv_0`: `t0 - 5000 s`).
+async fn check_conversations(store: &Store, alice: &Mailbox, t0: OffsetDateTime) {
+    let c = store.client().await.unwrap();
+    let secs = time::Duration::seconds;
+    let started = Instant::now();
+    let page = conversations::list(&c, &alice.user, &alice.agent, None, None, 100)
+        .await
+        .unwrap();
+    assert!(started.elapsed() < FAST, "{:?}", started.elapsed());
+    let ids: Vec<String> = page.iter().map(|s| s.conversation_id.clone()).collect();
+    assert_eq!(
+        ids,
+        (1..=100).map(|k| format!("cnv_{k}")).collect::<Vec<_>>()
+    );
+    let first = &page[0];
+    assert_eq!(
+        (first.first_message_at, first.last_message_at),
+        (t0 - secs(95_001), t0 - secs(1))
+    );
+    assert_eq!(
+        (
+            first.message_count,
+            first.inbound_count,
+            first.outbound_count
+        ),
+        (20, 20, 0)
+    );
+    assert_eq!(page[49].latest_subject, "Needle 50");
+    let expected = regrouped(store, alice, &ids).await;
+    let got: Vec<_> = page
+        .iter()
+        .map(|s| {
+            let unread = expected
+                .iter()
+                .find(|e| e.0 == s.conversation_id)
+                .map_or(-1, |e| e.2);
+            (
+                s.conversation_id.clone(),
+                s.message_count,
+                unread,
+                s.has_unread,
+                s.latest_subject.clone(),
+                s.latest_sender.clone(),
+            )
+        })
+        .collect();
+    assert_eq!(got, expected, "the summaries agree with a full regrouping");
+
+    // A window deep in the mailbox is a page as well.
+    let until = conversations::list(
+        &c,
+        &alice.user,
+        &alice.agent,
+        None,
+        Some(t0 - secs(4000)),
+        3,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        until
+            .iter()
+            .map(|s| s.conversation_id.as_str())
+            .collect::<Vec<_>>(),
+        vec!["cnv_4001", "cnv_4002", "cnv_4003"]
+    );
+
+    // Read-on-get moves the unread count; an expired member disappears at
+    // once (recomputed from the visible ones) and for good once swept.
+    let unread_before = page
+        .iter()
+        .find(|s| s.conversation_id == "cnv_3")
+        .unwrap()
+        .has_unread;
+    assert!(unread_before, "row 3 is unread");
+    c.execute(
+        "UPDATE messages SET inbox_status = 'read' WHERE agent_id = $1 AND conversation_id = 'cnv_3'",
+        &[&alice.agent],
+    )
+    .await
+    .unwrap();
+    c.execute(
+        "UPDATE messages SET expires_at = now() - interval '1 second' WHERE id = $1",
+        &[&id_of(95_001)],
+    )
+    .await
+    .unwrap();
+    let check = |page: Vec<conversations::ConversationSummary>| {
+        assert!(
+            !page
+                .iter()
+                .find(|s| s.conversation_id == "cnv_3")
+                .unwrap()
+                .has_unread
+        );
+        let one = page
+            .iter()
+            .find(|s| s.conversation_id == "cnv_1")
+            .unwrap()
+            .clone();
+        assert_eq!(one.message_count, 19);
+        assert_eq!(one.first_message_at, t0 - secs(90_001));
+    };
+    check(
+        conversations::list(&c, &alice.user, &alice.agent, None, None, 100)
+            .await
+            .unwrap(),
+    );
+    let plan = conversations::explain_list(&c, &alice.user, &alice.agent, None, None, 100)
+        .await
+        .unwrap();
+    assert_page_of_summaries(&plan, 100.0, 20.0);
+    assert_eq!(messages::delete_expired(&c, 100).await.unwrap(), 1);
+    check(
+        conversations::list(&c, &alice.user, &alice.agent, None, None, 100)
+            .await
+            .unwrap(),
+    );
+
+    // The plans: a page of the summary index; messages read only for the
+    // one stale summary (before the sweep) or not at all.
+    for (since, until) in [(None, None), (Some(t0 - secs(3000)), Some(t0 - secs(2000)))] {
+        let plan = conversations::explain_list(&c, &alice.user, &alice.agent, since, until, 100)
+            .await
+            .unwrap();
+        assert_page_of_summaries(&plan, 100.0, 0.0);
+    }
+}
+
+/// Asserts the executed plan reads at most `limit` summaries through the
+/// agent's summary index, without a sort, and at most `members` messages.
+fn assert_page_of_summaries(explained: &Value, limit: f64, members: f64) {
+    let root = &explained[0]["Plan"];
+    let all = nodes(root);
+    let mut from_messages = 0.0;
+    for node in &all {
+        let kind = node["Node Type"].as_str().unwrap_or_default();
+        assert!(
+            !matches!(kind, "Sort" | "Incremental Sort" | "Seq Scan" | "Hash"),
+            "{kind}: {root:#}"
+        );
+        let read = node["Actual Rows"].as_f64().unwrap_or(0.0)
+            * node["Actual Loops"].as_f64().unwrap_or(0.0)
+            + node["Rows Removed by Filter"].as_f64().unwrap_or(0.0);
+        match node["Relation Name"].as_str() {
+            Some("conversation_summaries") => {
+                assert_eq!(
+                    node["Index Name"], "conversation_summaries_agent_last_idx",
+                    "{root:#}"
+                );
+                assert!(read <= limit, "{read} summaries read: {root:#}");
+            }
+            Some("messages") => from_messages += read,
+            Some(other) => panic!("reads {other}: {root:#}"),
+            None => {}
+        }
+    }
+    assert!(
+        from_messages <= members,
+        "{from_messages} messages read: {root:#}"
+    );
 }
