@@ -640,3 +640,54 @@ async fn searches_page_through_a_large_mailbox_by_scan_budget() {
     assert!(plain.iter().all(|p| p.len() == 100));
     api.stop().await;
 }
+
+/// A statement the database cancels for time (57014) is a 503 with
+/// `Retry-After` — here a read-on-get waiting on a row lock past the
+/// statement timeout — and the same request succeeds once the lock goes.
+#[tokio::test]
+async fn a_statement_cancelled_for_time_is_503_with_retry_after() {
+    let db = TestDb::new().await;
+    let alice = key_for(db.url(), "alice@example.com").await;
+    let mut config = Config::for_database(db.url());
+    config.shared_domain = "agents.localhost".into();
+    config.common.db.db_statement_timeout_ms = 200;
+    let api = Running::start(config).await;
+    let (s, _) = api
+        .call(
+            Method::POST,
+            "/v1/agents",
+            &alice,
+            Some(json!({"slug": "demo"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let store = Store::new(&StoreConfig::new(db.url())).unwrap();
+    let (id, _, _) = deliver(&store, "alice@example.com", "slow@example.org", "hi", &[]).await;
+
+    let mut holder = store.client().await.unwrap();
+    let tx = holder.transaction().await.unwrap();
+    tx.execute("SELECT 1 FROM messages WHERE id = $1 FOR UPDATE", &[&id])
+        .await
+        .unwrap();
+    let resp = api
+        .request(Method::GET, &format!("{AGENT_PATH}/messages/{id}"), &alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(resp.headers()[reqwest::header::RETRY_AFTER], "5");
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(code(&body), "service_unavailable");
+    tx.rollback().await.unwrap();
+
+    let (s, m) = api
+        .call(
+            Method::GET,
+            format!("{AGENT_PATH}/messages/{id}"),
+            &alice,
+            None,
+        )
+        .await;
+    assert_eq!((s, m["status"].as_str()), (StatusCode::OK, Some("read")));
+    api.stop().await;
+}
