@@ -4,6 +4,11 @@
 //! Every `/v1` error is `{"error": {"code", "message", "details"?,
 //! "request_id"}}`. The request id comes from the request-id middleware via
 //! a task-local, so handlers never thread it through by hand.
+//!
+//! Every `503` carries `Retry-After` ([`RETRY_AFTER_SECS`] unless the
+//! response already names one): the database is down, refused our login
+//! (a rotated password) or cancelled a statement for time. A store error
+//! never becomes a `500` merely because the database is unreachable.
 
 use axum::{
     Json,
@@ -12,6 +17,11 @@ use axum::{
 };
 use e2a_store::StoreError;
 use serde::Serialize;
+
+/// `Retry-After` of a `503`, in seconds: long enough for a pool to open a
+/// new connection or a statement to stop competing, short enough that a
+/// client waiting it out does not notice a brief outage.
+pub const RETRY_AFTER_SECS: u32 = 5;
 
 tokio::task_local! {
     /// The current request's id, set by the request-id middleware.
@@ -101,7 +111,9 @@ impl ApiError {
         )
     }
 
-    /// 503 with `code`: the database is unreachable; the client should retry.
+    /// 503 with `code` (and `Retry-After`): the database is unreachable,
+    /// refused our login or cancelled the statement; the client should
+    /// retry.
     pub fn unavailable(code: &'static str) -> Self {
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -198,6 +210,11 @@ impl IntoResponse for ApiError {
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static(r#"Bearer realm="e2a""#),
             );
+        }
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
         }
         response
     }

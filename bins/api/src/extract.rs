@@ -110,18 +110,29 @@ fn percent_decode(s: &str) -> Option<String> {
 }
 
 /// A timestamp as the contract prints it: RFC 3339, UTC, whole seconds
-/// (`2026-05-01T12:00:00Z`).
+/// (`2026-05-01T12:00:00Z`); empty for an instant UTC cannot represent
+/// (never one read from the database or parsed by [`parse_rfc3339`]).
 pub fn rfc3339_seconds(t: OffsetDateTime) -> String {
-    let t = t.to_offset(UtcOffset::UTC);
+    let Some(t) = t.checked_to_offset(UtcOffset::UTC) else {
+        return String::new();
+    };
     t.replace_nanosecond(0)
         .unwrap_or(t)
         .format(&Rfc3339)
         .unwrap_or_default()
 }
 
-/// Parses an RFC 3339 timestamp from a request.
+/// Parses an RFC 3339 timestamp from a request and returns it in UTC.
+///
+/// `None` also for an instant that has no RFC 3339 form in UTC: the offset
+/// can carry a valid local time out of the years 0000–9999
+/// (`9999-12-31T23:59:59-01:00` is in year 10000 in UTC). Such a value used
+/// to reach the UTC conversion of the database driver and panic (a 500);
+/// every timestamp this returns converts, formats and binds safely.
 pub fn parse_rfc3339(s: &str) -> Option<OffsetDateTime> {
-    OffsetDateTime::parse(s, &Rfc3339).ok()
+    let t = OffsetDateTime::parse(s, &Rfc3339).ok()?;
+    let utc = t.checked_to_offset(UtcOffset::UTC)?;
+    (0..=9999).contains(&utc.year()).then_some(utc)
 }
 
 /// 400 `invalid_filter`: a list query the route cannot serve.
@@ -177,5 +188,23 @@ mod tests {
         let t = parse_rfc3339("2026-05-01T14:00:00.123456+02:00").unwrap();
         assert_eq!(rfc3339_seconds(t), "2026-05-01T12:00:00Z");
         assert!(parse_rfc3339("yesterday").is_none());
+    }
+
+    #[test]
+    fn timestamps_outside_utc_years_0_to_9999_are_refused() {
+        for bad in [
+            "9999-12-31T23:59:59-01:00",
+            "9999-12-31T23:00:00.5-23:59",
+            "0000-01-01T00:00:00+00:01",
+        ] {
+            assert!(parse_rfc3339(bad).is_none(), "{bad}");
+        }
+        let edge = parse_rfc3339("9999-12-31T23:59:59.999999999+00:00").unwrap();
+        assert_eq!(rfc3339_seconds(edge), "9999-12-31T23:59:59Z");
+        let shifted = parse_rfc3339("0000-01-01T00:00:00-01:00").unwrap();
+        assert_eq!(shifted.offset(), UtcOffset::UTC);
+        assert_eq!(rfc3339_seconds(shifted), "0000-01-01T01:00:00Z");
+        let err = time_window(None, Some("9999-12-31T23:59:59-01:00")).unwrap_err();
+        assert_eq!(err.code, "invalid_filter");
     }
 }

@@ -90,7 +90,8 @@ pub async fn request_context(req: Request, next: Next) -> Response {
 }
 
 /// Gives framework-generated errors (body limit 413, timeout 408, panic
-/// 500, unmatched method 405, …) the contract's JSON error body.
+/// 500, unmatched method 405, …) the contract's JSON error body; a `503`
+/// gets `Retry-After` from [`ApiError`] unless it named its own.
 fn json_errors(response: Response) -> Response {
     let status = response.status();
     let is_json = response

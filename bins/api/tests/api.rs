@@ -254,7 +254,9 @@ async fn database_outage_gives_503_and_recovers() {
 
     cluster.stop().await;
     assert_eq!(readyz().await, 503);
-    let (status, body) = error_body(api.get("/v1/account", Some(&auth)).await).await;
+    let resp = api.get("/v1/account", Some(&auth)).await;
+    assert_eq!(resp.headers()[header::RETRY_AFTER], "5");
+    let (status, body) = error_body(resp).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     // Liveness does not depend on the database.
     assert_eq!(api.get("/api/health", None).await.status(), 200);
@@ -279,6 +281,76 @@ async fn database_outage_gives_503_and_recovers() {
             "did not recover after the database returned"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn a_rotated_database_password_is_503_with_retry_after_and_recovers() {
+    let cluster = PrivateCluster::start().await;
+    let url = cluster.password_role("e2a_app", "first").await;
+    let key = key_for(&url, "rotation@example.com").await;
+    let mut config = Config::for_database(url.clone());
+    config.common.db.db_pool_size = 2;
+    let api = Running::start(config).await;
+    let auth = format!("Bearer {key}");
+    let routes = ["/v1/account", "/v1/agents", "/v1/domains"];
+    for path in routes {
+        assert_eq!(api.get(path, Some(&auth)).await.status(), 200, "{path}");
+    }
+
+    // Rotate the password. Sessions already open stay logged in, so end
+    // them, as a pooler restart or failover during a rotation does: every
+    // connection the API opens from now on is refused with 28P01.
+    let admin = Store::new(&StoreConfig::new(cluster.url("postgres"))).unwrap();
+    let admin = admin.client().await.unwrap();
+    admin
+        .batch_execute("ALTER ROLE e2a_app PASSWORD 'second'")
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let left: i64 = admin
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE usename = 'e2a_app'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if left == 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "sessions linger");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stale = Store::new(&StoreConfig::new(url)).unwrap();
+    let refused = stale.client().await.unwrap_err();
+    assert!(refused.is_login_refused(), "{refused:?}");
+
+    // Every request: 503 with Retry-After, never 500 (the old mapping of
+    // 28P01) or 401 (the key was never the problem).
+    for _ in 0..2 {
+        for path in routes {
+            let resp = api.get(path, Some(&auth)).await;
+            assert_eq!(resp.headers()[header::RETRY_AFTER], "5", "{path}");
+            let (status, body) = error_body(resp).await;
+            assert_eq!(
+                (status, body["error"]["code"].as_str()),
+                (StatusCode::SERVICE_UNAVAILABLE, Some("service_unavailable")),
+                "{path}: {body}"
+            );
+        }
+    }
+
+    // The credentials the API holds become valid again: it recovers.
+    admin
+        .batch_execute("ALTER ROLE e2a_app PASSWORD 'first'")
+        .await
+        .unwrap();
+    for path in routes {
+        assert_eq!(api.get(path, Some(&auth)).await.status(), 200, "{path}");
     }
     api.stop().await;
 }

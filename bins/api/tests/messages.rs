@@ -553,3 +553,141 @@ async fn messages_and_conversations_end_to_end() {
     assert_eq!((s, code(&b)), (StatusCode::BAD_REQUEST, "invalid_request"));
     api.stop().await;
 }
+
+/// A search over more messages than one call examines: pages stop at the
+/// scan budget with a cursor, even when empty, and the walk finds each
+/// match once; `next_cursor` is null only where the mailbox ends.
+#[tokio::test]
+async fn searches_page_through_a_large_mailbox_by_scan_budget() {
+    let db = TestDb::new().await;
+    let alice = key_for(db.url(), "alice@example.com").await;
+    let mut config = Config::for_database(db.url());
+    config.shared_domain = "agents.localhost".into();
+    let api = Running::start(config).await;
+    let (s, _) = api
+        .call(
+            Method::POST,
+            "/v1/agents",
+            &alice,
+            Some(json!({"slug": "demo"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let store = Store::new(&StoreConfig::new(db.url())).unwrap();
+    let c = store.client().await.unwrap();
+    let user = users::get_by_email(&c, &EmailAddress::parse("alice@example.com").unwrap())
+        .await
+        .unwrap()
+        .id;
+    // 2.5 budgets of unread mail, newest first by g; "Needle" at g = 10
+    // and 2100, labelled `rare` at g = 1500.
+    let budget = e2a_store::messages::SCAN_BUDGET;
+    c.execute(
+        "INSERT INTO messages (id, user_id, agent_id, direction, sender, recipient, subject, \
+           conversation_id, inbox_status, labels, body_sha256, created_at) \
+         SELECT 'msg_' || lpad(to_hex(g), 32, '0'), $1, $2, 'inbound', 'bob@example.org', $2, \
+           CASE WHEN g IN (10, 2100) THEN 'Needle ' ELSE 'hay ' END || g, 'cnv_' || g, 'unread', \
+           CASE WHEN g = 1500 THEN ARRAY['rare'] ELSE '{}' END, \
+           lpad(to_hex(g), 64, '0'), now() - make_interval(secs => g) \
+         FROM generate_series(1, $3::int8 * 5 / 2) AS g",
+        &[&user, &AGENT, &budget],
+    )
+    .await
+    .unwrap();
+    let id = |g: i64| format!("msg_{g:032x}");
+
+    let walk = |query: &'static str| {
+        let api = &api;
+        let alice = &alice;
+        async move {
+            let mut pages: Vec<Vec<String>> = Vec::new();
+            let mut cursor: Option<String> = None;
+            loop {
+                let path = match &cursor {
+                    None => format!("{AGENT_PATH}/messages?{query}"),
+                    Some(c) => format!("{AGENT_PATH}/messages?{query}&cursor={c}"),
+                };
+                let (s, page) = api.call(Method::GET, &path, alice, None).await;
+                assert_eq!(s, StatusCode::OK, "{path}: {page}");
+                pages.push(ids(&page).into_iter().map(str::to_owned).collect());
+                match page["next_cursor"].as_str() {
+                    Some(c) => cursor = Some(c.to_owned()),
+                    None => {
+                        assert!(page["next_cursor"].is_null(), "{page}");
+                        return pages;
+                    }
+                }
+                assert!(pages.len() < 30, "{query}: no end");
+            }
+        }
+    };
+    assert_eq!(
+        walk("subject_contains=NEEDLE&limit=10").await,
+        vec![vec![id(10)], vec![], vec![id(2100)]],
+        "budget, budget, end of mailbox"
+    );
+    assert_eq!(
+        walk("labels=rare&status=all").await,
+        vec![vec![], vec![id(1500)], vec![]]
+    );
+    assert_eq!(
+        walk("sort=asc&subject_contains=needle").await,
+        vec![vec![id(2100)], vec![], vec![id(10)]]
+    );
+    // Without a row-by-row filter pages are full: 2500 rows in 25 pages.
+    let plain = walk("limit=100").await;
+    assert_eq!(plain.len(), 25);
+    assert!(plain.iter().all(|p| p.len() == 100));
+    api.stop().await;
+}
+
+/// A statement the database cancels for time (57014) is a 503 with
+/// `Retry-After` — here a read-on-get waiting on a row lock past the
+/// statement timeout — and the same request succeeds once the lock goes.
+#[tokio::test]
+async fn a_statement_cancelled_for_time_is_503_with_retry_after() {
+    let db = TestDb::new().await;
+    let alice = key_for(db.url(), "alice@example.com").await;
+    let mut config = Config::for_database(db.url());
+    config.shared_domain = "agents.localhost".into();
+    config.common.db.db_statement_timeout_ms = 200;
+    let api = Running::start(config).await;
+    let (s, _) = api
+        .call(
+            Method::POST,
+            "/v1/agents",
+            &alice,
+            Some(json!({"slug": "demo"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let store = Store::new(&StoreConfig::new(db.url())).unwrap();
+    let (id, _, _) = deliver(&store, "alice@example.com", "slow@example.org", "hi", &[]).await;
+
+    let mut holder = store.client().await.unwrap();
+    let tx = holder.transaction().await.unwrap();
+    tx.execute("SELECT 1 FROM messages WHERE id = $1 FOR UPDATE", &[&id])
+        .await
+        .unwrap();
+    let resp = api
+        .request(Method::GET, &format!("{AGENT_PATH}/messages/{id}"), &alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(resp.headers()[reqwest::header::RETRY_AFTER], "5");
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(code(&body), "service_unavailable");
+    tx.rollback().await.unwrap();
+
+    let (s, m) = api
+        .call(
+            Method::GET,
+            format!("{AGENT_PATH}/messages/{id}"),
+            &alice,
+            None,
+        )
+        .await;
+    assert_eq!((s, m["status"].as_str()), (StatusCode::OK, Some("read")));
+    api.stop().await;
+}

@@ -1,7 +1,17 @@
-//! Conversations: not a table but the set of one agent's non-expired
-//! messages sharing a non-empty `conversation_id` (every inbound message
-//! gets one, see [`crate::inbound`]). Conversations are per agent: the same
-//! id under two agents is two conversations.
+//! Conversations: the set of one agent's non-expired messages sharing a
+//! non-empty `conversation_id` (every inbound message gets one, see
+//! [`crate::inbound`]). Conversations are per agent: the same id under two
+//! agents is two conversations.
+//!
+//! **Listing costs a page, not a mailbox**: the table
+//! `conversation_summaries` (V14) holds each conversation's counts, time
+//! span and newest member, kept by triggers on `messages` in the writing
+//! statement's transaction, and [`list`] reads one page of its index
+//! `(agent_id, last_message_at DESC, conversation_id DESC)`. Only a
+//! summary with a member past its TTL that the janitor has not deleted yet
+//! is recomputed from the visible members, so expired messages stay
+//! invisible here too. [`get`] aggregates one conversation's members
+//! directly (the conversation index).
 //!
 //! Tenancy: every query filters by owner **and** agent; another user's
 //! conversation is [`StoreError::NotFound`] / absent, exactly like a missing
@@ -9,7 +19,7 @@
 
 use deadpool_postgres::GenericClient;
 use time::OffsetDateTime;
-use tokio_postgres::Row;
+use tokio_postgres::{Row, types::ToSql};
 
 use crate::{
     error::{Result, StoreError},
@@ -89,12 +99,71 @@ fn summary_from_row(r: &Row) -> ConversationSummary {
     }
 }
 
+/// The statement [`list`] runs and its parameters. Since and until are
+/// index conditions on `last_message_at`, so a window costs a page too.
+fn list_query<'a>(
+    user_id: &'a UserId,
+    agent_id: &'a &'a str,
+    since: &'a Option<OffsetDateTime>,
+    until: &'a Option<OffsetDateTime>,
+    limit: &'a i64,
+) -> (String, Vec<&'a (dyn ToSql + Sync)>) {
+    let mut params: Vec<&'a (dyn ToSql + Sync)> = vec![agent_id, user_id];
+    let mut window = String::new();
+    if let Some(since) = since {
+        params.push(since);
+        window.push_str(&format!(" AND c.last_message_at >= ${}", params.len()));
+    }
+    if let Some(until) = until {
+        params.push(until);
+        window.push_str(&format!(" AND c.last_message_at < ${}", params.len()));
+    }
+    params.push(limit);
+    let limit_param = params.len();
+    // The live aggregate runs only for a summary with an expired member
+    // (its gating qual is false otherwise) and then wins over the stored
+    // values; HAVING drops its row when nothing is visible.
+    let sql = format!(
+        "SELECT s.conversation_id, \
+           COALESCE(l.first_at, s.first_message_at), COALESCE(l.last_at, s.last_message_at), \
+           COALESCE(l.n, s.message_count), COALESCE(l.n_in, s.inbound_count), \
+           COALESCE(l.n_out, s.outbound_count), COALESCE(l.n_unread, s.unread_count) > 0, \
+           COALESCE(l.subject, s.latest_subject), COALESCE(l.sender, s.latest_sender) \
+         FROM ( \
+           SELECT c.conversation_id, c.agent_id, c.first_message_at, c.last_message_at, \
+                  c.message_count, c.inbound_count, c.outbound_count, c.unread_count, \
+                  c.latest_subject, c.latest_sender, c.min_expires_at \
+           FROM conversation_summaries c \
+           WHERE c.agent_id = $1 AND c.user_id = $2 AND c.max_expires_at > now(){window} \
+           ORDER BY c.last_message_at DESC, c.conversation_id DESC LIMIT ${limit_param}) s \
+         LEFT JOIN LATERAL ( \
+           SELECT min(created_at) AS first_at, max(created_at) AS last_at, count(*) AS n, \
+                  count(*) FILTER (WHERE direction = 'inbound') AS n_in, \
+                  count(*) FILTER (WHERE direction = 'outbound') AS n_out, \
+                  count(*) FILTER (WHERE inbox_status = 'unread') AS n_unread, \
+                  (array_agg(subject ORDER BY created_at DESC, id DESC))[1] AS subject, \
+                  (array_agg({FROM_EXPR} ORDER BY created_at DESC, id DESC))[1] AS sender \
+           FROM messages m \
+           WHERE s.min_expires_at <= now() AND m.agent_id = s.agent_id \
+             AND m.conversation_id = s.conversation_id AND m.conversation_id <> '' \
+             AND m.expires_at > now() \
+           HAVING count(*) > 0) l ON true \
+         ORDER BY s.last_message_at DESC, s.conversation_id DESC"
+    );
+    (sql, params)
+}
+
 /// The owner's conversations of `agent_id`, most recently active first
 /// (`last_message_at DESC, conversation_id DESC`), optionally only those
 /// whose last message is at or after `since` and before `until`.
 ///
 /// `limit` is clamped to `1..=`[`MAX_LIST`] (the original's behaviour). One
-/// statement. An unknown or foreign agent yields an empty list.
+/// statement reading one page of the summary index — its cost does not grow
+/// with the mailbox — plus, for a summary with a member past its TTL that
+/// the janitor has not deleted yet, that conversation's visible members.
+/// The order and the window then still use the stored `last_message_at`,
+/// which differs from the visible one only if the newest member expired
+/// before an older one. An unknown or foreign agent yields an empty list.
 pub async fn list(
     c: &impl GenericClient,
     user_id: &UserId,
@@ -103,21 +172,32 @@ pub async fn list(
     until: Option<OffsetDateTime>,
     limit: i64,
 ) -> Result<Vec<ConversationSummary>> {
-    let sql = format!(
-        "SELECT conversation_id, {} FROM messages \
-         WHERE agent_id = $1 AND user_id = $2 AND conversation_id <> '' AND expires_at > now() \
-         GROUP BY conversation_id \
-         HAVING ($3::timestamptz IS NULL OR max(created_at) >= $3) \
-            AND ($4::timestamptz IS NULL OR max(created_at) < $4) \
-         ORDER BY max(created_at) DESC, conversation_id DESC LIMIT $5",
-        aggregates()
-    );
-    let stmt = c.prepare_cached(&sql).await?;
     let limit = limit.clamp(1, MAX_LIST);
-    let rows = c
-        .query(&stmt, &[&agent_id, user_id, &since, &until, &limit])
-        .await?;
+    let (sql, params) = list_query(user_id, &agent_id, &since, &until, &limit);
+    let stmt = c.prepare_cached(&sql).await?;
+    let rows = c.query(&stmt, &params).await?;
     Ok(rows.iter().map(summary_from_row).collect())
+}
+
+/// The plan of exactly the statement [`list`] runs, executed: `EXPLAIN
+/// (ANALYZE, BUFFERS, FORMAT JSON)`. For tests and diagnosis; read-only.
+pub async fn explain_list(
+    c: &impl GenericClient,
+    user_id: &UserId,
+    agent_id: &str,
+    since: Option<OffsetDateTime>,
+    until: Option<OffsetDateTime>,
+    limit: i64,
+) -> Result<serde_json::Value> {
+    let limit = limit.clamp(1, MAX_LIST);
+    let (sql, params) = list_query(user_id, &agent_id, &since, &until, &limit);
+    let row = c
+        .query_one(
+            &format!("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {sql}"),
+            &params,
+        )
+        .await?;
+    Ok(row.get(0))
 }
 
 /// The owner's conversation `conversation_id` of `agent_id` with its

@@ -40,8 +40,9 @@ pub enum StoreError {
     #[error("invalid input: {0}")]
     Invalid(String),
     /// The database cannot be reached right now (pool exhausted, connection
-    /// refused or lost, server shutting down, statement timeout). Callers answer "try again"
-    /// (HTTP 503, SMTP 451), never success.
+    /// refused or lost, server shutting down, statement timeout, a new
+    /// connection refused at login — e.g. a rotated password). Callers
+    /// answer "try again" (HTTP 503, SMTP 451), never success.
     #[error("database unavailable")]
     Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// Any other database error.
@@ -67,6 +68,26 @@ impl StoreError {
         matches!(self, StoreError::Unavailable(_))
     }
 
+    /// True when the server refused a new connection: failed
+    /// authentication (SQLSTATE class 28: a wrong or rotated password, an
+    /// unknown role, no `pg_hba.conf` entry), a database that does not exist
+    /// (`3D000`), or any other non-transient SQLSTATE it sent while a
+    /// connection was being opened (e.g. `42501` once `CONNECT` is revoked).
+    ///
+    /// Such an error is [`StoreError::Unavailable`]: while a service runs it
+    /// is an outage like any other (the password was rotated under it) and
+    /// requests answer "try again". At start-up it is a configuration error
+    /// that waiting will not fix, so [`crate::Store::wait_until_ready`]
+    /// returns it at once.
+    pub fn is_login_refused(&self) -> bool {
+        match self {
+            StoreError::Unavailable(source) => source
+                .downcast_ref::<tokio_postgres::Error>()
+                .and_then(tokio_postgres::Error::code)
+                .is_some_and(|code| !is_transient_code(code)),
+            _ => false,
+        }
+    }
     /// Maps a database error, turning unique violations of the named
     /// constraints into [`StoreError::Conflict`].
     ///
@@ -99,8 +120,14 @@ pub(crate) fn missing_parent_is_not_found(err: tokio_postgres::Error) -> StoreEr
     }
 }
 
-/// SQLSTATE classes that mean "the server is not there right now".
+/// SQLSTATEs that mean "the server is not there for us right now".
 fn is_unavailable_code(code: &SqlState) -> bool {
+    is_transient_code(code) || is_login_refused_code(code)
+}
+
+/// Outages that end by themselves: the server is unreachable, restarting,
+/// full, or cancelled the statement.
+fn is_transient_code(code: &SqlState) -> bool {
     let c = code.code();
     c.starts_with("08") // connection exception
         || c == "57P01" // admin_shutdown
@@ -108,6 +135,14 @@ fn is_unavailable_code(code: &SqlState) -> bool {
         || c == "57P03" // cannot_connect_now
         || c == "53300" // too_many_connections
         || c == "57014" // query_canceled: the per-statement timeout fired
+}
+
+/// SQLSTATEs only a login produces: class 28 (`28000`
+/// invalid_authorization_specification, `28P01` invalid_password) and
+/// `3D000` invalid_catalog_name (the database does not exist).
+fn is_login_refused_code(code: &SqlState) -> bool {
+    let c = code.code();
+    c.starts_with("28") || c == "3D000"
 }
 
 /// `err` and its sources joined with `: `, for log lines (a bare
@@ -151,8 +186,17 @@ fn is_io_error(err: &tokio_postgres::Error) -> bool {
 }
 
 impl From<deadpool_postgres::PoolError> for StoreError {
+    /// Pool errors are [`StoreError::Unavailable`]: no free connection in
+    /// time, or a new connection that could not be opened (`Backend` is
+    /// only ever a connect error) — including every refusal the server
+    /// answered with a SQLSTATE, see [`StoreError::is_login_refused`]. A
+    /// connect error without a SQLSTATE that is no I/O error (an unusable
+    /// connection setting) stays [`StoreError::Database`].
     fn from(err: deadpool_postgres::PoolError) -> Self {
         match err {
+            deadpool_postgres::PoolError::Backend(e) if e.code().is_some() => {
+                StoreError::Unavailable(Box::new(e))
+            }
             deadpool_postgres::PoolError::Backend(e) => StoreError::from(e),
             other => StoreError::Unavailable(Box::new(other)),
         }

@@ -10,7 +10,10 @@
 //!
 //! * **Listing** is keyset-paginated on `(created_at, id)` (the index
 //!   `messages_agent_created_idx`), so pages are stable under concurrent
-//!   inserts and ties in `created_at` are broken by id.
+//!   inserts and ties in `created_at` are broken by id. It is **bounded**:
+//!   filters no index answers (text, labels, most status combinations) are
+//!   tested on at most [`SCAN_BUDGET`] rows per call, and the page says
+//!   where the scan stopped, so a search costs the same on any mailbox.
 //! * **Read-on-get** ([`get_marking_read`]): one guarded
 //!   `UPDATE … WHERE inbox_status = 'unread' RETURNING`, so only the owner's
 //!   unread inbound row flips to `read`.
@@ -199,7 +202,10 @@ pub struct Message {
 pub struct Page {
     /// At most `limit` rows in the requested order.
     pub items: Vec<MessageSummary>,
-    /// Where the next page starts; `None` when this was the last one.
+    /// Where the next page starts: after the last item when more matches
+    /// followed, or after the last row examined when the scan budget ran
+    /// out first (the page may then be short or empty); `None` when the
+    /// scan reached the end of the mailbox.
     pub next: Option<Position>,
 }
 
@@ -274,15 +280,177 @@ pub fn like_substring(s: &str) -> String {
 /// Most rows one [`list`] call returns.
 pub const MAX_PAGE: i64 = 100;
 
+/// Most rows of a mailbox one [`list`] call examines. Filters an index
+/// cannot answer (sender and subject text, labels, a direction or inbox
+/// status other than the inbound-unread default) are tested row by row
+/// along the listing order, and the scan stops here even when the page is
+/// not full: a search costs the same on a mailbox of a hundred messages or
+/// of a million, well inside the statement timeout, and the caller resumes
+/// from [`Page::next`].
+pub const SCAN_BUDGET: i64 = 1000;
+
+/// The statement [`list`] runs and its parameters (see [`list`] for the
+/// shape). Columns: [`SUMMARY_COLUMNS`], then `hit` (the row matches
+/// every filter) and `rn` (its 1-based position in the scan).
+struct ListQuery<'a> {
+    sql: String,
+    params: Vec<&'a (dyn ToSql + Sync)>,
+}
+
+/// Owns the values [`ListQuery`] borrows.
+struct ListArgs<'a> {
+    user_id: &'a UserId,
+    agent_id: &'a str,
+    filter: &'a ListFilter,
+    after: Option<&'a Position>,
+    from_pattern: Option<String>,
+    subject_pattern: Option<String>,
+    budget: i64,
+    fetch: i64,
+}
+
+impl<'a> ListArgs<'a> {
+    fn new(
+        user_id: &'a UserId,
+        agent_id: &'a str,
+        filter: &'a ListFilter,
+        after: Option<&'a Position>,
+        limit: i64,
+    ) -> Self {
+        Self {
+            user_id,
+            agent_id,
+            filter,
+            after,
+            from_pattern: filter.from.as_deref().map(like_substring),
+            subject_pattern: filter.subject_contains.as_deref().map(like_substring),
+            budget: SCAN_BUDGET,
+            fetch: limit.clamp(1, MAX_PAGE) + 1,
+        }
+    }
+
+    /// The scan walks one index of the agent in `(created_at, id)` order:
+    /// the conversation index when a conversation is named, the partial
+    /// inbound-unread index for the default inbox view, else the agent's
+    /// whole listing index. Its range (agent, conversation, since, until,
+    /// cursor) is index conditions; every other filter only decides `hit`.
+    fn query(&'a self) -> ListQuery<'a> {
+        let f = self.filter;
+        let mut params: Vec<&'a (dyn ToSql + Sync)> = vec![self.user_id, &self.agent_id];
+        let mut scope = String::from("m.user_id = $1 AND m.agent_id = $2 AND m.expires_at > now()");
+        // Row-by-row tests, ANDed into `hit`. Enum values are inlined as
+        // literals (never user text) so the planner can match the partial
+        // index of the default inbox view.
+        let mut hit: Vec<String> = Vec::new();
+        let unread_inbox =
+            f.direction == Some(Direction::Inbound) && f.inbox_status == Some(InboxStatus::Unread);
+        if let Some(cv) = &f.conversation_id {
+            bind(
+                &mut scope,
+                &mut params,
+                // `<> ''` lets a generic plan use the partial index.
+                " AND m.conversation_id = $? AND m.conversation_id <> ''",
+                cv,
+            );
+        }
+        if unread_inbox && f.conversation_id.is_none() {
+            scope.push_str(" AND m.direction = 'inbound' AND m.inbox_status = 'unread'");
+        } else {
+            if let Some(direction) = f.direction {
+                hit.push(format!("m.direction = '{}'", direction.as_str()));
+            }
+            if let Some(status) = f.inbox_status {
+                hit.push(format!("m.inbox_status = '{}'", status.as_str()));
+            }
+        }
+        if let Some(since) = &f.since {
+            bind(&mut scope, &mut params, " AND m.created_at >= $?", since);
+        }
+        if let Some(until) = &f.until {
+            bind(&mut scope, &mut params, " AND m.created_at < $?", until);
+        }
+        let (cmp, order) = match f.sort {
+            Sort::Desc => ("<", "DESC"),
+            Sort::Asc => (">", "ASC"),
+        };
+        if let Some(pos) = self.after {
+            bind(
+                &mut scope,
+                &mut params,
+                &format!(" AND (m.created_at, m.id) {cmp} ($?"),
+                &pos.created_at,
+            );
+            bind(&mut scope, &mut params, ", $?)", &pos.id);
+        }
+        let mut test = |clause: &str, value: &'a (dyn ToSql + Sync)| {
+            let mut sql = String::new();
+            bind(&mut sql, &mut params, clause, value);
+            hit.push(sql);
+        };
+        if let Some(p) = &self.from_pattern {
+            test("m.sender ILIKE $? ESCAPE '\\'", p);
+        }
+        if let Some(p) = &self.subject_pattern {
+            test("m.subject ILIKE $? ESCAPE '\\'", p);
+        }
+        if !f.labels.is_empty() {
+            test("m.labels @> $?::text[]", &f.labels);
+        }
+        let hit = if hit.is_empty() {
+            "true".to_owned()
+        } else {
+            format!("COALESCE({}, false)", hit.join(" AND "))
+        };
+        // The window numbers the rows in scan order as they stream past
+        // (no sort: the index delivers them in this order), the inner
+        // LIMIT ends the scan at the budget, the outer one at `fetch` hits.
+        let order_by = format!("created_at {order}, id {order}");
+        let m_order_by = format!("m.created_at {order}, m.id {order}");
+        let outer_columns = SUMMARY_COLUMNS.replace("m.", "w.");
+        let mut sql = format!(
+            "SELECT {outer_columns}, w.hit, w.rn FROM ( \
+               SELECT {SUMMARY_COLUMNS}, {hit} AS hit, \
+                      row_number() OVER (ORDER BY {m_order_by}) AS rn \
+               FROM messages m WHERE {scope} \
+               ORDER BY {m_order_by}"
+        );
+        bind(&mut sql, &mut params, " LIMIT $?", &self.budget);
+        bind(
+            &mut sql,
+            &mut params,
+            ") w WHERE w.hit OR w.rn = $?",
+            &self.budget,
+        );
+        bind(
+            &mut sql,
+            &mut params,
+            &format!(" ORDER BY w.{order_by} LIMIT $?"),
+            &self.fetch,
+        );
+        ListQuery { sql, params }
+    }
+}
+
 /// One page of `agent_id`'s messages (owner `user_id`) matching `filter`,
 /// in `filter.sort` order on `(created_at, id)`, starting strictly after
 /// `after` (the previous page's [`Page::next`]).
 ///
-/// `limit` is clamped to `1..=`[`MAX_PAGE`]. One statement; fetches
-/// `limit + 1` rows to know whether another page follows, so
-/// [`Page::next`] is `None` exactly on the last page. An unknown agent or
-/// another user's agent yields an empty page (check ownership first when
-/// that must be a 404).
+/// Bounded: one statement walks one of the agent's indexes in listing
+/// order (see [`SCAN_BUDGET`]) and stops at whichever comes first —
+/// `limit + 1` matching rows, [`SCAN_BUDGET`] rows examined, or the end of
+/// the mailbox. So:
+///
+/// * more than `limit` matches: the first `limit` are returned and
+///   [`Page::next`] is the last of them;
+/// * the budget ran out first: the matches found (possibly none) are
+///   returned and [`Page::next`] is the last row *examined*, so the next
+///   call continues the scan where this one stopped;
+/// * the mailbox ended first: [`Page::next`] is `None`.
+///
+/// Without a row-by-row filter every examined row matches and a page costs
+/// `limit + 1` index entries. `limit` is clamped to `1..=`[`MAX_PAGE`]. An
+/// unknown agent or another user's agent yields an empty page (check
+/// ownership first when that must be a 404).
 pub async fn list(
     c: &impl GenericClient,
     user_id: &UserId,
@@ -292,79 +460,25 @@ pub async fn list(
     limit: i64,
 ) -> Result<Page> {
     let limit = limit.clamp(1, MAX_PAGE);
-    let fetch = limit + 1;
-    let from_pattern = filter.from.as_deref().map(like_substring);
-    let subject_pattern = filter.subject_contains.as_deref().map(like_substring);
-
-    let mut sql = format!(
-        "SELECT {SUMMARY_COLUMNS} FROM messages m \
-         WHERE m.user_id = $1 AND m.agent_id = $2 AND m.expires_at > now()"
-    );
-    let mut params: Vec<&(dyn ToSql + Sync)> = vec![user_id, &agent_id];
-    // Enum values are inlined as literals (never user text) so the planner
-    // can match the partial index of the default inbox view.
-    if let Some(direction) = filter.direction {
-        sql.push_str(&format!(" AND m.direction = '{}'", direction.as_str()));
-    }
-    if let Some(status) = filter.inbox_status {
-        sql.push_str(&format!(" AND m.inbox_status = '{}'", status.as_str()));
-    }
-    if let Some(p) = &from_pattern {
-        bind(
-            &mut sql,
-            &mut params,
-            " AND m.sender ILIKE $? ESCAPE '\\'",
-            p,
-        );
-    }
-    if let Some(p) = &subject_pattern {
-        bind(
-            &mut sql,
-            &mut params,
-            " AND m.subject ILIKE $? ESCAPE '\\'",
-            p,
-        );
-    }
-    if let Some(cv) = &filter.conversation_id {
-        bind(&mut sql, &mut params, " AND m.conversation_id = $?", cv);
-    }
-    if !filter.labels.is_empty() {
-        bind(
-            &mut sql,
-            &mut params,
-            " AND m.labels @> $?::text[]",
-            &filter.labels,
-        );
-    }
-    if let Some(since) = &filter.since {
-        bind(&mut sql, &mut params, " AND m.created_at >= $?", since);
-    }
-    if let Some(until) = &filter.until {
-        bind(&mut sql, &mut params, " AND m.created_at < $?", until);
-    }
-    let (cmp, order) = match filter.sort {
-        Sort::Desc => ("<", "DESC"),
-        Sort::Asc => (">", "ASC"),
+    let args = ListArgs::new(user_id, agent_id, filter, after, limit);
+    let q = args.query();
+    let stmt = c.prepare_cached(&q.sql).await?;
+    let rows = c.query(&stmt, &q.params).await?;
+    let hit_col = SUMMARY_LEN;
+    let position = |r: &Row| Position {
+        created_at: r.get(14),
+        id: r.get(0),
     };
-    if let Some(pos) = after {
-        bind(
-            &mut sql,
-            &mut params,
-            &format!(" AND (m.created_at, m.id) {cmp} ($?"),
-            &pos.created_at,
-        );
-        bind(&mut sql, &mut params, ", $?)", &pos.id);
+    let mut items = Vec::with_capacity(rows.len());
+    let mut stopped_at = None;
+    for row in &rows {
+        if row.get::<_, bool>(hit_col) {
+            items.push(summary_from_row(row));
+        }
+        if row.get::<_, i64>(hit_col + 1) == args.budget {
+            stopped_at = Some(position(row));
+        }
     }
-    bind(
-        &mut sql,
-        &mut params,
-        &format!(" ORDER BY m.created_at {order}, m.id {order} LIMIT $?"),
-        &fetch,
-    );
-
-    let stmt = c.prepare_cached(&sql).await?;
-    let rows = c.query(&stmt, &params).await?;
-    let mut items: Vec<MessageSummary> = rows.iter().map(summary_from_row).collect();
     let next = if items.len() as i64 > limit {
         items.truncate(limit as usize);
         items.last().map(|m| Position {
@@ -372,9 +486,27 @@ pub async fn list(
             id: m.id.clone(),
         })
     } else {
-        None
+        stopped_at
     };
     Ok(Page { items, next })
+}
+
+/// The plan of exactly the statement [`list`] runs for these arguments,
+/// executed: `EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON)`. For tests and
+/// diagnosis; like [`list`] it only reads.
+pub async fn explain_list(
+    c: &impl GenericClient,
+    user_id: &UserId,
+    agent_id: &str,
+    filter: &ListFilter,
+    after: Option<&Position>,
+    limit: i64,
+) -> Result<Value> {
+    let args = ListArgs::new(user_id, agent_id, filter, after, limit);
+    let q = args.query();
+    let sql = format!("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {}", q.sql);
+    let row = c.query_one(&sql, &q.params).await?;
+    Ok(row.get(0))
 }
 
 /// Appends `clause` with its `$?` replaced by the next parameter number.

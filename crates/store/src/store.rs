@@ -172,10 +172,11 @@ impl Store {
 
     /// Retries [`Store::ping`] with capped backoff until it succeeds or
     /// `deadline` passes; returns the last error then. Only
-    /// [`StoreError::Unavailable`] is retried: any other error (failed
-    /// authentication, missing database) is returned at once. Used at start-up so a
-    /// database that is still booting does not fail the service, while one
-    /// that is really gone fails it in bounded time.
+    /// [`StoreError::Unavailable`] is retried, and not a refused login
+    /// ([`StoreError::is_login_refused`]: failed authentication, missing
+    /// database), which is returned at once. Used at start-up so a database
+    /// that is still booting does not fail the service, while one that is
+    /// really gone, or a wrong password, fails it in bounded time.
     pub async fn wait_until_ready(&self, deadline: Duration) -> Result<()> {
         let start = tokio::time::Instant::now();
         let mut delay = Duration::from_millis(100);
@@ -184,7 +185,7 @@ impl Store {
                 Ok(()) => return Ok(()),
                 // Wrong password, unknown database, bad TLS settings: waiting
                 // will not fix these, so fail at once.
-                Err(e) if !e.is_unavailable() => return Err(e),
+                Err(e) if !e.is_unavailable() || e.is_login_refused() => return Err(e),
                 Err(e) if start.elapsed() + delay >= deadline => return Err(e),
                 Err(e) => {
                     tracing::warn!(error = %crate::error::chain(&e), retry_in_ms = delay.as_millis() as u64, "database not ready");

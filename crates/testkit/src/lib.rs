@@ -304,6 +304,76 @@ impl PrivateCluster {
         }
     }
 
+    /// Creates the superuser `role` logging in with `password`, makes the
+    /// server check that role's password (SCRAM-SHA-256) on TCP connections
+    /// — other roles stay trusted — and returns the URL of
+    /// [`Self::DATABASE`] as `role`. For credential tests: a later
+    /// `ALTER ROLE … PASSWORD` refuses new connections with SQLSTATE
+    /// `28P01` while the ones already open stay logged in, as in a real
+    /// password rotation.
+    ///
+    /// Returns once the server refuses a wrong password. `role` and
+    /// `password` must be ASCII letters, digits and `_`. Panics on failure.
+    pub async fn password_role(&self, role: &str, password: &str) -> String {
+        let plain =
+            |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        assert!(
+            plain(role) && plain(password),
+            "password_role: use ASCII letters, digits and _"
+        );
+        // First matching line wins: this role's TCP logins need the password.
+        let hba = self.cluster.data_dir().join("pg_hba.conf");
+        let rules = std::fs::read_to_string(&hba)
+            .unwrap_or_else(|e| panic!("e2a-testkit: reading {}: {e}", hba.display()));
+        std::fs::write(
+            &hba,
+            format!("host all {role} 127.0.0.1/32 scram-sha-256\n{rules}"),
+        )
+        .unwrap_or_else(|e| panic!("e2a-testkit: writing {}: {e}", hba.display()));
+        let setup = async {
+            let (admin, conn) = connect(&self.url("postgres")).await?;
+            admin
+                .batch_execute(&format!(
+                    "SET password_encryption = 'scram-sha-256'; \
+                     CREATE ROLE {role} LOGIN SUPERUSER PASSWORD '{password}'; \
+                     SELECT pg_reload_conf();"
+                ))
+                .await?;
+            close(admin, conn).await;
+            Ok::<_, tokio_postgres::Error>(())
+        };
+        match tokio::time::timeout(STEP_TIMEOUT, setup).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => panic!("e2a-testkit: creating role {role} failed: {}", chain(&e)),
+            Err(_) => panic!("e2a-testkit: creating role {role} timed out"),
+        }
+        let url_with = |password: &str| {
+            format!(
+                "postgres://{role}:{password}@127.0.0.1:{}/{}",
+                self.port(),
+                Self::DATABASE
+            )
+        };
+        // The reload is asynchronous: wait until a wrong password is refused.
+        let wrong = url_with(&format!("{password}_wrong"));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match connect(&wrong).await {
+                Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD) => {
+                    break;
+                }
+                Ok((client, conn)) => close(client, conn).await,
+                Err(e) => panic!("e2a-testkit: probing role {role}: {}", chain(&e)),
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "e2a-testkit: the server did not start checking {role}'s password"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        url_with(password)
+    }
+
     /// Whether the server is running. Panics when `pg_ctl status` cannot run.
     pub async fn is_running(&self) -> bool {
         let cluster = self.cluster.clone();

@@ -109,10 +109,30 @@ pub struct MessageView {
     status: &'static str,
     labels: Vec<String>,
     created_at: String,
-    auth_headers: Option<Value>,
-    raw_message: Option<String>,
+    /// Always an object of strings (the contract's type): the signed
+    /// `X-E2A-Auth-*` map of inbound mail, `{}` for outbound mail.
+    auth_headers: serde_json::Map<String, Value>,
+    /// Always a string: the standard base64 of the raw message, `""` when
+    /// none is kept (outbound mail).
+    raw_message: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     auth: Option<AuthView>,
+}
+
+/// The stored header map as the contract types it (`{string: string}`): a
+/// non-string value is sent as its JSON text, anything but an object as
+/// `{}`. The relay only ever stores an object of strings.
+fn auth_header_map(stored: Option<Value>) -> serde_json::Map<String, Value> {
+    match stored {
+        Some(Value::Object(map)) => map
+            .into_iter()
+            .map(|(k, v)| match v {
+                Value::String(_) => (k, v),
+                other => (k, Value::String(other.to_string())),
+            })
+            .collect(),
+        _ => serde_json::Map::new(),
+    }
 }
 
 impl From<Message> for MessageView {
@@ -135,10 +155,11 @@ impl From<Message> for MessageView {
             status: s.inbox_status.map_or("", InboxStatus::as_str),
             labels: s.labels,
             created_at: rfc3339_seconds(s.created_at),
-            auth_headers: m.auth_headers,
+            auth_headers: auth_header_map(m.auth_headers),
             raw_message: m
                 .raw_message
-                .map(|raw| base64::engine::general_purpose::STANDARD.encode(raw)),
+                .map(|raw| base64::engine::general_purpose::STANDARD.encode(raw))
+                .unwrap_or_default(),
             auth,
         }
     }
@@ -186,8 +207,12 @@ struct Cursor {
     lb: Vec<String>,
 }
 
+/// `t` in UTC with every digit, for the cursor; empty for `None` (every
+/// timestamp that reaches here came from the database or `parse_rfc3339`,
+/// so the conversion cannot fail).
 fn full_precision(t: Option<OffsetDateTime>) -> String {
-    t.and_then(|t| t.to_offset(UtcOffset::UTC).format(&Rfc3339).ok())
+    t.and_then(|t| t.checked_to_offset(UtcOffset::UTC))
+        .and_then(|t| t.format(&Rfc3339).ok())
         .unwrap_or_default()
 }
 
@@ -508,6 +533,9 @@ mod tests {
             "limit=ten",
             "since=yesterday",
             "since=2026-01-02T00:00:00Z&until=2026-01-01T00:00:00Z",
+            // Valid RFC 3339, but year 10000 in UTC (this used to panic).
+            "until=9999-12-31T23:59:59-01:00",
+            "since=9999-12-31T23:59:59-01:00",
             "labels=Bad",
             "conversation_id=a%0Ab",
             "sort=asc&sort=desc",
@@ -553,6 +581,78 @@ mod tests {
             )
             .unwrap_err()
             .code,
+            "invalid_cursor"
+        );
+    }
+
+    #[test]
+    fn message_views_always_carry_auth_headers_and_raw_message() {
+        let summary = MessageSummary {
+            id: MessageId::new(),
+            agent_id: AGENT.into(),
+            direction: Direction::Outbound,
+            from: AGENT.into(),
+            to: vec!["bob@example.org".into()],
+            cc: None,
+            reply_to: None,
+            recipient: "bob@example.org".into(),
+            subject: "hi".into(),
+            conversation_id: "cnv_x".into(),
+            inbox_status: None,
+            status: "sent".into(),
+            size_bytes: 0,
+            labels: vec![],
+            created_at: parse_rfc3339("2026-05-01T12:00:00Z").unwrap(),
+        };
+        let outbound = Message {
+            summary: summary.clone(),
+            bcc: None,
+            raw_message: None,
+            auth_headers: None,
+            spf_result: None,
+            dkim_result: None,
+            dmarc_result: None,
+        };
+        let v = serde_json::to_value(MessageView::from(outbound.clone())).unwrap();
+        assert_eq!(v["auth_headers"], json!({}));
+        assert_eq!(v["raw_message"], json!(""));
+        assert!(v.get("auth").is_none());
+
+        let odd = Message {
+            auth_headers: Some(json!({"X-E2A-Auth-Verified": "true", "n": 1, "o": {"a": null}})),
+            raw_message: Some(b"raw".to_vec()),
+            ..outbound
+        };
+        let v = serde_json::to_value(MessageView::from(odd)).unwrap();
+        assert_eq!(
+            v["auth_headers"],
+            json!({"X-E2A-Auth-Verified": "true", "n": "1", "o": "{\"a\":null}"})
+        );
+        assert_eq!(v["raw_message"], json!("cmF3"));
+        let not_an_object = Message {
+            summary,
+            bcc: None,
+            raw_message: None,
+            auth_headers: Some(json!(["x"])),
+            spf_result: None,
+            dkim_result: None,
+            dmarc_result: None,
+        };
+        let v = serde_json::to_value(MessageView::from(not_an_object)).unwrap();
+        assert_eq!(v["auth_headers"], json!({}));
+    }
+
+    #[test]
+    fn a_cursor_position_outside_utc_is_invalid_cursor() {
+        let filter = parse_list_query("", AGENT).unwrap().filter;
+        let position = Position {
+            created_at: parse_rfc3339("2026-05-01T12:00:00Z").unwrap(),
+            id: MessageId::new(),
+        };
+        let mut cursor = cursor_for(AGENT, &filter, Some(&position));
+        cursor.c = "9999-12-31T23:59:59-01:00".into();
+        assert_eq!(
+            code(&format!("cursor={}", encode_cursor(&cursor))),
             "invalid_cursor"
         );
     }

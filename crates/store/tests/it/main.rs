@@ -5,6 +5,7 @@
 mod account_limits;
 mod agents;
 mod api_keys;
+mod bounded;
 mod conversations;
 mod domains;
 mod inbound;

@@ -164,6 +164,7 @@ async fn an_unreachable_database_is_unavailable_within_the_timeouts() {
     let store = Store::new(&config).unwrap();
     let err = store.client().await.unwrap_err();
     assert!(err.is_unavailable(), "{err:?}");
+    assert!(!err.is_login_refused(), "nobody refused anything: {err:?}");
     let started = Instant::now();
     let err = store
         .wait_until_ready(Duration::from_secs(1))
@@ -171,6 +172,69 @@ async fn an_unreachable_database_is_unavailable_within_the_timeouts() {
         .unwrap_err();
     assert!(err.is_unavailable(), "{err:?}");
     assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+/// `url` connecting as `user` (a query parameter overrides the URL's user;
+/// in the key=value form the last value wins).
+fn with_user(url: &str, user: &str) -> String {
+    match (url.contains("://"), url.contains('?')) {
+        (true, true) => format!("{url}&user={user}"),
+        (true, false) => format!("{url}?user={user}"),
+        (false, _) => format!("{url} user={user}"),
+    }
+}
+
+#[tokio::test]
+async fn a_refused_login_is_unavailable_and_ends_start_up_at_once() {
+    let (db, _store) = super::store().await;
+    for (what, url) in [
+        // 28000 on a trust-auth server, 28P01 where passwords are checked.
+        ("unknown role", with_user(db.url(), "e2a_no_such_role")),
+        // 3D000.
+        (
+            "unknown database",
+            e2a_testkit::with_database(db.url(), "e2a_no_such_database"),
+        ),
+    ] {
+        let store = Store::new(&StoreConfig::new(url)).unwrap();
+        // While a service runs this is an outage (HTTP 503, SMTP 451)…
+        let err = store.client().await.unwrap_err();
+        assert!(err.is_unavailable(), "{what}: {err:?}");
+        assert!(err.is_login_refused(), "{what}: {err:?}");
+        let code = std::error::Error::source(&err)
+            .and_then(|s| s.downcast_ref::<tokio_postgres::Error>())
+            .and_then(|e| e.code())
+            .map(|c| c.code().to_owned())
+            .unwrap_or_default();
+        assert!(
+            code.starts_with("28") || code == "3D000",
+            "{what}: SQLSTATE {code}"
+        );
+        // …and at start-up a configuration error: no waiting it out.
+        let started = Instant::now();
+        let err = store
+            .wait_until_ready(Duration::from_secs(30))
+            .await
+            .unwrap_err();
+        assert!(err.is_login_refused(), "{what}: {err:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{what}: returned after {:?}",
+            started.elapsed()
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_cancelled_statement_is_unavailable() {
+    let (_db, store) = super::store().await;
+    let c = store.client().await.unwrap();
+    c.batch_execute("SET statement_timeout = '50ms'")
+        .await
+        .unwrap();
+    let err = StoreError::from(c.query("SELECT pg_sleep(5)", &[]).await.unwrap_err());
+    assert!(err.is_unavailable(), "57014 is retried, not a 500: {err:?}");
+    assert!(!err.is_login_refused(), "{err:?}");
 }
 
 #[tokio::test]
