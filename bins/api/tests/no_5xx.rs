@@ -399,6 +399,8 @@ fn no_list_query_or_cursor_is_a_server_error() {
 async fn setup(db: &TestDb) -> (Router, String, Vec<(String, String)>) {
     let mut config = Config::for_database(db.url());
     config.shared_domain = "agents.localhost".into();
+    // Every generated request must reach its route, not the poll limit.
+    config.rates.poll_per_minute = u32::MAX;
     let store = Store::new(&config.common.db.store_config().unwrap()).unwrap();
     let c = store.client().await.unwrap();
     domains::ensure_shared(&c, "agents.localhost")
@@ -417,6 +419,7 @@ async fn setup(db: &TestDb) -> (Router, String, Vec<(String, String)>) {
         production: false,
         dns: Arc::new(NoResolver),
         keygen: Arc::new(tokio::sync::Semaphore::new(1)),
+        limits: Arc::new(config.rate_limits()),
     };
     let app = e2a_api::app(state, &config);
     let created = send(&app, &key, "/v1/agents").await.unwrap();
