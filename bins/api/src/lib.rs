@@ -115,7 +115,13 @@ pub async fn run_with_resolver(
         ops = %listeners.ops.local_addr()?,
         "api listening"
     );
-    let ops = e2a_runtime::ops::OpsServer::spawn(listeners.ops, "api", store, shutdown.clone());
+    let ops = e2a_runtime::ops::OpsServer::spawn(
+        listeners.ops,
+        "api",
+        store,
+        &config.common.http,
+        shutdown.clone(),
+    );
     let graceful = shutdown.clone();
     axum::serve(listeners.http, app)
         .with_graceful_shutdown(async move { graceful.cancelled().await })
