@@ -51,7 +51,10 @@ use axum::{
     body::Body,
     http::{HeaderMap, Response},
 };
-use tokio::{net::TcpListener, sync::Semaphore};
+use tokio::{
+    net::TcpListener,
+    sync::{Notify, OwnedSemaphorePermit, Semaphore},
+};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::config::HttpTimeoutArgs;
@@ -152,7 +155,6 @@ pub async fn serve(
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let registry = Arc::new(Registry::default());
     let connections = TaskTracker::new();
-    let full_warning = Throttle::default();
     let mut next_id: u64 = 0;
     loop {
         let accepted = tokio::select! {
@@ -172,30 +174,16 @@ pub async fn serve(
                 continue;
             }
         };
-        let slot = match slots.clone().try_acquire_owned() {
-            Ok(slot) => slot,
-            Err(_) => {
-                if !registry.evict_one(&shared.options) && full_warning.ready() {
-                    tracing::warn!(
-                        service = shared.options.service,
-                        listener = shared.options.listener,
-                        max_connections = limits.max_connections,
-                        "every connection has a request in progress; new connections wait"
-                    );
-                }
-                tokio::select! {
-                    biased;
-                    () = shutdown.cancelled() => break,
-                    slot = slots.clone().acquire_owned() => match slot {
-                        Ok(slot) => slot,
-                        Err(_) => break, // never closed
-                    },
-                }
-            }
+        let Some(slot) = free_slot(&slots, &registry, &shared.options, &shutdown).await else {
+            break;
         };
         let _ = stream.set_nodelay(true);
         next_id += 1;
-        let watch = conn::Watch::new(limits.header_read_timeout, limits.idle_timeout);
+        let watch = conn::Watch::new(
+            limits.header_read_timeout,
+            limits.idle_timeout,
+            registry.not_busy.clone(),
+        );
         let open = Open::register(&registry, next_id, watch.clone(), slot, &shared.options);
         let (shared, shutdown) = (shared.clone(), shutdown.clone());
         connections.spawn(async move {
@@ -226,10 +214,47 @@ struct Shared {
     shed_warning: Throttle,
 }
 
+/// A slot under the connection cap for a connection just accepted: a free
+/// one, else one made by evicting the connection idle longest. When every
+/// connection has a request in progress, waits until one ends (then it can
+/// be evicted) or a connection closes. `None` on shutdown.
+async fn free_slot(
+    slots: &Arc<Semaphore>,
+    registry: &Registry,
+    options: &Options,
+    shutdown: &CancellationToken,
+) -> Option<OwnedSemaphorePermit> {
+    loop {
+        if let Ok(slot) = slots.clone().try_acquire_owned() {
+            return Some(slot);
+        }
+        let evicted = registry.evict_one(options);
+        if !evicted && registry.full_warning.ready() {
+            tracing::warn!(
+                service = options.service,
+                listener = options.listener,
+                max_connections = options.limits.max_connections,
+                "every connection has a request in progress; new connections wait"
+            );
+        }
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return None,
+            slot = slots.clone().acquire_owned() => return slot.ok(),
+            // Waiting for the victim to close; or, with no victim, for a
+            // request to end so its connection can be one.
+            () = registry.not_busy.notified(), if !evicted => {}
+        }
+    }
+}
+
 /// The open connections of a listener, for eviction at the cap.
 #[derive(Default)]
 struct Registry {
     open: Mutex<HashMap<u64, Arc<conn::Watch>>>,
+    /// Signalled whenever a connection's last request ends.
+    not_busy: Arc<Notify>,
+    full_warning: Throttle,
 }
 
 impl Registry {
@@ -260,7 +285,7 @@ impl Registry {
 struct Open {
     registry: Arc<Registry>,
     id: u64,
-    _slot: tokio::sync::OwnedSemaphorePermit,
+    _slot: OwnedSemaphorePermit,
     labels: [(&'static str, &'static str); 2],
 }
 
@@ -269,7 +294,7 @@ impl Open {
         registry: &Arc<Registry>,
         id: u64,
         watch: Arc<conn::Watch>,
-        slot: tokio::sync::OwnedSemaphorePermit,
+        slot: OwnedSemaphorePermit,
         options: &Options,
     ) -> Self {
         registry

@@ -64,6 +64,9 @@ pub(super) struct Watch {
     changed: Notify,
     /// Cancelled to make room under the connection cap.
     evict: CancellationToken,
+    /// The listener's signal that a connection left `Busy` (and so can be
+    /// evicted again).
+    not_busy: Arc<Notify>,
     header_read_timeout: Duration,
     idle_timeout: Duration,
 }
@@ -71,7 +74,11 @@ pub(super) struct Watch {
 impl Watch {
     /// A just-accepted connection: its first request head is due within
     /// `header_read_timeout`.
-    pub(super) fn new(header_read_timeout: Duration, idle_timeout: Duration) -> Arc<Self> {
+    pub(super) fn new(
+        header_read_timeout: Duration,
+        idle_timeout: Duration,
+        not_busy: Arc<Notify>,
+    ) -> Arc<Self> {
         let now = Instant::now();
         Arc::new(Self {
             state: Mutex::new(State {
@@ -82,6 +89,7 @@ impl Watch {
             }),
             changed: Notify::new(),
             evict: CancellationToken::new(),
+            not_busy,
             header_read_timeout,
             idle_timeout,
         })
@@ -174,6 +182,7 @@ impl Drop for InFlight {
             state.deadline = Some(now + self.0.idle_timeout);
             drop(state);
             self.0.changed.notify_one();
+            self.0.not_busy.notify_one();
         }
     }
 }
