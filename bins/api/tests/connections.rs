@@ -114,46 +114,54 @@ async fn closed_within(stream: &mut TcpStream, give_up: Duration) -> Option<Dura
 }
 
 /// Locks `api_keys` in a transaction on its own connection, so every API
-/// key lookup waits until [`KeyLock::release`].
-struct KeyLock(tokio_postgres::Client);
+/// key lookup waits until [`KeyLock::release`]. A second connection watches
+/// the waiters: inside a transaction `pg_stat_activity` is a snapshot.
+struct KeyLock {
+    holder: tokio_postgres::Client,
+    watcher: tokio_postgres::Client,
+}
 
 impl KeyLock {
     async fn take(db: &TestDb) -> KeyLock {
-        let client = db.client().await;
-        client
+        let holder = db.client().await;
+        holder
             .batch_execute("BEGIN; LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE")
             .await
             .unwrap();
-        KeyLock(client)
+        KeyLock {
+            holder,
+            watcher: db.client().await,
+        }
     }
 
-    /// Waits until `n` sessions wait on a lock in this database: the
+    /// Waits until `n` sessions of this database wait on a lock: the
     /// requests are then in flight inside the API.
     async fn wait_for_waiters(&self, n: i64) {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let row = self
-                .0
+            let waiting: i64 = self
+                .watcher
                 .query_one(
                     "SELECT count(*) FROM pg_stat_activity \
                      WHERE datname = current_database() AND wait_event_type = 'Lock'",
                     &[],
                 )
                 .await
-                .unwrap();
-            if row.get::<_, i64>(0) >= n {
+                .unwrap()
+                .get(0);
+            if waiting >= n {
                 return;
             }
             assert!(
                 Instant::now() < deadline,
-                "the request never reached the database"
+                "{waiting} of {n} requests reached the database"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
     async fn release(self) {
-        self.0.batch_execute("ROLLBACK").await.unwrap();
+        self.holder.batch_execute("ROLLBACK").await.unwrap();
     }
 }
 
@@ -347,6 +355,57 @@ async fn two_thousand_idle_connections_do_not_keep_a_new_client_out() {
         "{metrics}"
     );
     drop(idle);
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn at_the_cap_with_every_connection_busy_a_new_one_waits_then_gets_in() {
+    let db = TestDb::new().await;
+    let key = key_for(db.url(), "cap@example.com").await;
+    let mut config = Config::for_database(db.url());
+    config.http_max_connections = 2;
+    // Timers far away: only the cap decides here.
+    config.common.http.http_header_read_timeout_secs = 60;
+    config.common.http.http_idle_timeout_secs = 60;
+    let api = start(config).await;
+    let addr = api.http_addr();
+
+    // Two connections, each with a request in progress: the cap is full.
+    let lock = KeyLock::take(&db).await;
+    let account = format!(
+        "GET /v1/account HTTP/1.1\r\nHost: e2a.test\r\nAuthorization: Bearer {key}\r\n\r\n"
+    );
+    let mut busy = Vec::new();
+    for _ in 0..2 {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(account.as_bytes()).await.unwrap();
+        busy.push(stream);
+    }
+    lock.wait_for_waiters(2).await;
+
+    // A third waits: it is neither refused nor served, and nothing in
+    // progress is disturbed for it.
+    let mut third = TcpStream::connect(addr).await.unwrap();
+    third.write_all(REQUEST).await.unwrap();
+    let mut buf = [0u8; 1];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), third.peek(&mut buf))
+            .await
+            .is_err(),
+        "served beyond the cap"
+    );
+
+    // The two finish and stay open, idle; the waiting one takes the place
+    // of one of them at once, not after the 60 s idle timeout.
+    lock.release().await;
+    for stream in &mut busy {
+        let (head, _) = read_response(stream).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    }
+    let (head, _) = tokio::time::timeout(Duration::from_secs(2), read_response(&mut third))
+        .await
+        .expect("the waiting connection was not served once the others went idle");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     api.stop().await;
 }
 
