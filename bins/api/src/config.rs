@@ -43,7 +43,7 @@ pub struct Config {
     #[arg(long, env = "E2A_HTTP_REQUEST_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub request_timeout_secs: u64,
 
-    /// Most connections the HTTP API keeps open. At the cap a new connection displaces the one idle longest (never one with a request in progress); when every connection has a request in progress, new ones wait in the listen backlog. Keep it below the open-files limit (ulimit -n).
+    /// Most connections the HTTP API keeps open. At the cap a new connection displaces the one idle longest (never one with a request in progress); when every connection has a request in progress, new ones wait in the listen backlog. The soft open-files limit is raised to fit it when the hard limit allows.
     #[arg(long, env = "E2A_HTTP_MAX_CONNECTIONS", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub http_max_connections: u32,
 

@@ -145,7 +145,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let limits = options.limits;
-    warn_if_few_descriptors(&options);
+    fit_open_files_limit(&options);
     let shared = Arc::new(Shared {
         app,
         in_flight: Arc::new(Semaphore::new(limits.max_in_flight.max(1))),
@@ -352,21 +352,25 @@ fn on_accept_error(e: &io::Error, registry: &Registry, options: &Options) -> boo
     true
 }
 
-/// Warns at start when the open-files limit is below what the connection
-/// cap needs: `accept` would then fail before the cap is reached.
-fn warn_if_few_descriptors(options: &Options) {
+/// Makes room for the connection cap in the open-files limit: raises the
+/// soft limit as far as the cap needs (never above the hard limit, as Go's
+/// runtime does at start), and warns when even that is too low: `accept`
+/// would then fail before the cap is reached.
+fn fit_open_files_limit(options: &Options) {
     #[cfg(unix)]
-    if let Ok((soft, _)) = rlimit::getrlimit(rlimit::Resource::NOFILE) {
+    {
         let needed = (options.limits.max_connections as u64).saturating_add(FD_MARGIN);
-        if soft < needed {
-            tracing::warn!(
+        match rlimit::increase_nofile_limit(needed) {
+            Ok(limit) if limit < needed => tracing::warn!(
                 service = options.service,
                 listener = options.listener,
-                open_files_limit = soft,
+                open_files_limit = limit,
                 max_connections = options.limits.max_connections,
-                "the open-files limit (ulimit -n) is below the connection cap plus {FD_MARGIN}; \
+                "the open-files limit (ulimit -Hn) is below the connection cap plus {FD_MARGIN}; \
                  raise it or lower the cap"
-            );
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot read the open-files limit"),
         }
     }
 }
