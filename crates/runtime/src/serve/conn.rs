@@ -434,3 +434,93 @@ async fn sleep_until(deadline: Option<Instant>) {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEADER: Duration = Duration::from_secs(10);
+    const IDLE: Duration = Duration::from_secs(75);
+
+    fn watch() -> Arc<Watch> {
+        Watch::new(HEADER, IDLE, Arc::new(Notify::new()))
+    }
+
+    fn phase(watch: &Watch) -> Phase {
+        watch.state().phase
+    }
+
+    #[test]
+    fn a_fresh_connection_owes_its_head_from_the_accept() {
+        let watch = watch();
+        let due = watch.deadline().unwrap();
+        assert_eq!(phase(&watch), Phase::Fresh);
+        // Its first bytes do not restart the header clock.
+        watch.on_read();
+        assert_eq!(phase(&watch), Phase::Head);
+        assert_eq!(watch.deadline(), Some(due));
+        assert_eq!(watch.expired(), None);
+    }
+
+    #[test]
+    fn a_request_stops_the_clock_and_its_end_starts_the_idle_one() {
+        let watch = watch();
+        watch.on_read();
+        let request = watch.request_started();
+        assert_eq!((phase(&watch), watch.deadline()), (Phase::Busy, None));
+        // Body bytes while busy change nothing.
+        watch.on_read();
+        assert_eq!((phase(&watch), watch.deadline()), (Phase::Busy, None));
+        let before = Instant::now();
+        drop(request);
+        assert_eq!(phase(&watch), Phase::Idle);
+        let due = watch.deadline().unwrap();
+        assert!(due >= before + IDLE && due <= Instant::now() + IDLE);
+
+        // The next request's first bytes start a fresh header clock.
+        watch.on_read();
+        assert_eq!(phase(&watch), Phase::Head);
+        assert!(watch.deadline().unwrap() <= Instant::now() + HEADER);
+    }
+
+    #[test]
+    fn overlapping_requests_keep_the_connection_busy_until_the_last_ends() {
+        let watch = watch();
+        let first = watch.request_started();
+        let second = watch.request_started();
+        drop(first);
+        assert_eq!(phase(&watch), Phase::Busy);
+        drop(second);
+        assert_eq!(phase(&watch), Phase::Idle);
+    }
+
+    #[test]
+    fn eviction_prefers_silent_and_idle_connections_and_spares_busy_ones() {
+        let (fresh, head, busy) = (watch(), watch(), watch());
+        head.on_read();
+        let _request = busy.request_started();
+        assert_eq!(fresh.eviction_rank().map(|r| r.0), Some(0));
+        assert_eq!(head.eviction_rank().map(|r| r.0), Some(1));
+        assert_eq!(busy.eviction_rank(), None);
+        // An evicted connection is not chosen twice.
+        fresh.evict();
+        assert_eq!(fresh.eviction_rank(), None);
+    }
+
+    #[test]
+    fn the_end_of_a_request_wakes_a_listener_waiting_at_the_cap() {
+        let not_busy = Arc::new(Notify::new());
+        let watch = Watch::new(HEADER, IDLE, not_busy.clone());
+        drop(watch.request_started());
+        // The stored permit completes the next wait at once.
+        let notified = not_busy.notified();
+        let mut notified = std::pin::pin!(notified);
+        let waker = std::task::Waker::noop();
+        assert!(
+            notified
+                .as_mut()
+                .poll(&mut Context::from_waker(waker))
+                .is_ready()
+        );
+    }
+}
