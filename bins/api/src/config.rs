@@ -39,9 +39,17 @@ pub struct Config {
     #[arg(long, env = "E2A_PUBLIC_URL")]
     pub public_url: Option<String>,
 
-    /// Seconds a request may take before it is answered 408.
+    /// Seconds the server may work on a request; past it the request is answered 503 `timeout` with Retry-After.
     #[arg(long, env = "E2A_HTTP_REQUEST_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub request_timeout_secs: u64,
+
+    /// Most connections the HTTP API keeps open. At the cap a new connection displaces the one idle longest (never one with a request in progress); when every connection has a request in progress, new ones wait in the listen backlog. The soft open-files limit is raised to fit it when the hard limit allows.
+    #[arg(long, env = "E2A_HTTP_MAX_CONNECTIONS", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub http_max_connections: u32,
+
+    /// Most requests the HTTP API works on at once; past it a request is answered 503 `overloaded` with Retry-After at once.
+    #[arg(long, env = "E2A_HTTP_MAX_IN_FLIGHT", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub http_max_in_flight: u32,
 
     /// Maximum request body for ordinary JSON requests, in bytes.
     #[arg(long, env = "E2A_HTTP_MAX_BODY_BYTES", default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1024..=(64 << 20)))]
@@ -138,5 +146,15 @@ impl Config {
     /// Request timeout.
     pub fn request_timeout(&self) -> Duration {
         Duration::from_secs(self.request_timeout_secs)
+    }
+
+    /// The HTTP listener's bounds: the shared timeouts (`E2A_HTTP_*_TIMEOUT_SECS`)
+    /// and the API's caps.
+    pub fn http_limits(&self) -> e2a_runtime::serve::Limits {
+        e2a_runtime::serve::Limits::new(
+            &self.common.http,
+            self.http_max_connections as usize,
+            self.http_max_in_flight as usize,
+        )
     }
 }

@@ -2,7 +2,9 @@
 //!
 //! [`run`] serves the `/v1` API and the legacy `/api/health` on the HTTP
 //! listener and the ops endpoints on the ops listener until the shutdown
-//! token is cancelled, then drains. `main.rs` only calls
+//! token is cancelled, then drains. Both listeners run on
+//! [`e2a_runtime::serve`] (header-read and idle timeouts, a connection cap,
+//! load shedding). `main.rs` only calls
 //! [`e2a_runtime::main`] with [`serve`]; tests call [`run`] (or
 //! [`run_with_resolver`], to answer the domain probe's DNS queries) with
 //! port-0 listeners and their own token.
@@ -119,14 +121,20 @@ pub async fn run_with_resolver(
         ops = %listeners.ops.local_addr()?,
         "api listening"
     );
-    let ops = e2a_runtime::ops::OpsServer::spawn(listeners.ops, "api", store, shutdown.clone());
-    let graceful = shutdown.clone();
-    axum::serve(
-        listeners.http,
-        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move { graceful.cancelled().await })
-    .await?;
+    let ops = e2a_runtime::ops::OpsServer::spawn(
+        listeners.ops,
+        "api",
+        store,
+        &config.common.http,
+        shutdown.clone(),
+    );
+    let options = e2a_runtime::serve::Options {
+        service: "api",
+        listener: "http",
+        limits: config.http_limits(),
+        overloaded: Arc::new(middleware::overloaded),
+    };
+    e2a_runtime::serve::serve(listeners.http, app, options, shutdown.clone()).await;
     ops.stop(&shutdown).await?;
     Ok(())
 }

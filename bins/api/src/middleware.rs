@@ -1,14 +1,15 @@
 //! Cross-cutting HTTP behaviour: request ids (`X-Request-Id` echoed or
 //! minted as `req_` + 24 hex), `X-Content-Type-Options: nosniff`, one access
-//! log line and request metrics per request. Only the method, the matched
+//! log line and request metrics per request, the request deadline, and the
+//! answer to a request shed by the server. Only the method, the matched
 //! route template and the status are logged — never headers, query strings
 //! or bodies (they may carry keys or mail).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::{
-    extract::{MatchedPath, Request},
-    http::{HeaderName, HeaderValue, header},
+    extract::{MatchedPath, Request, State},
+    http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header},
     middleware::Next,
     response::Response,
 };
@@ -42,14 +43,18 @@ fn method_label(method: &axum::http::Method) -> &'static str {
     }
 }
 
+/// The client's `X-Request-Id` when it is sane, else a fresh `req_` id.
+fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get(&X_REQUEST_ID)
+        .and_then(acceptable_request_id)
+        .unwrap_or_else(|| format!("req_{}", e2a_store::secret::random_hex::<12>()))
+}
+
 /// Assigns the request id, runs the request inside its task-local scope and
 /// decorates the response.
 pub async fn request_context(req: Request, next: Next) -> Response {
-    let request_id = req
-        .headers()
-        .get(&X_REQUEST_ID)
-        .and_then(acceptable_request_id)
-        .unwrap_or_else(|| format!("req_{}", e2a_store::secret::random_hex::<12>()));
+    let request_id = request_id(req.headers());
     let method = method_label(req.method());
     let route = req
         .extensions()
@@ -78,20 +83,79 @@ pub async fn request_context(req: Request, next: Next) -> Response {
     metrics::counter!("e2a_http_requests_total", "service" => "api", "method" => method, "route" => route.clone(), "status" => status.to_string()).increment(1);
     metrics::histogram!("e2a_http_request_duration_seconds", "service" => "api", "route" => route)
         .record(elapsed.as_secs_f64());
+    decorate(&mut response, &request_id);
+    response
+}
+
+/// The headers every response carries.
+fn decorate(response: &mut Response, request_id: &str) {
     let headers = response.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(&request_id) {
+    if let Ok(v) = HeaderValue::from_str(request_id) {
         headers.insert(X_REQUEST_ID.clone(), v);
     }
     headers.insert(
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
+}
+
+/// `Retry-After` (seconds) of a request that ran out of time.
+pub const TIMEOUT_RETRY_AFTER_SECS: u32 = 1;
+
+/// The request deadline (`E2A_HTTP_REQUEST_TIMEOUT_SECS`): a request the
+/// server has not answered in time is answered 503 `timeout` with
+/// `Retry-After`: the server, not the client, was too slow (408 would tell
+/// the client its request was incomplete). The handler is dropped, which
+/// cancels its database work. Runs inside [`request_context`], so the body
+/// carries the request id.
+pub async fn deadline(State(timeout): State<Duration>, req: Request, next: Next) -> Response {
+    match tokio::time::timeout(timeout, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => {
+            tracing::warn!(
+                timeout_secs = timeout.as_secs(),
+                "request exceeded the request timeout"
+            );
+            let mut response = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "timeout",
+                format!(
+                    "the request was not completed within {}s; retry shortly",
+                    timeout.as_secs()
+                ),
+            )
+            .into_response();
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(TIMEOUT_RETRY_AFTER_SECS),
+            );
+            response
+        }
+    }
+}
+
+/// The answer to a request the server sheds because too many are in flight
+/// (`E2A_HTTP_MAX_IN_FLIGHT`): 503 `overloaded` with the contract's body and
+/// headers. The server adds `Retry-After`. Shed requests never reach
+/// [`request_context`], so they are neither logged nor counted per route;
+/// `e2a_http_requests_shed_total` counts them.
+pub fn overloaded(headers: &HeaderMap) -> Response {
+    let request_id = request_id(headers);
+    let mut response = REQUEST_ID.sync_scope(request_id.clone(), || {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "the server is handling too many requests; retry shortly",
+        )
+        .into_response()
+    });
+    decorate(&mut response, &request_id);
     response
 }
 
-/// Gives framework-generated errors (body limit 413, timeout 408, panic
-/// 500, unmatched method 405, …) the contract's JSON error body; a `503`
-/// gets `Retry-After` from [`ApiError`] unless it named its own.
+/// Gives framework-generated errors (body limit 413, panic 500, unmatched
+/// method 405, …) the contract's JSON error body; a `503` gets
+/// `Retry-After` from [`ApiError`] unless it named its own.
 fn json_errors(response: Response) -> Response {
     let status = response.status();
     let is_json = response

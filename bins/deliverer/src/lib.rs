@@ -61,8 +61,13 @@ pub async fn run_with(
         ops = %listeners.ops.local_addr()?,
         "deliverer started (webhook and mail delivery are not implemented yet; only waiting for work)"
     );
-    let ops =
-        e2a_runtime::ops::OpsServer::spawn(listeners.ops, "deliverer", store, shutdown.clone());
+    let ops = e2a_runtime::ops::OpsServer::spawn(
+        listeners.ops,
+        "deliverer",
+        store,
+        &config.common.http,
+        shutdown.clone(),
+    );
     wake::wait_for_work(listen_config, wakeups, shutdown.clone()).await;
     ops.stop(&shutdown).await?;
     Ok(())

@@ -58,6 +58,7 @@ pub async fn run(
         listeners.ops,
         "janitor",
         store.clone(),
+        &config.common.http,
         shutdown.clone(),
     );
     sweep_loop(&store, config.interval(), config.janitor_batch, &shutdown).await;

@@ -93,7 +93,13 @@ pub async fn run_with(
         trusted,
         config.limits.limits(),
     ));
-    let ops = e2a_runtime::ops::OpsServer::spawn(listeners.ops, "relay", store, shutdown.clone());
+    let ops = e2a_runtime::ops::OpsServer::spawn(
+        listeners.ops,
+        "relay",
+        store,
+        &config.common.http,
+        shutdown.clone(),
+    );
     server::serve(
         listeners.smtp,
         Arc::new(config.session_config()?),

@@ -150,6 +150,49 @@ pub struct CommonArgs {
     /// Seconds allowed for in-flight work to finish after SIGINT/SIGTERM.
     #[arg(long, env = "E2A_SHUTDOWN_GRACE_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub shutdown_grace_secs: u64,
+
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub http: HttpTimeoutArgs,
+}
+
+/// Default of `E2A_HTTP_HEADER_READ_TIMEOUT_SECS`.
+pub const DEFAULT_HTTP_HEADER_READ_TIMEOUT_SECS: u64 = 10;
+/// Default of `E2A_HTTP_IDLE_TIMEOUT_SECS`.
+pub const DEFAULT_HTTP_IDLE_TIMEOUT_SECS: u64 = 75;
+
+/// Timeouts of every HTTP listener of the process: the API's public one and
+/// each service's ops listener (see [`crate::serve`]).
+#[derive(Debug, Clone, Args)]
+pub struct HttpTimeoutArgs {
+    /// Seconds a client has to send a request's headers, counted from the connection's opening or from the first byte of a later request on a kept-alive connection; a slower client is disconnected. Applies to every HTTP listener (the API's and the ops listener).
+    #[arg(long, env = "E2A_HTTP_HEADER_READ_TIMEOUT_SECS", default_value_t = DEFAULT_HTTP_HEADER_READ_TIMEOUT_SECS, value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub http_header_read_timeout_secs: u64,
+
+    /// Seconds a kept-alive HTTP connection may wait for its next request before it is closed. Keep it above the idle timeout of a load balancer in front (often 60). Applies to every HTTP listener.
+    #[arg(long, env = "E2A_HTTP_IDLE_TIMEOUT_SECS", default_value_t = DEFAULT_HTTP_IDLE_TIMEOUT_SECS, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub http_idle_timeout_secs: u64,
+}
+
+impl Default for HttpTimeoutArgs {
+    fn default() -> Self {
+        Self {
+            http_header_read_timeout_secs: DEFAULT_HTTP_HEADER_READ_TIMEOUT_SECS,
+            http_idle_timeout_secs: DEFAULT_HTTP_IDLE_TIMEOUT_SECS,
+        }
+    }
+}
+
+impl HttpTimeoutArgs {
+    /// The header-read timeout.
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_secs(self.http_header_read_timeout_secs)
+    }
+
+    /// The keep-alive idle timeout.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.http_idle_timeout_secs)
+    }
 }
 
 fn parse_migration_mode(s: &str) -> Result<MigrationMode, String> {
@@ -186,6 +229,7 @@ impl CommonArgs {
             log_format: LogFormat::Pretty,
             environment: Environment::Development,
             shutdown_grace_secs: 10,
+            http: HttpTimeoutArgs::default(),
         }
     }
 }
@@ -217,6 +261,18 @@ mod tests {
         assert_eq!(cli.common.log_format, LogFormat::Json);
         assert_eq!(cli.common.db.url().unwrap(), "postgres://localhost/e2a");
         assert_eq!(cli.common.ops_addr_or(9090).port(), 9090);
+        let defaults = HttpTimeoutArgs::default();
+        assert_eq!(
+            (
+                cli.common.http.http_header_read_timeout_secs,
+                cli.common.http.http_idle_timeout_secs
+            ),
+            (
+                defaults.http_header_read_timeout_secs,
+                defaults.http_idle_timeout_secs
+            ),
+            "clap's defaults and HttpTimeoutArgs::default() agree"
+        );
     }
 
     /// Safe by default: an operator who sets nothing runs production.
@@ -243,6 +299,11 @@ mod tests {
         assert!(err.to_string().contains("db-pool-size"), "{err}");
         let err = Cli::try_parse_from(["x", "--ops-addr", "not-an-addr"]).unwrap_err();
         assert!(err.to_string().contains("ops-addr"), "{err}");
+        let err = Cli::try_parse_from(["x", "--http-header-read-timeout-secs", "0"]).unwrap_err();
+        assert!(
+            err.to_string().contains("http-header-read-timeout-secs"),
+            "{err}"
+        );
     }
 
     #[test]

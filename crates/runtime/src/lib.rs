@@ -7,6 +7,8 @@
 //! * [`shutdown`] — SIGINT/SIGTERM to a [`CancellationToken`] with a drain
 //!   deadline.
 //! * [`ops`] — the ops listener: `/healthz`, `/readyz`, `/metrics`.
+//! * [`serve`] — the HTTP server under every listener: header-read and idle
+//!   timeouts, a connection cap, load shedding, graceful drain.
 //! * [`boot`] — connect to Postgres with a bounded retry and migrate per
 //!   `E2A_MIGRATION_MODE`.
 //! * [`main`] — the few lines each `main.rs` calls.
@@ -14,6 +16,7 @@
 pub mod boot;
 pub mod config;
 pub mod ops;
+pub mod serve;
 pub mod shutdown;
 pub mod telemetry;
 

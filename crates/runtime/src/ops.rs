@@ -4,20 +4,32 @@
 //! * `GET /readyz` — readiness: a bounded `SELECT 1`; 503 when the database
 //!   is unreachable or the service is draining.
 //! * `GET /metrics` — Prometheus text, including database pool usage.
+//!
+//! It runs on [`crate::serve`] with the configured HTTP timeouts and small
+//! fixed caps ([`Limits::ops`]); a shed request is answered 503
+//! `{"status":"overloaded"}` with `Retry-After`.
 
-use std::{sync::OnceLock, time::Duration};
+use std::{
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use axum::{
     Router,
     extract::State,
-    http::{StatusCode, header},
-    response::IntoResponse,
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
     routing::get,
 };
 use e2a_store::Store;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+use crate::{
+    config::HttpTimeoutArgs,
+    serve::{Limits, Options},
+};
 
 /// How long `/readyz` waits for the database.
 pub const READINESS_TIMEOUT: Duration = Duration::from_secs(2);
@@ -61,7 +73,7 @@ pub fn router(service: &'static str, store: Store, shutdown: CancellationToken) 
 
 /// A running ops server (see [`OpsServer::spawn`]).
 #[derive(Debug)]
-pub struct OpsServer(tokio::task::JoinHandle<std::io::Result<()>>);
+pub struct OpsServer(tokio::task::JoinHandle<()>);
 
 impl OpsServer {
     /// Serves the ops endpoints for `service` on `listener` in a background
@@ -70,30 +82,54 @@ impl OpsServer {
         listener: TcpListener,
         service: &'static str,
         store: Store,
+        timeouts: &HttpTimeoutArgs,
         shutdown: CancellationToken,
     ) -> Self {
-        Self(tokio::spawn(serve(listener, service, store, shutdown)))
+        Self(tokio::spawn(serve(
+            listener,
+            service,
+            store,
+            Limits::ops(timeouts),
+            shutdown,
+        )))
     }
 
     /// Cancels `shutdown` (if the service has not already) and waits for the
-    /// ops server to finish; returns its error, if any.
+    /// ops server to drain; fails only if its task panicked.
     pub async fn stop(self, shutdown: &CancellationToken) -> Result<(), crate::BoxError> {
         shutdown.cancel();
-        Ok(self.0.await??)
+        Ok(self.0.await?)
     }
 }
 
-/// Serves the ops router on `listener` until `shutdown` is cancelled.
+/// Serves the ops router on `listener` within `limits` until `shutdown` is
+/// cancelled, then drains.
 pub async fn serve(
     listener: TcpListener,
     service: &'static str,
     store: Store,
+    limits: Limits,
     shutdown: CancellationToken,
-) -> std::io::Result<()> {
+) {
     let app = router(service, store, shutdown.clone());
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    let options = Options {
+        service,
+        listener: "ops",
+        limits,
+        overloaded: Arc::new(overloaded),
+    };
+    crate::serve::serve(listener, app, options, shutdown).await;
+}
+
+/// The answer to a shed ops request (the server makes it a 503 with
+/// `Retry-After`).
+fn overloaded(_: &HeaderMap) -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [(header::CONTENT_TYPE, "application/json")],
+        r#"{"status":"overloaded"}"#,
+    )
+        .into_response()
 }
 
 async fn healthz() -> impl IntoResponse {

@@ -867,6 +867,49 @@ fn chain(error: &dyn StdError) -> String {
     text
 }
 
+/// A new cluster with production durability (`fsync`, `synchronous_commit`
+/// and `full_page_writes` on) for one benchmark run, named after `label`;
+/// stopped and removed when the [`Reaper`] drops or the process exits.
+/// Placed like the test clusters: under the target directory, else the OS
+/// temp dir (e.g. when, running as root, the `postgres` user cannot enter
+/// the target directory).
+///
+/// # Panics
+///
+/// When no PostgreSQL server binaries are installed or no directory works:
+/// a benchmark without its database has nothing to measure.
+pub fn durable_bench_cluster(label: &str) -> (Cluster, Reaper) {
+    let bins = PgBinaries::find().unwrap_or_else(|e| panic!("PostgreSQL server binaries: {e}"));
+    let mut bases: Vec<PathBuf> = target_dir()
+        .map(|t| t.join("e2a-benchpg"))
+        .into_iter()
+        .collect();
+    bases.push(std::env::temp_dir().join("e2a-benchpg"));
+    let mut last_err = String::from("no candidate directory");
+    for base in bases {
+        let dir = base.join(format!("{label}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        if let Err(e) = std::fs::create_dir_all(&base) {
+            last_err = format!("creating {}: {e}", base.display());
+            continue;
+        }
+        let reaper = Reaper::spawn(&bins, &dir).expect("cluster reaper");
+        match Cluster::init(bins.clone(), &dir, &ClusterOptions::durable()) {
+            Ok(mut cluster) => {
+                cluster
+                    .start(PortChoice::AnyFree)
+                    .unwrap_or_else(|e| panic!("starting the bench cluster: {e}"));
+                return (cluster, reaper);
+            }
+            Err(e @ (ClusterError::DataDirNotAccessible { .. } | ClusterError::Io { .. })) => {
+                last_err = e.to_string();
+            }
+            Err(e) => panic!("creating the bench cluster: {e}"),
+        }
+    }
+    panic!("no directory for the bench cluster: {last_err}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1032,47 +1075,4 @@ mod tests {
     fn own_process_is_alive() {
         assert!(pid_alive(std::process::id()));
     }
-}
-
-/// A new cluster with production durability (`fsync`, `synchronous_commit`
-/// and `full_page_writes` on) for one benchmark run, named after `label`;
-/// stopped and removed when the [`Reaper`] drops or the process exits.
-/// Placed like the test clusters: under the target directory, else the OS
-/// temp dir (e.g. when, running as root, the `postgres` user cannot enter
-/// the target directory).
-///
-/// # Panics
-///
-/// When no PostgreSQL server binaries are installed or no directory works:
-/// a benchmark without its database has nothing to measure.
-pub fn durable_bench_cluster(label: &str) -> (Cluster, Reaper) {
-    let bins = PgBinaries::find().unwrap_or_else(|e| panic!("PostgreSQL server binaries: {e}"));
-    let mut bases: Vec<PathBuf> = target_dir()
-        .map(|t| t.join("e2a-benchpg"))
-        .into_iter()
-        .collect();
-    bases.push(std::env::temp_dir().join("e2a-benchpg"));
-    let mut last_err = String::from("no candidate directory");
-    for base in bases {
-        let dir = base.join(format!("{label}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        if let Err(e) = std::fs::create_dir_all(&base) {
-            last_err = format!("creating {}: {e}", base.display());
-            continue;
-        }
-        let reaper = Reaper::spawn(&bins, &dir).expect("cluster reaper");
-        match Cluster::init(bins.clone(), &dir, &ClusterOptions::durable()) {
-            Ok(mut cluster) => {
-                cluster
-                    .start(PortChoice::AnyFree)
-                    .unwrap_or_else(|e| panic!("starting the bench cluster: {e}"));
-                return (cluster, reaper);
-            }
-            Err(e @ (ClusterError::DataDirNotAccessible { .. } | ClusterError::Io { .. })) => {
-                last_err = e.to_string();
-            }
-            Err(e) => panic!("creating the bench cluster: {e}"),
-        }
-    }
-    panic!("no directory for the bench cluster: {last_err}")
 }

@@ -14,9 +14,7 @@ use axum::{
     middleware::{from_fn, from_fn_with_state},
     routing::{get, patch, post},
 };
-use tower_http::{
-    catch_panic::CatchPanicLayer, limit::RequestBodyLimitLayer, timeout::TimeoutLayer,
-};
+use tower_http::{catch_panic::CatchPanicLayer, limit::RequestBodyLimitLayer};
 
 use crate::{AppState, Config, error::ApiError, ratelimit};
 
@@ -54,13 +52,14 @@ pub fn router(state: AppState, config: &Config) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
-        // Innermost first: a panic becomes a 500, slow requests a 408,
-        // over-long bodies a 413; request_context (outermost) gives all of
-        // them the JSON error body and a request id.
+        // Innermost first: a panic becomes a 500, a request past the
+        // deadline a 503 `timeout`, over-long bodies a 413; request_context
+        // (outermost) gives all of them the JSON error body and a request id.
+        // (Requests shed for load never get here: see middleware::overloaded.)
         .layer(CatchPanicLayer::new())
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
+        .layer(from_fn_with_state(
             config.request_timeout(),
+            crate::middleware::deadline,
         ))
         .layer(RequestBodyLimitLayer::new(config.max_body_bytes as usize))
         .layer(from_fn(crate::middleware::request_context))

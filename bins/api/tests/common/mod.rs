@@ -69,6 +69,16 @@ impl Running {
         }
     }
 
+    /// The HTTP listener's address.
+    pub fn http_addr(&self) -> std::net::SocketAddr {
+        self.base.trim_start_matches("http://").parse().unwrap()
+    }
+
+    /// The ops listener's address.
+    pub fn ops_addr(&self) -> std::net::SocketAddr {
+        self.ops.trim_start_matches("http://").parse().unwrap()
+    }
+
     pub async fn get(&self, path: &str, key: Option<&str>) -> reqwest::Response {
         let mut req = self.http.get(format!("{}{path}", self.base));
         if let Some(key) = key {
