@@ -396,11 +396,18 @@ impl<'a> ListArgs<'a> {
         if !f.labels.is_empty() {
             test("m.labels @> $?::text[]", &f.labels);
         }
-        let hit = if hit.is_empty() {
-            "true".to_owned()
-        } else {
-            format!("COALESCE({}, false)", hit.join(" AND "))
-        };
+        if hit.is_empty() {
+            // Every examined row matches: the page is the first `fetch`
+            // index entries, no window and no budget (`fetch` is at most
+            // MAX_PAGE + 1, below the budget). `rn` 0 never marks a stop.
+            let mut sql = format!(
+                "SELECT {SUMMARY_COLUMNS}, true AS hit, 0::bigint AS rn \
+                 FROM messages m WHERE {scope} ORDER BY m.created_at {order}, m.id {order}"
+            );
+            bind(&mut sql, &mut params, " LIMIT $?", &self.fetch);
+            return ListQuery { sql, params };
+        }
+        let hit = format!("COALESCE({}, false)", hit.join(" AND "));
         // The window numbers the rows in scan order as they stream past
         // (no sort: the index delivers them in this order), the inner
         // LIMIT ends the scan at the budget, the outer one at `fetch` hits.
