@@ -59,6 +59,30 @@ fn delivery(agent: &str, user: &UserId) -> Delivery {
     }
 }
 
+/// A connection listening on `webhook_events_new` and the channel names of
+/// the notifications it receives (keep the client alive while listening).
+async fn listen(
+    db: &e2a_testkit::TestDb,
+) -> (
+    tokio_postgres::Client,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    let (listener, mut connection) = tokio_postgres::connect(db.url(), NoTls).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(Ok(msg)) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            if let AsyncMessage::Notification(n) = msg {
+                let _ = tx.send(n.channel().to_owned());
+            }
+        }
+    });
+    listener
+        .batch_execute("LISTEN webhook_events_new")
+        .await
+        .unwrap();
+    (listener, rx)
+}
+
 async fn count(db: &e2a_testkit::TestDb, sql: &str) -> i64 {
     db.client().await.query_one(sql, &[]).await.unwrap().get(0)
 }
@@ -380,19 +404,7 @@ async fn the_event_is_announced_at_commit() {
     super::agents::verified_domain(&store, &alice, "alice.example").await;
     super::agents::agent(&store, &alice, "a@alice.example").await;
 
-    let (listener, mut connection) = tokio_postgres::connect(db.url(), NoTls).await.unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Some(Ok(msg)) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
-            if let AsyncMessage::Notification(n) = msg {
-                let _ = tx.send(n.channel().to_owned());
-            }
-        }
-    });
-    listener
-        .batch_execute("LISTEN webhook_events_new")
-        .await
-        .unwrap();
+    let (_listener, mut rx) = listen(&db).await;
 
     let mail = Mail::new("notify@remote.example", "x");
     inbound::ingest(&store, &mail.view(), &[delivery("a@alice.example", &alice)])
@@ -456,19 +468,7 @@ async fn threading_lookups_use_their_indexes() {
 async fn deferred_notifications_come_from_the_coalesced_wake_up() {
     let (db, store) = super::store().await;
     let alice = super::user(&store, "alice@example.com").await;
-    let (listener, mut connection) = tokio_postgres::connect(db.url(), NoTls).await.unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Some(Ok(msg)) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
-            if let AsyncMessage::Notification(n) = msg {
-                let _ = tx.send(n.channel().to_owned());
-            }
-        }
-    });
-    listener
-        .batch_execute("LISTEN webhook_events_new")
-        .await
-        .unwrap();
+    let (_listener, mut rx) = listen(&db).await;
     let append = |defer: bool| {
         let (store, alice) = (store.clone(), alice.clone());
         async move {
@@ -540,19 +540,7 @@ async fn ingest_announces_itself_once_through_the_wake_up() {
     super::agents::verified_domain(&store, &alice, "alice.example").await;
     super::agents::agent(&store, &alice, "a@alice.example").await;
     super::agents::agent(&store, &alice, "b@alice.example").await;
-    let (listener, mut connection) = tokio_postgres::connect(db.url(), NoTls).await.unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Some(Ok(msg)) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
-            if let AsyncMessage::Notification(n) = msg {
-                let _ = tx.send(n.channel().to_owned());
-            }
-        }
-    });
-    listener
-        .batch_execute("LISTEN webhook_events_new")
-        .await
-        .unwrap();
+    let (_listener, mut rx) = listen(&db).await;
     let mail = Mail::new("once@remote.example", "hello");
     let outcomes = inbound::ingest(
         &store,
