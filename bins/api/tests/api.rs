@@ -248,12 +248,13 @@ async fn database_outage_gives_503_and_recovers() {
             .send()
             .await
             .unwrap()
-            .status()
     };
-    assert_eq!(readyz().await, 200);
+    assert_eq!(readyz().await.status(), 200);
 
     cluster.stop().await;
-    assert_eq!(readyz().await, 503);
+    let not_ready = readyz().await;
+    assert_eq!(not_ready.status(), 503);
+    assert_eq!(not_ready.headers()[header::RETRY_AFTER], "5");
     let resp = api.get("/v1/account", Some(&auth)).await;
     assert_eq!(resp.headers()[header::RETRY_AFTER], "5");
     let (status, body) = error_body(resp).await;
@@ -273,7 +274,9 @@ async fn database_outage_gives_503_and_recovers() {
     cluster.start_again().await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        if readyz().await == 200 && api.get("/v1/account", Some(&auth)).await.status() == 200 {
+        if readyz().await.status() == 200
+            && api.get("/v1/account", Some(&auth)).await.status() == 200
+        {
             break;
         }
         assert!(

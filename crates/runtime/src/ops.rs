@@ -31,6 +31,9 @@ use crate::{
     serve::{Limits, Options},
 };
 
+/// `Retry-After` of a not-ready `/readyz`, in seconds.
+pub const READINESS_RETRY_AFTER_SECS: &str = "5";
+
 /// How long `/readyz` waits for the database.
 pub const READINESS_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -141,23 +144,25 @@ async fn healthz() -> impl IntoResponse {
 }
 
 async fn readyz(State(state): State<OpsState>) -> impl IntoResponse {
-    let json = [(header::CONTENT_TYPE, "application/json")];
-    if state.shutdown.is_cancelled() {
-        return (
+    let json = || [(header::CONTENT_TYPE, "application/json")];
+    // A not-ready answer says when to look again, like every other 503.
+    let unavailable = |body: &'static str| {
+        (
             StatusCode::SERVICE_UNAVAILABLE,
-            json,
-            r#"{"status":"draining"}"#,
-        );
+            [(header::RETRY_AFTER, READINESS_RETRY_AFTER_SECS)],
+            json(),
+            body,
+        )
+            .into_response()
+    };
+    if state.shutdown.is_cancelled() {
+        return unavailable(r#"{"status":"draining"}"#);
     }
     match state.store.ping(READINESS_TIMEOUT).await {
-        Ok(()) => (StatusCode::OK, json, r#"{"status":"ready"}"#),
+        Ok(()) => (StatusCode::OK, json(), r#"{"status":"ready"}"#).into_response(),
         Err(e) => {
             tracing::warn!(service = state.service, error = %e, "readiness check failed");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                json,
-                r#"{"status":"database_unavailable"}"#,
-            )
+            unavailable(r#"{"status":"database_unavailable"}"#)
         }
     }
 }
