@@ -44,10 +44,14 @@
 
 pub mod body;
 pub mod headers;
+pub mod outcome;
+pub mod retry;
 pub mod signature;
 
 mod hex;
 
 pub use body::{Body, BodyError, LegacyPayload};
 pub use headers::{HeaderError, legacy_headers, subscriber_headers};
+pub use outcome::{Outcome, OutcomeKind};
+pub use retry::{RETRY_AFTER_MAX, RetrySchedule, parse_retry_after};
 pub use signature::{DEFAULT_TOLERANCE, SIGNATURE_HEADER, Secrets, VerifyError, sign, verify};
