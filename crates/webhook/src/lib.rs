@@ -43,15 +43,24 @@
 //!   decision belongs to the deliverer, through [`RetrySchedule`].
 
 pub mod body;
+pub mod client;
 pub mod headers;
 pub mod outcome;
+pub mod policy;
 pub mod retry;
 pub mod signature;
 
 mod hex;
 
 pub use body::{Body, BodyError, LegacyPayload};
+pub use client::{BuildError, ClientConfig, Lookup, LookupFuture, SystemLookup, WebhookClient};
 pub use headers::{HeaderError, legacy_headers, subscriber_headers};
 pub use outcome::{Outcome, OutcomeKind};
+pub use policy::{RefusedAddress, UrlError, UrlPolicy, check_ip, check_url};
 pub use retry::{RETRY_AFTER_MAX, RetrySchedule, parse_retry_after};
 pub use signature::{DEFAULT_TOLERANCE, SIGNATURE_HEADER, Secrets, VerifyError, sign, verify};
+
+/// The environment variable the deliverer reads (once wired) to set
+/// [`UrlPolicy::allow_private`]: `1` allows private destinations. Off by
+/// default; never for production.
+pub const ALLOW_PRIVATE_ENV: &str = "E2A_ALLOW_PRIVATE_WEBHOOKS";
