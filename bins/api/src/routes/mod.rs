@@ -7,6 +7,7 @@ pub mod domains;
 pub mod health;
 pub mod info;
 pub mod messages;
+pub mod signing_secrets;
 
 use axum::{
     Router,
@@ -47,6 +48,14 @@ pub fn router(state: AppState, config: &Config) -> Router {
             get(agents::get)
                 .patch(agents::update)
                 .delete(agents::delete),
+        )
+        .route(
+            "/api/v1/users/me/signing-secrets",
+            get(signing_secrets::list).post(signing_secrets::create),
+        )
+        .route(
+            "/api/v1/users/me/signing-secrets/{id}",
+            axum::routing::delete(signing_secrets::delete),
         )
         .merge(poll_limited(state.clone()))
         .fallback(not_found)
