@@ -5,7 +5,8 @@
 //! shutdown token is cancelled. A failed sweep (database down, timeout) is
 //! logged and retried at the next interval; the loop never exits on a
 //! store error. Sweeps ([`sweep`]): messages past their TTL,
-//! expired/revoked sessions and expired pending domain claims; the others
+//! expired/revoked sessions, expired pending domain claims, idle rate-limit
+//! keys and expired previous webhook secrets; the others
 //! arrive in later issues. `main.rs` only calls
 //! [`e2a_runtime::main`] with [`serve`]; tests call [`run`] or
 //! [`sweep_once`] directly.
@@ -52,7 +53,7 @@ pub async fn run(
         ops = %listeners.ops.local_addr()?,
         interval_secs = config.janitor_interval_secs,
         batch = config.janitor_batch,
-        "janitor started (sweeps: expired messages, expired sessions, expired domain claims, idle rate-limit keys)"
+        "janitor started (sweeps: expired messages, expired sessions, expired domain claims, idle rate-limit keys, expired webhook secrets)"
     );
     let ops = e2a_runtime::ops::OpsServer::spawn(
         listeners.ops,

@@ -8,10 +8,12 @@
 //! held messages still pending approval are kept), then expired or revoked
 //! dashboard sessions, then domain claims left unverified past
 //! `domains::PENDING_CLAIM_TTL` (7 days), then rate-limit keys whose bucket
-//! is full again (they say nothing a missing row would not). Webhook
-//! deliveries, events and idempotency keys come in later issues.
+//! is full again (they say nothing a missing row would not), then webhook
+//! signing secrets past their 24 h rotation grace (signing already ignores
+//! them; this only removes dead keys). Webhook deliveries, events and
+//! idempotency keys come in later issues.
 
-use e2a_store::{Store, StoreError, domains, messages, rate_limits, sessions};
+use e2a_store::{Store, StoreError, domains, messages, rate_limits, sessions, webhooks};
 use tokio_util::sync::CancellationToken;
 
 /// What one pass deleted.
@@ -25,6 +27,8 @@ pub struct SweepReport {
     pub domain_claims_deleted: u64,
     /// Rate-limit keys back to a full bucket deleted.
     pub rate_limits_deleted: u64,
+    /// Expired previous webhook signing secrets cleared.
+    pub webhook_secrets_cleared: u64,
 }
 
 /// Runs every sweep until its queue is empty ("run until the queue is
@@ -73,11 +77,20 @@ pub async fn sweep(
         })
         .await?
     };
+    let webhook_secrets_cleared = if shutdown.is_cancelled() {
+        0
+    } else {
+        drain("webhook_previous_secrets", batch, shutdown, || {
+            webhooks::clear_expired_previous_secrets(&client, batch)
+        })
+        .await?
+    };
     Ok(SweepReport {
         messages_deleted,
         sessions_deleted,
         domain_claims_deleted,
         rate_limits_deleted,
+        webhook_secrets_cleared,
     })
 }
 
