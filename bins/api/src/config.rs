@@ -13,8 +13,8 @@ pub const DEFAULT_OPS_PORT: u16 = 9090;
 /// e2a REST API: the public `/v1` HTTP API of the gateway.
 ///
 /// This build serves `GET /api/health`, `GET /v1/info`, and with a bearer API
-/// key `/v1/account`, `/v1/domains`, `/v1/agents` and an agent's messages
-/// and conversations. Other paths answer 404 with the JSON error body. Ops
+/// key `/v1/account`, `/v1/domains`, `/v1/agents`, an agent's messages
+/// and conversations, and `/v1/webhooks`. Other paths answer 404 with the JSON error body. Ops
 /// endpoints (/healthz, /readyz, /metrics) are on E2A_OPS_ADDR.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "e2a-api", version)]
@@ -54,6 +54,10 @@ pub struct Config {
     /// Maximum request body for ordinary JSON requests, in bytes.
     #[arg(long, env = "E2A_HTTP_MAX_BODY_BYTES", default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1024..=(64 << 20)))]
     pub max_body_bytes: u64,
+
+    /// Accept webhook URLs on loopback, private (RFC 1918), CGNAT, link-local and unique-local addresses even in production (`1`/`true`). Development (`E2A_ENV=development`) always accepts them. Never for a deployment on the internet; cloud-metadata addresses stay refused.
+    #[arg(long, env = "E2A_ALLOW_PRIVATE_WEBHOOKS", default_value_t = false, action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    pub allow_private_webhooks: bool,
 
     #[command(flatten)]
     #[allow(missing_docs)]

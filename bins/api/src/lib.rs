@@ -40,6 +40,10 @@ pub struct AppState {
     pub mail_host: Arc<str>,
     /// `E2A_ENV=production`: HTTPS-only webhook URLs, real DNS probes.
     pub production: bool,
+    /// `E2A_ALLOW_PRIVATE_WEBHOOKS`: webhook URLs may name private and
+    /// loopback hosts even in production (see
+    /// [`routes::webhooks::url_policy`]).
+    pub allow_private_webhooks: bool,
     /// DNS for domain verification (consulted only in production).
     pub dns: Arc<dyn dns::Resolver>,
     /// Bounds concurrent DKIM key generations (CPU-heavy) to the core count.
@@ -111,6 +115,7 @@ pub async fn run_with_resolver(
         default_limits: Arc::new(config.default_limits()),
         mail_host: config.smtp_domain.as_str().into(),
         production: config.is_production(),
+        allow_private_webhooks: config.allow_private_webhooks,
         dns,
         keygen: Arc::new(Semaphore::new(cores)),
         limits: Arc::new(config.rate_limits()),

@@ -417,6 +417,7 @@ async fn setup(db: &TestDb) -> (Router, String, Vec<(String, String)>) {
         default_limits: Arc::new(config.default_limits()),
         mail_host: config.smtp_domain.as_str().into(),
         production: false,
+        allow_private_webhooks: false,
         dns: Arc::new(NoResolver),
         keygen: Arc::new(tokio::sync::Semaphore::new(1)),
         limits: Arc::new(config.rate_limits()),

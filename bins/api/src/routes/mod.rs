@@ -8,6 +8,7 @@ pub mod health;
 pub mod info;
 pub mod messages;
 pub mod signing_secrets;
+pub mod webhooks;
 
 use axum::{
     Router,
@@ -57,6 +58,7 @@ pub fn router(state: AppState, config: &Config) -> Router {
             "/api/v1/users/me/signing-secrets/{id}",
             axum::routing::delete(signing_secrets::delete),
         )
+        .route("/v1/webhooks/{id}/rotate-secret", post(webhooks::rotate))
         .merge(poll_limited(state.clone()))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -75,8 +77,9 @@ pub fn router(state: AppState, config: &Config) -> Router {
 }
 
 /// The poll-limited reads (spec §5.3): an agent's messages and
-/// conversations, listed or fetched. The label update shares the message
-/// route but is not a poll, so it is routed around the limit.
+/// conversations, listed or fetched, and webhooks, listed or fetched. The
+/// label update and the webhook writes share those paths but are not
+/// polls, so they are routed around the limit.
 fn poll_limited(state: AppState) -> Router<AppState> {
     Router::new()
         .route("/v1/agents/{address}/messages", get(messages::list))
@@ -89,7 +92,14 @@ fn poll_limited(state: AppState) -> Router<AppState> {
             "/v1/agents/{address}/conversations/{id}",
             get(conversations::get),
         )
+        .route("/v1/webhooks", get(webhooks::list))
+        .route("/v1/webhooks/{id}", get(webhooks::get))
         .route_layer(from_fn_with_state(state, ratelimit::poll_limit))
+        .route("/v1/webhooks", post(webhooks::create))
+        .route(
+            "/v1/webhooks/{id}",
+            patch(webhooks::update).delete(webhooks::delete),
+        )
         .route(
             "/v1/agents/{address}/messages/{id}",
             patch(messages::update_labels),
