@@ -5,8 +5,9 @@
 //! shutdown token is cancelled. A failed sweep (database down, timeout) is
 //! logged and retried at the next interval; the loop never exits on a
 //! store error. Sweeps ([`sweep`]): messages past their TTL,
-//! expired/revoked sessions and expired pending domain claims; the others
-//! arrive in later issues. `main.rs` only calls
+//! expired/revoked sessions, expired pending domain claims, idle rate-limit
+//! keys, handled events and deliveries past their retention; idempotency
+//! keys arrive with the outbound issue. `main.rs` only calls
 //! [`e2a_runtime::main`] with [`serve`]; tests call [`run`] or
 //! [`sweep_once`] directly.
 
@@ -52,7 +53,7 @@ pub async fn run(
         ops = %listeners.ops.local_addr()?,
         interval_secs = config.janitor_interval_secs,
         batch = config.janitor_batch,
-        "janitor started (sweeps: expired messages, expired sessions, expired domain claims, idle rate-limit keys)"
+        "janitor started (sweeps: expired messages, sessions, domain claims, idle rate-limit keys, events, deliveries)"
     );
     let ops = e2a_runtime::ops::OpsServer::spawn(
         listeners.ops,
@@ -85,6 +86,8 @@ async fn sweep_loop(store: &Store, interval: Duration, batch: i64, shutdown: &Ca
                     sessions_deleted = report.sessions_deleted,
                     domain_claims_deleted = report.domain_claims_deleted,
                     rate_limits_deleted = report.rate_limits_deleted,
+                    events_deleted = report.events_deleted,
+                    deliveries_deleted = report.deliveries_deleted,
                     duration_ms = started.elapsed().as_millis() as u64,
                     "sweep done"
                 );

@@ -440,3 +440,58 @@ async fn idle_rate_limit_keys_are_swept_and_busy_ones_kept() {
             .allowed
     );
 }
+
+/// Events past their 30 days go once handled (a pending one stays whatever
+/// its age); subscriber and legacy deliveries go past their own expiry.
+#[tokio::test]
+async fn expired_events_and_deliveries_are_swept_and_pending_events_kept() {
+    let db = TestDb::new().await;
+    let store = Store::new(&StoreConfig::new(db.url())).unwrap();
+    let alice = user(&store, "alice@example.com").await;
+    let c = store.client().await.unwrap();
+    for (id, status, age_days) in [
+        ("evt_old_done", "processed", 31),
+        ("evt_old_nomatch", "no_match", 40),
+        ("evt_old_pending", "pending", 45),
+        ("evt_new_done", "processed", 1),
+    ] {
+        c.execute(
+            "INSERT INTO webhook_events (id, user_id, type, envelope, status, created_at, expires_at) \
+             VALUES ($1, $2, 'email.received', '{}', $3, now() - make_interval(days => $4), \
+                     now() - make_interval(days => $4) + interval '30 days')",
+            &[&id, &alice.as_str(), &status, &age_days],
+        )
+        .await
+        .unwrap();
+    }
+    c.batch_execute(&format!(
+        "INSERT INTO webhooks (id, user_id, url, events, signing_secret) \
+           VALUES ('wh_1', '{alice}', 'https://example.com/h', '{{email.received}}', 'whsec_x'); \
+         INSERT INTO webhook_subscriber_deliveries (id, user_id, webhook_id, event_type, event_payload, expires_at) \
+           VALUES ('whd_old', '{alice}', 'wh_1', 'email.received', '{{}}', now() - interval '1 minute'), \
+                  ('whd_new', '{alice}', 'wh_1', 'email.received', '{{}}', now() + interval '1 day');",
+        alice = alice.as_str()
+    ))
+    .await
+    .unwrap();
+
+    let report = sweep_once(&store, 1).await.unwrap();
+    assert_eq!(report.events_deleted, 2);
+    assert_eq!(report.deliveries_deleted, 1);
+    let events: Vec<String> = c
+        .query("SELECT id FROM webhook_events ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(events, ["evt_new_done", "evt_old_pending"]);
+    let deliveries: Vec<String> = c
+        .query("SELECT id FROM webhook_subscriber_deliveries", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(deliveries, ["whd_new"]);
+}
