@@ -173,19 +173,6 @@ pub async fn render(c: &impl GenericClient, id: &EventId) -> Result<Option<Value
     Ok(Some(envelope))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn deterministic_ids_are_stable_and_distinct() {
-        let a = deterministic_id(&["msg_1", EMAIL_RECEIVED]);
-        assert_eq!(a, deterministic_id(&["msg_1", EMAIL_RECEIVED]));
-        assert_ne!(a, deterministic_id(&["msg_2", EMAIL_RECEIVED]));
-        assert!(EventId::parse(a.as_str()).is_some());
-    }
-}
-
 /// Deletes up to `batch` events past their `expires_at` (30 days) that are
 /// no longer pending; returns how many. A pending event is kept whatever
 /// its age: it has not reached its subscribers yet. Rows are claimed with
@@ -201,4 +188,17 @@ pub async fn delete_expired(c: &impl GenericClient, batch: i64) -> Result<u64> {
         )
         .await?;
     Ok(c.execute(&stmt, &[&batch]).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deterministic_ids_are_stable_and_distinct() {
+        let a = deterministic_id(&["msg_1", EMAIL_RECEIVED]);
+        assert_eq!(a, deterministic_id(&["msg_1", EMAIL_RECEIVED]));
+        assert_ne!(a, deterministic_id(&["msg_2", EMAIL_RECEIVED]));
+        assert!(EventId::parse(a.as_str()).is_some());
+    }
 }
