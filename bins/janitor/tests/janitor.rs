@@ -475,9 +475,44 @@ async fn expired_events_and_deliveries_are_swept_and_pending_events_kept() {
     .await
     .unwrap();
 
+    // Legacy pushes hang off messages: two stored messages, one push
+    // expired, one not.
+    let mut cm = store.client().await.unwrap();
+    e2a_store::domains::ensure_shared(&cm, "agents.test")
+        .await
+        .unwrap();
+    let agent = e2a_store::agents::NewAgent {
+        address: EmailAddress::parse("a@agents.test").unwrap(),
+        name: String::new(),
+        webhook_url: "https://hooks.example.com/a".into(),
+        agent_mode: e2a_store::agents::AgentMode::Cloud,
+    };
+    e2a_store::agents::create(&mut cm, &alice, &agent, 10)
+        .await
+        .unwrap();
+    c.batch_execute(&format!(
+        "INSERT INTO messages (id, user_id, agent_id, direction, body_sha256, inbox_status) \
+         VALUES ('msg_legacy_old', '{alice}', 'a@agents.test', 'inbound', repeat('a', 64), 'unread'), \
+                ('msg_legacy_new', '{alice}', 'a@agents.test', 'inbound', repeat('b', 64), 'unread'); \
+         INSERT INTO webhook_deliveries (message_id, user_id, expires_at) \
+         VALUES ('msg_legacy_old', '{alice}', now() - interval '1 minute'), \
+                ('msg_legacy_new', '{alice}', now() + interval '1 hour');",
+        alice = alice.as_str()
+    ))
+    .await
+    .unwrap();
+
     let report = sweep_once(&store, 1).await.unwrap();
     assert_eq!(report.events_deleted, 2);
-    assert_eq!(report.deliveries_deleted, 1);
+    assert_eq!(report.deliveries_deleted, 2, "one subscriber, one legacy");
+    let legacy: Vec<String> = c
+        .query("SELECT message_id FROM webhook_deliveries", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(legacy, ["msg_legacy_new"]);
     let events: Vec<String> = c
         .query("SELECT id FROM webhook_events ORDER BY id", &[])
         .await
