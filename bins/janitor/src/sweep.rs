@@ -8,12 +8,16 @@
 //! held messages still pending approval are kept), then expired or revoked
 //! dashboard sessions, then domain claims left unverified past
 //! `domains::PENDING_CLAIM_TTL` (7 days), rate-limit keys whose bucket is
-//! full again (they say nothing a missing row would not), events past their
-//! 30 days that are no longer pending, subscriber deliveries past their 90
-//! days and legacy pushes past their 48 hours. Idempotency keys come with
-//! the outbound issue.
+//! full again (they say nothing a missing row would not), webhook signing
+//! secrets past their 24 h rotation grace (signing already ignores them;
+//! this only removes dead keys), events past their 30 days that are no
+//! longer pending, subscriber deliveries past their 90 days and legacy
+//! pushes past their 48 hours. Idempotency keys come with the outbound
+//! issue.
 
-use e2a_store::{Store, StoreError, deliveries, domains, events, messages, rate_limits, sessions};
+use e2a_store::{
+    Store, StoreError, deliveries, domains, events, messages, rate_limits, sessions, webhooks,
+};
 use tokio_util::sync::CancellationToken;
 
 /// What one pass deleted.
@@ -27,6 +31,8 @@ pub struct SweepReport {
     pub domain_claims_deleted: u64,
     /// Rate-limit keys back to a full bucket deleted.
     pub rate_limits_deleted: u64,
+    /// Expired previous webhook signing secrets cleared.
+    pub webhook_secrets_cleared: u64,
     /// Expired, no longer pending events deleted.
     pub events_deleted: u64,
     /// Expired subscriber and legacy deliveries deleted.
@@ -79,6 +85,14 @@ pub async fn sweep(
         })
         .await?
     };
+    let webhook_secrets_cleared = if shutdown.is_cancelled() {
+        0
+    } else {
+        drain("webhook_previous_secrets", batch, shutdown, || {
+            webhooks::clear_expired_previous_secrets(&client, batch)
+        })
+        .await?
+    };
     let events_deleted = if shutdown.is_cancelled() {
         0
     } else {
@@ -105,6 +119,7 @@ pub async fn sweep(
         sessions_deleted,
         domain_claims_deleted,
         rate_limits_deleted,
+        webhook_secrets_cleared,
         events_deleted,
         deliveries_deleted,
     })

@@ -530,3 +530,50 @@ async fn expired_events_and_deliveries_are_swept_and_pending_events_kept() {
         .collect();
     assert_eq!(deliveries, ["whd_new"]);
 }
+
+/// Previous webhook secrets past their grace are forgotten in batches; a
+/// previous secret still in its window stays (spec §3.7).
+#[tokio::test]
+async fn expired_previous_webhook_secrets_are_cleared_and_valid_ones_kept() {
+    use e2a_store::webhooks::{self, NewWebhook};
+    let db = TestDb::new().await;
+    let store = Store::new(&StoreConfig::new(db.url())).unwrap();
+    let alice = user(&store, "alice@example.com").await;
+    let mut c = store.client().await.unwrap();
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let new = NewWebhook {
+            url: format!("https://h{i}.example.com/"),
+            events: vec!["email.received".into()],
+            ..NewWebhook::default()
+        };
+        let id = webhooks::create(&mut c, &alice, &new, 50)
+            .await
+            .unwrap()
+            .webhook
+            .id;
+        webhooks::rotate(&c, &alice, id.as_str()).await.unwrap();
+        ids.push(id);
+    }
+    c.execute(
+        "UPDATE webhooks SET signing_secret_prev_expires_at = now() - interval '1 minute' \
+         WHERE id <> $1",
+        &[&ids[0]],
+    )
+    .await
+    .unwrap();
+    let report = sweep_once(&store, 1).await.unwrap();
+    assert_eq!(report.webhook_secrets_cleared, 2);
+    let kept: Vec<String> = c
+        .query(
+            "SELECT id FROM webhooks WHERE signing_secret_prev IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(kept, [ids[0].to_string()]);
+    assert_eq!(sweep_once(&store, 1).await.unwrap(), SweepReport::default());
+}

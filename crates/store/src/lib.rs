@@ -29,6 +29,7 @@ pub mod sessions;
 pub mod signing_secrets;
 mod store;
 pub mod users;
+pub mod webhooks;
 
 pub use deadpool_postgres::{Client, GenericClient, Transaction};
 pub use error::{Result, StoreError};

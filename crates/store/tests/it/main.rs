@@ -17,6 +17,7 @@ mod sessions;
 mod signing_secrets;
 mod store;
 mod users;
+mod webhooks;
 
 use e2a_store::{Store, StoreConfig, address::EmailAddress, ids::UserId};
 use e2a_testkit::TestDb;
