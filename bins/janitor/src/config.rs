@@ -19,9 +19,9 @@ e2a janitor: deletes data that has outlived its retention, in small batches.
 It sweeps once at start, then every E2A_JANITOR_INTERVAL_SECS, until stopped. \
 Sweeps in this build: messages past their 10-day TTL (held messages still \
 pending approval are kept), expired or revoked dashboard sessions, domain \
-claims left unverified for 7 days, and idle API rate-limit keys. The \
-other sweeps (webhook deliveries, events, idempotency keys) are not \
-implemented yet and arrive in later issues. Several replicas may run \
+claims left unverified for 7 days, idle API rate-limit keys, events older \
+than 30 days that were handled, and webhook deliveries past their retention. \
+Idempotency keys arrive with the outbound issue. Several replicas may run \
 at once (rows are claimed with SKIP LOCKED). A failed sweep (e.g. the database \
 is down) is logged and retried at the next interval.";
 
@@ -78,7 +78,7 @@ mod tests {
         assert!(Config::try_parse_from(["x", "--janitor-interval-secs", "0"]).is_err());
         assert!(Config::try_parse_from(["x", "--janitor-batch", "0"]).is_err());
         let help = Config::command().render_long_help().to_string();
-        assert!(help.contains("not implemented yet"), "{help}");
+        assert!(help.contains("Idempotency keys arrive"), "{help}");
         assert!(help.contains("10-day TTL"), "{help}");
         assert!(help.contains("E2A_JANITOR_INTERVAL_SECS"), "{help}");
     }

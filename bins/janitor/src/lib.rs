@@ -6,8 +6,9 @@
 //! logged and retried at the next interval; the loop never exits on a
 //! store error. Sweeps ([`sweep`]): messages past their TTL,
 //! expired/revoked sessions, expired pending domain claims, idle rate-limit
-//! keys and expired previous webhook secrets; the others
-//! arrive in later issues. `main.rs` only calls
+//! keys, expired previous webhook secrets, handled events and deliveries
+//! past their retention; idempotency keys arrive with the outbound issue.
+//! `main.rs` only calls
 //! [`e2a_runtime::main`] with [`serve`]; tests call [`run`] or
 //! [`sweep_once`] directly.
 
@@ -53,7 +54,7 @@ pub async fn run(
         ops = %listeners.ops.local_addr()?,
         interval_secs = config.janitor_interval_secs,
         batch = config.janitor_batch,
-        "janitor started (sweeps: expired messages, expired sessions, expired domain claims, idle rate-limit keys, expired webhook secrets)"
+        "janitor started (sweeps: expired messages, sessions, domain claims, idle rate-limit keys, webhook previous secrets, events, deliveries)"
     );
     let ops = e2a_runtime::ops::OpsServer::spawn(
         listeners.ops,
@@ -86,6 +87,9 @@ async fn sweep_loop(store: &Store, interval: Duration, batch: i64, shutdown: &Ca
                     sessions_deleted = report.sessions_deleted,
                     domain_claims_deleted = report.domain_claims_deleted,
                     rate_limits_deleted = report.rate_limits_deleted,
+                    webhook_secrets_cleared = report.webhook_secrets_cleared,
+                    events_deleted = report.events_deleted,
+                    deliveries_deleted = report.deliveries_deleted,
                     duration_ms = started.elapsed().as_millis() as u64,
                     "sweep done"
                 );

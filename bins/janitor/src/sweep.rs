@@ -7,13 +7,17 @@
 //! Sweeps in this build: messages past their TTL (`expires_at`, 10 days;
 //! held messages still pending approval are kept), then expired or revoked
 //! dashboard sessions, then domain claims left unverified past
-//! `domains::PENDING_CLAIM_TTL` (7 days), then rate-limit keys whose bucket
-//! is full again (they say nothing a missing row would not), then webhook
-//! signing secrets past their 24 h rotation grace (signing already ignores
-//! them; this only removes dead keys). Webhook deliveries, events and
-//! idempotency keys come in later issues.
+//! `domains::PENDING_CLAIM_TTL` (7 days), rate-limit keys whose bucket is
+//! full again (they say nothing a missing row would not), webhook signing
+//! secrets past their 24 h rotation grace (signing already ignores them;
+//! this only removes dead keys), events past their 30 days that are no
+//! longer pending, subscriber deliveries past their 90 days and legacy
+//! pushes past their 48 hours. Idempotency keys come with the outbound
+//! issue.
 
-use e2a_store::{Store, StoreError, domains, messages, rate_limits, sessions, webhooks};
+use e2a_store::{
+    Store, StoreError, deliveries, domains, events, messages, rate_limits, sessions, webhooks,
+};
 use tokio_util::sync::CancellationToken;
 
 /// What one pass deleted.
@@ -29,6 +33,10 @@ pub struct SweepReport {
     pub rate_limits_deleted: u64,
     /// Expired previous webhook signing secrets cleared.
     pub webhook_secrets_cleared: u64,
+    /// Expired, no longer pending events deleted.
+    pub events_deleted: u64,
+    /// Expired subscriber and legacy deliveries deleted.
+    pub deliveries_deleted: u64,
 }
 
 /// Runs every sweep until its queue is empty ("run until the queue is
@@ -85,12 +93,35 @@ pub async fn sweep(
         })
         .await?
     };
+    let events_deleted = if shutdown.is_cancelled() {
+        0
+    } else {
+        drain("events", batch, shutdown, || {
+            events::delete_expired(&client, batch)
+        })
+        .await?
+    };
+    let mut deliveries_deleted = 0;
+    if !shutdown.is_cancelled() {
+        deliveries_deleted += drain("deliveries", batch, shutdown, || {
+            deliveries::delete_expired_subscriber(&client, batch)
+        })
+        .await?;
+    }
+    if !shutdown.is_cancelled() {
+        deliveries_deleted += drain("legacy_deliveries", batch, shutdown, || {
+            deliveries::delete_expired_legacy(&client, batch)
+        })
+        .await?;
+    }
     Ok(SweepReport {
         messages_deleted,
         sessions_deleted,
         domain_claims_deleted,
         rate_limits_deleted,
         webhook_secrets_cleared,
+        events_deleted,
+        deliveries_deleted,
     })
 }
 

@@ -441,6 +441,96 @@ async fn idle_rate_limit_keys_are_swept_and_busy_ones_kept() {
     );
 }
 
+/// Events past their 30 days go once handled (a pending one stays whatever
+/// its age); subscriber and legacy deliveries go past their own expiry.
+#[tokio::test]
+async fn expired_events_and_deliveries_are_swept_and_pending_events_kept() {
+    let db = TestDb::new().await;
+    let store = Store::new(&StoreConfig::new(db.url())).unwrap();
+    let alice = user(&store, "alice@example.com").await;
+    let c = store.client().await.unwrap();
+    for (id, status, age_days) in [
+        ("evt_old_done", "processed", 31),
+        ("evt_old_nomatch", "no_match", 40),
+        ("evt_old_pending", "pending", 45),
+        ("evt_new_done", "processed", 1),
+    ] {
+        c.execute(
+            "INSERT INTO webhook_events (id, user_id, type, envelope, status, created_at, expires_at) \
+             VALUES ($1, $2, 'email.received', '{}', $3, now() - make_interval(days => $4), \
+                     now() - make_interval(days => $4) + interval '30 days')",
+            &[&id, &alice.as_str(), &status, &age_days],
+        )
+        .await
+        .unwrap();
+    }
+    c.batch_execute(&format!(
+        "INSERT INTO webhooks (id, user_id, url, events, signing_secret) \
+           VALUES ('wh_1', '{alice}', 'https://example.com/h', '{{email.received}}', 'whsec_x'); \
+         INSERT INTO webhook_subscriber_deliveries (id, user_id, webhook_id, event_type, event_payload, expires_at) \
+           VALUES ('whd_old', '{alice}', 'wh_1', 'email.received', '{{}}', now() - interval '1 minute'), \
+                  ('whd_new', '{alice}', 'wh_1', 'email.received', '{{}}', now() + interval '1 day');",
+        alice = alice.as_str()
+    ))
+    .await
+    .unwrap();
+
+    // Legacy pushes hang off messages: two stored messages, one push
+    // expired, one not.
+    let mut cm = store.client().await.unwrap();
+    e2a_store::domains::ensure_shared(&cm, "agents.test")
+        .await
+        .unwrap();
+    let agent = e2a_store::agents::NewAgent {
+        address: EmailAddress::parse("a@agents.test").unwrap(),
+        name: String::new(),
+        webhook_url: "https://hooks.example.com/a".into(),
+        agent_mode: e2a_store::agents::AgentMode::Cloud,
+    };
+    e2a_store::agents::create(&mut cm, &alice, &agent, 10)
+        .await
+        .unwrap();
+    c.batch_execute(&format!(
+        "INSERT INTO messages (id, user_id, agent_id, direction, body_sha256, inbox_status) \
+         VALUES ('msg_legacy_old', '{alice}', 'a@agents.test', 'inbound', repeat('a', 64), 'unread'), \
+                ('msg_legacy_new', '{alice}', 'a@agents.test', 'inbound', repeat('b', 64), 'unread'); \
+         INSERT INTO webhook_deliveries (message_id, user_id, expires_at) \
+         VALUES ('msg_legacy_old', '{alice}', now() - interval '1 minute'), \
+                ('msg_legacy_new', '{alice}', now() + interval '1 hour');",
+        alice = alice.as_str()
+    ))
+    .await
+    .unwrap();
+
+    let report = sweep_once(&store, 1).await.unwrap();
+    assert_eq!(report.events_deleted, 2);
+    assert_eq!(report.deliveries_deleted, 2, "one subscriber, one legacy");
+    let legacy: Vec<String> = c
+        .query("SELECT message_id FROM webhook_deliveries", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(legacy, ["msg_legacy_new"]);
+    let events: Vec<String> = c
+        .query("SELECT id FROM webhook_events ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(events, ["evt_new_done", "evt_old_pending"]);
+    let deliveries: Vec<String> = c
+        .query("SELECT id FROM webhook_subscriber_deliveries", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(deliveries, ["whd_new"]);
+}
+
 /// Previous webhook secrets past their grace are forgotten in batches; a
 /// previous secret still in its window stays (spec §3.7).
 #[tokio::test]

@@ -173,6 +173,23 @@ pub async fn render(c: &impl GenericClient, id: &EventId) -> Result<Option<Value
     Ok(Some(envelope))
 }
 
+/// Deletes up to `batch` events past their `expires_at` (30 days) that are
+/// no longer pending; returns how many. A pending event is kept whatever
+/// its age: it has not reached its subscribers yet. Rows are claimed with
+/// `SKIP LOCKED` (janitor replicas split the work; fan-out is never waited
+/// on). Deliveries keep their own retention and are not touched.
+pub async fn delete_expired(c: &impl GenericClient, batch: i64) -> Result<u64> {
+    let stmt = c
+        .prepare_cached(
+            "DELETE FROM webhook_events WHERE id IN ( \
+               SELECT id FROM webhook_events \
+               WHERE expires_at <= now() AND status <> 'pending' \
+               ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)",
+        )
+        .await?;
+    Ok(c.execute(&stmt, &[&batch]).await?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,6 +15,7 @@ pub mod address;
 pub mod agents;
 pub mod api_keys;
 pub mod conversations;
+pub mod deliveries;
 pub mod domains;
 pub mod error;
 pub mod events;

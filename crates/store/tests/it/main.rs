@@ -7,6 +7,7 @@ mod agents;
 mod api_keys;
 mod bounded;
 mod conversations;
+mod deliveries;
 mod domains;
 mod inbound;
 mod messages;

@@ -1,0 +1,302 @@
+//! Webhook deliveries: subscriber deliveries (one per event and matching
+//! webhook, test sends, replays — `webhook_subscriber_deliveries`) and
+//! legacy per-agent pushes (`webhook_deliveries`): the subscriber queue
+//! ([`claim`] → POST with no transaction open → [`record`]) and retention.
+
+use deadpool_postgres::GenericClient;
+use serde_json::Value;
+use time::OffsetDateTime;
+
+use crate::{error::Result, ids::UserId};
+
+/// Deletes up to `batch` subscriber deliveries past their `expires_at`
+/// (90 days after creation: far beyond the last retry); returns how many.
+/// `SKIP LOCKED`: a delivery a worker holds is left for the next pass.
+pub async fn delete_expired_subscriber(c: &impl GenericClient, batch: i64) -> Result<u64> {
+    let stmt = c
+        .prepare_cached(
+            "DELETE FROM webhook_subscriber_deliveries WHERE id IN ( \
+               SELECT id FROM webhook_subscriber_deliveries WHERE expires_at <= now() \
+               ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)",
+        )
+        .await?;
+    Ok(c.execute(&stmt, &[&batch]).await?)
+}
+
+/// Deletes up to `batch` legacy per-agent deliveries past their
+/// `expires_at` (48 hours, as the original); returns how many.
+pub async fn delete_expired_legacy(c: &impl GenericClient, batch: i64) -> Result<u64> {
+    let stmt = c
+        .prepare_cached(
+            "DELETE FROM webhook_deliveries WHERE message_id IN ( \
+               SELECT message_id FROM webhook_deliveries WHERE expires_at <= now() \
+               ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)",
+        )
+        .await?;
+    Ok(c.execute(&stmt, &[&batch]).await?)
+}
+
+/// Terminal failures within [`AUTO_DISABLE_WINDOW`] (and no success there)
+/// that disable a webhook (spec §3.6).
+pub const AUTO_DISABLE_THRESHOLD: i64 = 10;
+
+/// The window of the auto-disable rule, on attempt times.
+pub const AUTO_DISABLE_WINDOW: time::Duration = time::Duration::hours(72);
+
+/// A delivery held by one worker until it records the outcome (or the
+/// lease runs out).
+#[derive(Clone)]
+pub struct Claimed {
+    /// `whd_…`
+    pub id: String,
+    /// The webhook it goes to.
+    pub webhook_id: String,
+    /// The webhook's owner.
+    pub user_id: UserId,
+    /// Where to POST.
+    pub url: String,
+    /// The signing secret, and the previous one while it is still valid
+    /// (rotation window).
+    pub secret: String,
+    /// See [`Claimed::secret`].
+    pub previous_secret: Option<String>,
+    /// The event delivered (render it with [`crate::events::render`]);
+    /// `None` for a test send.
+    pub event_id: Option<String>,
+    /// Its type.
+    pub event_type: String,
+    /// The envelope of a test send (events are rendered instead).
+    pub payload: Option<Value>,
+    /// Attempts including this one.
+    pub attempts: i32,
+    /// The last attempt allowed.
+    pub max_attempts: i32,
+    /// The lease token to record the outcome with.
+    pub lease_token: String,
+}
+
+impl std::fmt::Debug for Claimed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Claimed")
+            .field("id", &self.id)
+            .field("webhook_id", &self.webhook_id)
+            .field("event_id", &self.event_id)
+            .field("attempts", &self.attempts)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Claims up to `batch` due deliveries for `lease`, **at most one per
+/// webhook, and none of a webhook that already has a delivery in flight on
+/// any replica**.
+///
+/// One statement: due webhooks are taken from `webhooks_next_due_idx` with
+/// `FOR UPDATE SKIP LOCKED` (concurrent claimers split them), each one's
+/// oldest due delivery is leased and the webhook marked in flight with the
+/// same token until [`record`] (or the lease's end: a crashed worker's
+/// delivery becomes claimable again, its attempt counted). Disabled
+/// webhooks are skipped: their deliveries wait. A delivery whose last
+/// attempt was claimed but never recorded is failed here. The attempt is
+/// counted at the claim, so a delivery that crashes its worker cannot loop.
+pub async fn claim(
+    c: &impl GenericClient,
+    batch: i64,
+    lease: std::time::Duration,
+) -> Result<Vec<Claimed>> {
+    let token = format!("lease_{}", crate::secret::random_hex::<16>());
+    let stmt = c
+        .prepare_cached(
+            "WITH w AS ( \
+               SELECT id FROM webhooks \
+                WHERE enabled AND next_due_at <= now() \
+                  AND (inflight_until IS NULL OR inflight_until < now()) \
+                ORDER BY next_due_at LIMIT $1 FOR UPDATE SKIP LOCKED), \
+             d AS ( \
+               SELECT x.id, x.webhook_id FROM w CROSS JOIN LATERAL ( \
+                 SELECT s.id, s.webhook_id FROM webhook_subscriber_deliveries s \
+                  WHERE s.webhook_id = w.id AND s.status = 'pending' AND s.next_retry_at <= now() \
+                    AND s.attempts < s.max_attempts \
+                    AND (s.leased_until IS NULL OR s.leased_until < now()) \
+                  ORDER BY s.next_retry_at, s.id LIMIT 1 FOR UPDATE SKIP LOCKED) x), \
+             exhausted AS ( \
+               UPDATE webhook_subscriber_deliveries s \
+                  SET status = 'failed', leased_until = NULL, lease_token = NULL, \
+                      last_error = 'no outcome was recorded for the last attempt' \
+                WHERE s.webhook_id IN (SELECT id FROM w) AND s.status = 'pending' \
+                  AND s.attempts >= s.max_attempts AND s.leased_until < now()), \
+             idle AS ( \
+               UPDATE webhooks k SET next_due_at = ( \
+                   SELECT min(s.next_retry_at) FROM webhook_subscriber_deliveries s \
+                    WHERE s.webhook_id = k.id AND s.status = 'pending' \
+                      AND s.attempts < s.max_attempts) \
+                WHERE k.id IN (SELECT id FROM w) AND k.id NOT IN (SELECT webhook_id FROM d)), \
+             hold AS ( \
+               UPDATE webhooks k \
+                  SET inflight_until = now() + make_interval(secs => $2), inflight_token = $3 \
+                 FROM d WHERE k.id = d.webhook_id \
+                RETURNING k.id, k.url, k.signing_secret, \
+                  CASE WHEN k.signing_secret_prev_expires_at > now() THEN k.signing_secret_prev END AS prev) \
+             UPDATE webhook_subscriber_deliveries s \
+                SET leased_until = now() + make_interval(secs => $2), lease_token = $3, \
+                    attempts = s.attempts + 1, last_attempt_at = now() \
+               FROM d JOIN hold ON hold.id = d.webhook_id \
+              WHERE s.id = d.id \
+             RETURNING s.id, s.webhook_id, s.user_id, hold.url, hold.signing_secret, hold.prev, \
+                       s.event_id, s.event_type, s.event_payload, s.attempts, s.max_attempts",
+        )
+        .await?;
+    let rows = c
+        .query(&stmt, &[&batch, &lease.as_secs_f64(), &token])
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| Claimed {
+            id: r.get(0),
+            webhook_id: r.get(1),
+            user_id: r.get(2),
+            url: r.get(3),
+            secret: r.get(4),
+            previous_secret: r.get(5),
+            event_id: r.get(6),
+            event_type: r.get(7),
+            payload: r.get(8),
+            attempts: r.get(9),
+            max_attempts: r.get(10),
+            lease_token: token.clone(),
+        })
+        .collect())
+}
+
+/// How an attempt ended, as the caller classified it.
+#[derive(Debug, Clone, Copy)]
+pub enum Attempt<'a> {
+    /// 2xx.
+    Delivered {
+        /// The status code.
+        status: i32,
+    },
+    /// A retryable failure: try again at `at` (a failure of the last
+    /// allowed attempt is recorded as final instead).
+    Retry {
+        /// The status code, 0 without a response.
+        status: i32,
+        /// What went wrong, short and without secrets.
+        error: &'a str,
+        /// When to try again.
+        at: OffsetDateTime,
+    },
+    /// A permanent failure.
+    Failed {
+        /// The status code, 0 without a response.
+        status: i32,
+        /// What went wrong.
+        error: &'a str,
+    },
+}
+
+/// What [`record`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    /// The outcome is stored; `failed` when the delivery ended failed, and
+    /// `auto_disabled` when that failure disabled the webhook.
+    Stored {
+        /// The delivery ended failed.
+        failed: bool,
+        /// The webhook was disabled by this failure.
+        auto_disabled: bool,
+    },
+    /// The lease had passed to another worker: nothing was written (that
+    /// worker's outcome counts).
+    LeaseLost,
+}
+
+/// Records the outcome of the attempt leased with `token`, in one
+/// transaction: the delivery's state (guarded by its lease token, so a
+/// worker past its lease cannot overwrite the one that took over — flaw 7),
+/// the webhook's in-flight mark released and its `next_due_at`, success and
+/// failure counters, and the auto-disable rule (spec §3.6: at least
+/// [`AUTO_DISABLE_THRESHOLD`] failed deliveries and no delivered one among
+/// those attempted in the last [`AUTO_DISABLE_WINDOW`]) decided right here
+/// rather than by a later sweep.
+pub async fn record(
+    c: &mut impl GenericClient,
+    id: &str,
+    token: &str,
+    attempt: Attempt<'_>,
+) -> Result<Recorded> {
+    let (status_code, error, retry_at, kind): (i32, &str, Option<OffsetDateTime>, &str) =
+        match attempt {
+            Attempt::Delivered { status } => (status, "", None, "delivered"),
+            Attempt::Retry { status, error, at } => (status, error, Some(at), "retry"),
+            Attempt::Failed { status, error } => (status, error, None, "failed"),
+        };
+    let error: String = error.chars().take(1000).collect();
+    let tx = c.transaction().await?;
+    let row = tx
+        .query_opt(
+            &tx.prepare_cached(
+                "UPDATE webhook_subscriber_deliveries s \
+                    SET status = CASE $3::text \
+                                   WHEN 'delivered' THEN 'delivered' \
+                                   WHEN 'failed' THEN 'failed' \
+                                   ELSE CASE WHEN s.attempts >= s.max_attempts THEN 'failed' ELSE 'pending' END \
+                                 END, \
+                        next_retry_at = COALESCE($4, s.next_retry_at), \
+                        last_status_code = $5, last_error = $6, \
+                        leased_until = NULL, lease_token = NULL \
+                  WHERE s.id = $1 AND s.lease_token = $2 AND s.status = 'pending' \
+                 RETURNING s.webhook_id, s.status",
+            )
+            .await?,
+            &[&id, &token, &kind, &retry_at, &status_code, &error],
+        )
+        .await?;
+    let Some(row) = row else {
+        return Ok(Recorded::LeaseLost);
+    };
+    let webhook_id: String = row.get(0);
+    let final_status: String = row.get(1);
+    let failed = final_status == "failed";
+    tx.execute(
+        &tx.prepare_cached(
+            "UPDATE webhooks k \
+                SET inflight_until = NULL, inflight_token = NULL, \
+                    next_due_at = (SELECT min(s.next_retry_at) FROM webhook_subscriber_deliveries s \
+                                    WHERE s.webhook_id = k.id AND s.status = 'pending' \
+                                      AND s.attempts < s.max_attempts), \
+                    last_delivered_at = CASE WHEN $2 THEN now() ELSE k.last_delivered_at END, \
+                    consecutive_failures = CASE WHEN $2 THEN 0 \
+                                                WHEN $3 THEN k.consecutive_failures + 1 \
+                                                ELSE k.consecutive_failures END \
+              WHERE k.id = $1 AND k.inflight_token = $4",
+        )
+        .await?,
+        &[&webhook_id, &(final_status == "delivered"), &failed, &token],
+    )
+    .await?;
+    let mut auto_disabled = false;
+    if failed {
+        let window = AUTO_DISABLE_WINDOW.whole_seconds() as f64;
+        let disabled = tx
+            .execute(
+                &tx.prepare_cached(
+                    "UPDATE webhooks k SET enabled = false, auto_disabled_at = now() \
+                      WHERE k.id = $1 AND k.enabled \
+                        AND (SELECT count(*) FILTER (WHERE s.status = 'failed') >= $2 \
+                                AND count(*) FILTER (WHERE s.status = 'delivered') = 0 \
+                               FROM webhook_subscriber_deliveries s \
+                              WHERE s.webhook_id = k.id \
+                                AND s.last_attempt_at > now() - make_interval(secs => $3))",
+                )
+                .await?,
+                &[&webhook_id, &AUTO_DISABLE_THRESHOLD, &window],
+            )
+            .await?;
+        auto_disabled = disabled == 1;
+    }
+    tx.commit().await?;
+    Ok(Recorded::Stored {
+        failed,
+        auto_disabled,
+    })
+}
