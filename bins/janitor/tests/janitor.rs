@@ -20,6 +20,16 @@ async fn user(store: &Store, email: &str) -> UserId {
         .id
 }
 
+/// The first column of every row of `sql`, as strings.
+async fn strings(c: &e2a_store::Client, sql: &str) -> Vec<String> {
+    c.query(sql, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
 /// A session for `user` that expired a minute ago; returns its token.
 async fn expired_session(store: &Store, user: &UserId) -> String {
     let c = store.client().await.unwrap();
@@ -172,16 +182,11 @@ async fn expired_messages_are_swept_and_live_ones_kept() {
     .unwrap();
     let report = sweep_once(&store, 2).await.unwrap();
     assert_eq!(report.messages_deleted, 3);
-    let left: Vec<String> = c
-        .query(
-            "SELECT email_message_id FROM messages ORDER BY email_message_id",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let left = strings(
+        &c,
+        "SELECT email_message_id FROM messages ORDER BY email_message_id",
+    )
+    .await;
     assert_eq!(left, ["3@x", "4@x"]);
     // The storage counter followed the deletes.
     let bytes: i64 = c
@@ -396,13 +401,7 @@ async fn expired_domain_claims_are_swept_and_the_rest_kept() {
 
     let report = sweep_once(&store, 1).await.unwrap();
     assert_eq!(report.domain_claims_deleted, 2);
-    let left: Vec<String> = c
-        .query("SELECT domain FROM domains ORDER BY domain", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let left = strings(&c, "SELECT domain FROM domains ORDER BY domain").await;
     assert_eq!(left, ["mine.example", "new.example"]);
 }
 
@@ -424,13 +423,7 @@ async fn idle_rate_limit_keys_are_swept_and_busy_ones_kept() {
     .unwrap();
     let report = sweep_once(&store, 1).await.unwrap();
     assert_eq!(report.rate_limits_deleted, 1);
-    let left: Vec<String> = c
-        .query("SELECT key FROM rate_limits", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let left = strings(&c, "SELECT key FROM rate_limits").await;
     assert_eq!(left, ["busy"]);
     // The busy key is still limited: the sweep forgot nothing that counts.
     assert!(
@@ -505,29 +498,11 @@ async fn expired_events_and_deliveries_are_swept_and_pending_events_kept() {
     let report = sweep_once(&store, 1).await.unwrap();
     assert_eq!(report.events_deleted, 2);
     assert_eq!(report.deliveries_deleted, 2, "one subscriber, one legacy");
-    let legacy: Vec<String> = c
-        .query("SELECT message_id FROM webhook_deliveries", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let legacy = strings(&c, "SELECT message_id FROM webhook_deliveries").await;
     assert_eq!(legacy, ["msg_legacy_new"]);
-    let events: Vec<String> = c
-        .query("SELECT id FROM webhook_events ORDER BY id", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let events = strings(&c, "SELECT id FROM webhook_events ORDER BY id").await;
     assert_eq!(events, ["evt_new_done", "evt_old_pending"]);
-    let deliveries: Vec<String> = c
-        .query("SELECT id FROM webhook_subscriber_deliveries", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let deliveries = strings(&c, "SELECT id FROM webhook_subscriber_deliveries").await;
     assert_eq!(deliveries, ["whd_new"]);
 }
 
@@ -564,16 +539,11 @@ async fn expired_previous_webhook_secrets_are_cleared_and_valid_ones_kept() {
     .unwrap();
     let report = sweep_once(&store, 1).await.unwrap();
     assert_eq!(report.webhook_secrets_cleared, 2);
-    let kept: Vec<String> = c
-        .query(
-            "SELECT id FROM webhooks WHERE signing_secret_prev IS NOT NULL",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let kept = strings(
+        &c,
+        "SELECT id FROM webhooks WHERE signing_secret_prev IS NOT NULL",
+    )
+    .await;
     assert_eq!(kept, [ids[0].to_string()]);
     assert_eq!(sweep_once(&store, 1).await.unwrap(), SweepReport::default());
 }
