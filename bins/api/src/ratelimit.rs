@@ -112,11 +112,6 @@ impl LocalLimiter {
         }
     }
 
-    /// The quota enforced.
-    pub fn quota(&self) -> Quota {
-        self.quota
-    }
-
     /// Counts one request for `key` unless that would exceed the quota.
     pub fn hit(&self, key: &str) -> Decision {
         self.decide(key, true)
@@ -345,11 +340,6 @@ pub fn set_headers(headers: &mut HeaderMap, d: &Decision) {
     }
 }
 
-/// The 429 answer for a refused request.
-pub fn rate_limited(d: &Decision) -> Response {
-    ApiError::rate_limited(d).into_response()
-}
-
 /// Middleware of the poll-limited reads: authenticates the caller (the
 /// handler reuses the result), counts the request against the caller's
 /// poll limit, and puts the limit's headers on every answer.
@@ -361,7 +351,7 @@ pub async fn poll_limit(State(state): State<AppState>, req: Request, next: Next)
     };
     let d = state.limits.poll.hit(caller.user_id.as_str());
     if !d.allowed {
-        return rate_limited(&d);
+        return ApiError::rate_limited(&d).into_response();
     }
     parts.extensions.insert(caller);
     let mut response = next.run(Request::from_parts(parts, body)).await;
@@ -381,7 +371,7 @@ pub async fn agent_create_limit(
     let Ok(ip) = ClientIp::from_request_parts(&mut parts, &state).await;
     let d = state.limits.agent_create.hit(&ip.0);
     if !d.allowed {
-        return rate_limited(&d);
+        return ApiError::rate_limited(&d).into_response();
     }
     let mut response = next.run(Request::from_parts(parts, body)).await;
     set_headers(response.headers_mut(), &d);
