@@ -9,6 +9,7 @@ mod bounded;
 mod conversations;
 mod deliveries;
 mod domains;
+mod fanout;
 mod inbound;
 mod messages;
 mod migrate;
