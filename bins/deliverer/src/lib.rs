@@ -1,23 +1,39 @@
-//! `e2a-deliverer`: will deliver webhook events and outbound mail.
+//! `e2a-deliverer`: fans events out to webhooks and delivers them.
 //!
-//! **Webhook and mail delivery are not implemented yet; this build only
-//! waits for work.** [`run`] boots (connect, migrate), serves the ops
-//! endpoints and runs [`wake::wait_for_work`] — `LISTEN` on
-//! `webhook_events_new` and `mail_outbox_new` on a dedicated connection plus
-//! a 1 s fallback tick — until the shutdown token is cancelled. `main.rs`
-//! only calls [`e2a_runtime::main`] with [`serve`]; tests call [`run_with`]
-//! with a port-0 listener, their own token and a [`Wakeups`] to observe.
+//! [`run`] boots (connect, migrate), serves the ops endpoints, and runs
+//! side by side until the shutdown token is cancelled:
+//!
+//! * [`wake::wait_for_work`] — `LISTEN` on a dedicated connection plus a
+//!   1 s fallback tick, published through [`Wakeups`];
+//! * [`webhooks::fan_out_loop`] — pending events become one delivery per
+//!   matching enabled webhook ([`e2a_store::fanout`]);
+//! * [`queue::run`] over [`webhooks::WebhookQueue`] — `E2A_WEBHOOK_WORKERS`
+//!   deliveries in flight, claimed under a lease, at most one per webhook
+//!   across every replica;
+//! * [`webhooks::sample_gauges`] — queue depth for `/metrics`.
+//!
+//! On cancellation nothing new is claimed and the deliveries in flight are
+//! finished and recorded before [`run`] returns. Outbound mail is not
+//! delivered by this build yet. `main.rs` only calls [`e2a_runtime::main`]
+//! with [`serve`]; tests call [`run_with`] with a port-0 listener, their own
+//! token and a [`Wakeups`] to observe.
 
 pub mod config;
+pub mod queue;
 pub mod wake;
+pub mod webhooks;
 
-use std::str::FromStr;
+use std::{str::FromStr, sync::Arc, time::Duration};
 
 use e2a_runtime::{BoxError, CancellationToken, config::CommonArgs};
+use e2a_webhook::{ClientConfig, WebhookClient};
 use tokio::net::TcpListener;
 
 pub use config::Config;
 pub use wake::{WakeSource, WakeStats, Wakeups};
+
+/// How often the queue gauges are sampled.
+const GAUGE_EVERY: Duration = Duration::from_secs(10);
 
 /// The listeners [`run`] serves on.
 #[derive(Debug)]
@@ -41,16 +57,22 @@ pub async fn run(
     run_with(config, listeners, shutdown, Wakeups::new()).await
 }
 
-/// Connects and migrates, then waits for work (recording wake-ups in
-/// `wakeups`) and serves the ops endpoints until `shutdown` is cancelled.
-/// Returns promptly after cancellation: there is no in-flight delivery to
-/// drain yet.
+/// Checks the configuration, connects and migrates, then fans out and
+/// delivers (recording wake-ups in `wakeups`) and serves the ops endpoints
+/// until `shutdown` is cancelled; returns once the deliveries in flight are
+/// recorded.
 pub async fn run_with(
     config: Config,
     listeners: Listeners,
     shutdown: CancellationToken,
     wakeups: Wakeups,
 ) -> Result<(), BoxError> {
+    let lease = config.webhook_lease()?;
+    let client = WebhookClient::new(ClientConfig {
+        timeout: config.webhook_timeout(),
+        policy: config.url_policy(),
+        ..ClientConfig::default()
+    })?;
     let Some(store) =
         e2a_runtime::boot::connect_and_migrate("deliverer", &config.common, &shutdown).await?
     else {
@@ -59,16 +81,49 @@ pub async fn run_with(
     let listen_config = listen_config(&config.common)?;
     tracing::info!(
         ops = %listeners.ops.local_addr()?,
-        "deliverer started (webhook and mail delivery are not implemented yet; only waiting for work)"
+        workers = config.webhook_workers,
+        lease_secs = lease.as_secs(),
+        "deliverer started"
     );
     let ops = e2a_runtime::ops::OpsServer::spawn(
         listeners.ops,
         "deliverer",
-        store,
+        store.clone(),
         &config.common.http,
         shutdown.clone(),
     );
-    wake::wait_for_work(listen_config, wakeups, shutdown.clone()).await;
+    let kick = queue::Kick::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(wake::wait_for_work(
+        listen_config,
+        wakeups.clone(),
+        shutdown.clone(),
+    ));
+    tasks.spawn(webhooks::fan_out_loop(
+        store.clone(),
+        config.fanout_batch,
+        wakeups.subscribe(),
+        kick.clone(),
+        shutdown.clone(),
+    ));
+    tasks.spawn(queue::run(
+        Arc::new(webhooks::WebhookQueue::new(store.clone(), client, lease)),
+        usize::try_from(config.webhook_workers).unwrap_or(8),
+        wakeups.subscribe(),
+        kick,
+        shutdown.clone(),
+    ));
+    tasks.spawn(webhooks::sample_gauges(
+        store.clone(),
+        GAUGE_EVERY,
+        shutdown.clone(),
+    ));
+    while let Some(done) = tasks.join_next().await {
+        if let Err(e) = done {
+            tracing::error!(error = %e, "a deliverer task panicked");
+            shutdown.cancel();
+        }
+    }
     ops.stop(&shutdown).await?;
     Ok(())
 }

@@ -8,9 +8,9 @@
 //! once a `LISTEN` succeeds); [`FALLBACK_TICK`] keeps waking it meanwhile,
 //! so work is never missed for longer than a tick.
 //!
-//! **No delivery is implemented yet**: a wake-up is logged (debug level;
-//! ticks at trace) and counted, nothing else. Webhook and mail delivery
-//! will hang off these wake-ups in later issues.
+//! Every wake-up is counted in [`Wakeups`]; the work loops (fan-out and the
+//! delivery queues, see [`crate::queue`]) subscribe to it and look for due
+//! work whenever it changes.
 
 use std::{sync::Arc, time::Duration};
 
@@ -23,8 +23,13 @@ use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 
 /// The notification channels listened on (statement triggers `NOTIFY` them
-/// when `webhook_events` / `mail_outbox` rows are inserted).
-pub const CHANNELS: [&str; 2] = ["webhook_events_new", "mail_outbox_new"];
+/// when `webhook_events`, `webhook_subscriber_deliveries` / `mail_outbox`
+/// rows are inserted).
+pub const CHANNELS: [&str; 3] = [
+    "webhook_events_new",
+    "webhook_deliveries_new",
+    "mail_outbox_new",
+];
 
 /// Delay before each successive reconnection attempt; the last is repeated.
 pub const RECONNECT_BACKOFF: [Duration; 5] = [
@@ -47,6 +52,8 @@ pub const LISTEN_APPLICATION_NAME: &str = "e2a-deliverer-listen";
 pub enum WakeSource {
     /// `NOTIFY webhook_events_new`.
     WebhookEvents,
+    /// `NOTIFY webhook_deliveries_new`.
+    WebhookDeliveries,
     /// `NOTIFY mail_outbox_new`.
     MailOutbox,
     /// The fallback tick.
@@ -58,7 +65,8 @@ impl WakeSource {
     pub fn as_str(self) -> &'static str {
         match self {
             WakeSource::WebhookEvents => CHANNELS[0],
-            WakeSource::MailOutbox => CHANNELS[1],
+            WakeSource::WebhookDeliveries => CHANNELS[1],
+            WakeSource::MailOutbox => CHANNELS[2],
             WakeSource::Tick => "tick",
         }
     }
@@ -66,6 +74,7 @@ impl WakeSource {
     fn from_channel(channel: &str) -> Option<Self> {
         match channel {
             "webhook_events_new" => Some(WakeSource::WebhookEvents),
+            "webhook_deliveries_new" => Some(WakeSource::WebhookDeliveries),
             "mail_outbox_new" => Some(WakeSource::MailOutbox),
             _ => None,
         }
@@ -77,6 +86,8 @@ impl WakeSource {
 pub struct WakeStats {
     /// Notifications received on `webhook_events_new`.
     pub webhook_events: u64,
+    /// Notifications received on `webhook_deliveries_new`.
+    pub webhook_deliveries: u64,
     /// Notifications received on `mail_outbox_new`.
     pub mail_outbox: u64,
     /// Fallback ticks.
@@ -88,7 +99,7 @@ pub struct WakeStats {
 }
 
 /// Where the wait loop records wake-ups. Cheap to clone; observers (tests,
-/// later the delivery workers) [`subscribe`](Wakeups::subscribe) to changes.
+/// the work loops) [`subscribe`](Wakeups::subscribe) to changes.
 #[derive(Debug, Clone)]
 pub struct Wakeups {
     tx: Arc<watch::Sender<WakeStats>>,
@@ -125,17 +136,12 @@ impl Wakeups {
     fn woke(&self, source: WakeSource) {
         metrics::counter!("e2a_deliverer_wakeups_total", "source" => source.as_str()).increment(1);
         match source {
-            WakeSource::Tick => tracing::trace!(
-                source = source.as_str(),
-                "woken; no delivery implemented yet"
-            ),
-            _ => tracing::debug!(
-                source = source.as_str(),
-                "woken; no delivery implemented yet"
-            ),
+            WakeSource::Tick => tracing::trace!(source = source.as_str(), "woken"),
+            _ => tracing::debug!(source = source.as_str(), "woken"),
         }
         self.record(|s| match source {
             WakeSource::WebhookEvents => s.webhook_events += 1,
+            WakeSource::WebhookDeliveries => s.webhook_deliveries += 1,
             WakeSource::MailOutbox => s.mail_outbox += 1,
             WakeSource::Tick => s.ticks += 1,
         });

@@ -42,6 +42,7 @@
 
 pub mod cluster;
 mod naming;
+pub mod receiver;
 
 use std::error::Error as StdError;
 use std::fmt;

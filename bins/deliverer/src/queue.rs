@@ -1,0 +1,158 @@
+//! The claim → process → record loop shared by every queue the deliverer
+//! works (webhook deliveries, legacy per-agent pushes, and outbound mail
+//! next).
+//!
+//! A [`Queue`] knows how to claim due jobs under a lease and how to process
+//! one (do the work with no transaction open, then record the outcome
+//! guarded by the lease). [`run`] owns the concurrency: at most `workers`
+//! jobs in flight, claiming only as many as there are free workers, so a
+//! replica never holds a lease it is not working on; it claims again as
+//! soon as a worker frees up, when woken (`LISTEN`/`NOTIFY`, the fallback
+//! tick, or a [`Kick`]), and backs off a tick after a claim error. On
+//! shutdown it stops claiming and waits for the jobs in flight (the
+//! process-wide drain deadline bounds that wait).
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use tokio::{
+    sync::{Notify, Semaphore, watch},
+    task::JoinSet,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::wake::WakeStats;
+
+/// A queue of leased jobs.
+pub trait Queue: Send + Sync + 'static {
+    /// One claimed job (holds its lease token).
+    type Job: Send + 'static;
+
+    /// Short name for logs and metrics labels.
+    fn name(&self) -> &'static str;
+
+    /// Claims up to `max` due jobs under a lease. Fewer than `max` (or
+    /// none) means nothing more is due right now.
+    fn claim(
+        &self,
+        max: usize,
+    ) -> impl Future<Output = Result<Vec<Self::Job>, e2a_store::StoreError>> + Send;
+
+    /// Does the work of one job and records its outcome. Never panics on
+    /// bad data; errors are handled (and logged) inside: a job whose
+    /// outcome cannot be recorded is claimed again when its lease ends.
+    fn process(&self, job: Self::Job) -> impl Future<Output = ()> + Send;
+}
+
+/// Wakes a [`run`] loop from inside the process (e.g. after a fan-out
+/// created deliveries), without waiting for the database's `NOTIFY`.
+#[derive(Debug, Clone, Default)]
+pub struct Kick(Arc<Notify>);
+
+impl Kick {
+    /// A new kick.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Wakes the loop; a kick while it is busy is kept for its next wait.
+    pub fn kick(&self) {
+        self.0.notify_one();
+    }
+
+    async fn kicked(&self) {
+        self.0.notified().await;
+    }
+}
+
+/// How long to wait after a failed claim before the next one (the next
+/// wake-up also ends the wait).
+const CLAIM_ERROR_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Works `queue` with up to `workers` jobs in flight until `shutdown`, then
+/// waits for the jobs in flight and returns.
+pub async fn run<Q: Queue>(
+    queue: Arc<Q>,
+    workers: usize,
+    mut wake: watch::Receiver<WakeStats>,
+    kick: Kick,
+    shutdown: CancellationToken,
+) {
+    let workers = workers.max(1);
+    let free = Arc::new(Semaphore::new(workers));
+    let finished = Arc::new(Notify::new());
+    let mut in_flight = JoinSet::new();
+    let name = queue.name();
+    loop {
+        if shutdown.is_cancelled() {
+            break;
+        }
+        while let Some(done) = in_flight.try_join_next() {
+            if let Err(e) = done {
+                tracing::error!(queue = name, error = %e, "a job task panicked or was cancelled");
+            }
+        }
+        let want = free.available_permits();
+        if want == 0 {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = finished.notified() => continue,
+            }
+        }
+        let jobs = match queue.claim(want).await {
+            Ok(jobs) => jobs,
+            Err(e) => {
+                tracing::warn!(queue = name, error = %e2a_store::error::chain(&e), "claim failed; retrying");
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(CLAIM_ERROR_BACKOFF) => {}
+                }
+                continue;
+            }
+        };
+        let drained = jobs.len() < want;
+        for job in jobs {
+            let Ok(permit) = free.clone().try_acquire_owned() else {
+                // Unreachable: this loop is the only taker of permits and
+                // claimed no more than were free.
+                tracing::error!(queue = name, "claimed more jobs than free workers");
+                break;
+            };
+            let queue = queue.clone();
+            let finished = finished.clone();
+            in_flight.spawn(async move {
+                queue.process(job).await;
+                drop(permit);
+                finished.notify_one();
+            });
+        }
+        if drained {
+            // Nothing more due now: wait for a reason to look again. A
+            // finished job may have made its webhook's next delivery
+            // claimable, so that counts too.
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                changed = wake.changed() => {
+                    if changed.is_err() {
+                        // The waker is gone (shutting down): poll on our own.
+                        tokio::time::sleep(crate::wake::FALLBACK_TICK).await;
+                    }
+                }
+                () = kick.kicked() => {}
+                () = finished.notified() => {}
+            }
+        }
+    }
+    let n = in_flight.len();
+    if n > 0 {
+        tracing::info!(
+            queue = name,
+            in_flight = n,
+            "finishing the jobs in flight before exit"
+        );
+    }
+    while let Some(done) = in_flight.join_next().await {
+        if let Err(e) = done {
+            tracing::error!(queue = name, error = %e, "a job task panicked or was cancelled");
+        }
+    }
+}

@@ -1,0 +1,298 @@
+//! Account webhooks: the fan-out loop (pending events → deliveries) and the
+//! delivery [`Queue`] (claim → render → signed POST → record).
+
+use std::time::Duration;
+
+use e2a_store::{
+    Store,
+    deliveries::{self, Attempt, Claimed, Recorded},
+    events, fanout,
+    ids::EventId,
+};
+use e2a_webhook::{Body, Outcome, OutcomeKind, RetrySchedule, Secrets, WebhookClient};
+use time::OffsetDateTime;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+use crate::{
+    queue::{Kick, Queue},
+    wake::WakeStats,
+};
+
+/// Attempts at storing an outcome before giving up on it (the lease then
+/// runs out and the delivery is attempted again: at least once).
+const RECORD_TRIES: u32 = 3;
+
+/// The subscriber delivery queue.
+pub struct WebhookQueue {
+    store: Store,
+    client: WebhookClient,
+    lease: Duration,
+    schedule: RetrySchedule,
+}
+
+impl WebhookQueue {
+    /// A queue delivering with `client`, leasing for `lease`.
+    pub fn new(store: Store, client: WebhookClient, lease: Duration) -> Self {
+        Self {
+            store,
+            client,
+            lease,
+            schedule: RetrySchedule::SUBSCRIBER,
+        }
+    }
+
+    /// The exact bytes to POST: the test envelope as stored, or the event
+    /// rendered now. `Err` is a final failure to record (the event is
+    /// gone or unusable); a database error is `Ok(None)` (try again later).
+    async fn body(&self, d: &Claimed) -> Result<Option<Body>, String> {
+        let envelope = match (&d.payload, &d.event_id) {
+            (Some(payload), _) => payload.clone(),
+            (None, Some(event_id)) => {
+                let Some(id) = EventId::parse(event_id) else {
+                    return Err(format!("malformed event id {event_id:?}"));
+                };
+                let rendered = async {
+                    let c = self.store.client().await?;
+                    events::render(&c, &id).await
+                };
+                match rendered.await {
+                    Ok(Some(envelope)) => envelope,
+                    Ok(None) => return Err("the event no longer exists".into()),
+                    Err(e) => {
+                        tracing::warn!(error = %e2a_store::error::chain(&e), "cannot render the event");
+                        return Ok(None);
+                    }
+                }
+            }
+            (None, None) => return Err("nothing to deliver".into()),
+        };
+        Body::from_envelope(&envelope)
+            .map(Some)
+            .map_err(|e| e.to_string())
+    }
+
+    /// What to record for `outcome` of attempt number `attempts`.
+    fn attempt<'a>(&self, outcome: &'a Outcome, attempts: i32) -> Attempt<'a> {
+        let status = i32::from(outcome.status);
+        if outcome.is_success() {
+            Attempt::Delivered { status }
+        } else if outcome.retryable {
+            let failed = u32::try_from(attempts).unwrap_or(1);
+            let delay = self.schedule.delay(failed, outcome.retry_after);
+            Attempt::Retry {
+                status,
+                error: &outcome.error,
+                at: OffsetDateTime::now_utc() + delay,
+            }
+        } else {
+            Attempt::Failed {
+                status,
+                error: &outcome.error,
+            }
+        }
+    }
+
+    /// Stores `attempt`, retrying a failed database call a few times.
+    async fn record(&self, d: &Claimed, attempt: Attempt<'_>) {
+        for try_no in 1..=RECORD_TRIES {
+            let stored = async {
+                let mut c = self.store.client().await?;
+                deliveries::record(&mut c, &d.id, &d.lease_token, attempt).await
+            };
+            match stored.await {
+                Ok(Recorded::Stored {
+                    failed,
+                    auto_disabled,
+                }) => {
+                    if failed {
+                        tracing::info!("delivery failed for good");
+                    }
+                    if auto_disabled {
+                        metrics::counter!("e2a_webhooks_auto_disabled_total").increment(1);
+                        tracing::warn!(
+                            "webhook disabled: 10 or more failed deliveries and none delivered in 72 h"
+                        );
+                    }
+                    return;
+                }
+                Ok(Recorded::LeaseLost) => {
+                    metrics::counter!("e2a_webhook_leases_lost_total").increment(1);
+                    tracing::warn!(
+                        "the lease ran out before the outcome was recorded; another worker owns the delivery now"
+                    );
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(try_no, error = %e2a_store::error::chain(&e), "recording the outcome failed");
+                    tokio::time::sleep(Duration::from_millis(200 * u64::from(try_no))).await;
+                }
+            }
+        }
+        tracing::error!(
+            "outcome not recorded; the delivery will be attempted again after its lease"
+        );
+    }
+}
+
+impl Queue for WebhookQueue {
+    type Job = Claimed;
+
+    fn name(&self) -> &'static str {
+        "webhooks"
+    }
+
+    async fn claim(&self, max: usize) -> Result<Vec<Claimed>, e2a_store::StoreError> {
+        let c = self.store.client().await?;
+        deliveries::claim(&c, i64::try_from(max).unwrap_or(i64::MAX), self.lease).await
+    }
+
+    async fn process(&self, d: Claimed) {
+        let span = tracing::info_span!(
+            "webhook_delivery",
+            delivery_id = %d.id,
+            webhook_id = %d.webhook_id,
+            event_id = d.event_id.as_deref().unwrap_or(""),
+            event_type = %d.event_type,
+            attempt = d.attempts,
+        );
+        async {
+            let body = match self.body(&d).await {
+                Ok(Some(body)) => body,
+                Ok(None) => {
+                    // The database is unwell: try again in a minute rather
+                    // than burn the attempt. (If this record fails too, the
+                    // lease runs out and the attempt counts.)
+                    let at = OffsetDateTime::now_utc() + time::Duration::minutes(1);
+                    let error = "could not read the event to deliver";
+                    self.record(
+                        &d,
+                        Attempt::Retry {
+                            status: 0,
+                            error,
+                            at,
+                        },
+                    )
+                    .await;
+                    return;
+                }
+                Err(error) => {
+                    outcome_metric(OutcomeKind::Invalid);
+                    self.record(
+                        &d,
+                        Attempt::Failed {
+                            status: 0,
+                            error: &error,
+                        },
+                    )
+                    .await;
+                    return;
+                }
+            };
+            let secrets = Secrets::new(&d.secret).with_previous(d.previous_secret.as_deref());
+            let outcome = self.client.send_signed(&d.url, &body, &secrets).await;
+            outcome_metric(outcome.kind);
+            metrics::histogram!("e2a_webhook_attempt_seconds")
+                .record(outcome.elapsed.as_secs_f64());
+            tracing::debug!(
+                outcome = outcome.kind.as_str(),
+                status = outcome.status,
+                elapsed_ms = outcome.elapsed.as_millis() as u64,
+                "attempted"
+            );
+            let attempt = self.attempt(&outcome, d.attempts);
+            self.record(&d, attempt).await;
+        }
+        .instrument(span)
+        .await;
+    }
+}
+
+fn outcome_metric(kind: OutcomeKind) {
+    metrics::counter!("e2a_webhook_deliveries_total", "outcome" => kind.as_str()).increment(1);
+}
+
+/// Fans out pending events until `shutdown`: whenever woken, in batches of
+/// `batch` until none is due, kicking `deliveries` when it created any. A
+/// failed batch is retried one event per statement so a bad event is set
+/// aside (see [`fanout::fan_out_one_by_one`]).
+pub async fn fan_out_loop(
+    store: Store,
+    batch: i64,
+    mut wake: watch::Receiver<WakeStats>,
+    deliveries: Kick,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let result = async {
+            let c = store.client().await?;
+            loop {
+                let done = match fanout::fan_out(&c, batch).await {
+                    Ok(done) => done,
+                    Err(e) => {
+                        tracing::warn!(error = %e2a_store::error::chain(&e), "fan-out batch failed; going one event at a time");
+                        fanout::fan_out_one_by_one(&c, batch).await?
+                    }
+                };
+                if done.deliveries > 0 {
+                    metrics::counter!("e2a_webhook_fanout_deliveries_total")
+                        .increment(done.deliveries);
+                    deliveries.kick();
+                }
+                metrics::counter!("e2a_webhook_fanout_events_total").increment(done.events);
+                if done.events < u64::try_from(batch).unwrap_or(u64::MAX) || shutdown.is_cancelled()
+                {
+                    return Ok::<_, e2a_store::StoreError>(());
+                }
+            }
+        };
+        if let Err(e) = result.await {
+            tracing::warn!(error = %e2a_store::error::chain(&e), "fan-out failed; retrying on the next wake-up");
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            changed = wake.changed() => {
+                if changed.is_err() {
+                    tokio::time::sleep(crate::wake::FALLBACK_TICK).await;
+                }
+            }
+        }
+    }
+}
+
+/// Samples the queue gauges every `every` until `shutdown`: pending
+/// deliveries due now, scheduled for later and in flight; pending events;
+/// the age of the oldest due delivery and of the oldest pending event.
+pub async fn sample_gauges(store: Store, every: Duration, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let sampled = async {
+            let c = store.client().await?;
+            deliveries::queue_depth(&c).await
+        };
+        match sampled.await {
+            Ok(d) => {
+                let g = |status: &'static str, v: i64| {
+                    metrics::gauge!("e2a_webhook_deliveries_queued", "status" => status)
+                        .set(v as f64);
+                };
+                g("due", d.due);
+                g("scheduled", d.scheduled);
+                g("in_flight", d.in_flight);
+                metrics::gauge!("e2a_webhook_events_pending").set(d.events_pending as f64);
+                metrics::gauge!("e2a_webhook_oldest_due_delivery_seconds").set(d.oldest_due_secs);
+                metrics::gauge!("e2a_webhook_oldest_pending_event_seconds")
+                    .set(d.oldest_event_secs);
+            }
+            Err(e) => {
+                tracing::debug!(error = %e2a_store::error::chain(&e), "sampling queue depth failed");
+            }
+        }
+    }
+}
