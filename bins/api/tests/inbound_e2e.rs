@@ -142,3 +142,118 @@ async fn mail_sent_over_smtp_is_readable_through_the_api_with_verdicts_and_threa
     relay.await.unwrap().unwrap();
     api.stop().await;
 }
+
+/// The whole event path: an account webhook created through the API gets
+/// the `email.received` event of mail sent over SMTP to the relay, signed
+/// with the secret the API showed once, with the raw message inside.
+#[tokio::test]
+async fn mail_sent_over_smtp_reaches_the_account_webhook_signed() {
+    use base64::Engine as _;
+    use e2a_testkit::receiver::Receiver;
+
+    let db = TestDb::new().await;
+    let mut config = Config::for_database(db.url());
+    config.shared_domain = "agents.localhost".into();
+    let api = Running::start(config).await;
+    let key = common::key_for(db.url(), "owner@example.com").await;
+    let (status, created) = api
+        .call(
+            Method::POST,
+            "/v1/agents",
+            &key,
+            Some(json!({"slug": "demo"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let mut receiver = Receiver::ok().await;
+    let (status, webhook) = api
+        .call(
+            Method::POST,
+            "/v1/webhooks",
+            &key,
+            Some(json!({"url": receiver.url("/e2a"), "events": ["email.received"]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{webhook}");
+    let secret = webhook["signing_secret"].as_str().unwrap().to_owned();
+
+    let shutdown = CancellationToken::new();
+    let smtp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = smtp.local_addr().unwrap().port();
+    let mut relay_config = e2a_relay::Config::for_database(db.url());
+    relay_config.smtp_domain = "agents.localhost".into();
+    let relay = tokio::spawn(e2a_relay::run_with(
+        relay_config,
+        e2a_relay::Listeners {
+            smtp,
+            ops: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        },
+        shutdown.clone(),
+        Some(Authenticator::with_records(RecordCache::new()).unwrap()),
+    ));
+    let deliverer = tokio::spawn(e2a_deliverer::run(
+        e2a_deliverer::Config::for_database(db.url()),
+        e2a_deliverer::Listeners {
+            ops: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        },
+        shutdown.clone(),
+    ));
+
+    let raw = "From: Someone <someone@remote.test>\r\nTo: demo@agents.localhost\r\nSubject: Hello hook\r\n\
+               Message-ID: <h1@remote.test>\r\n\r\nPing.\r\n";
+    send(port, raw).await;
+
+    let r = receiver.next().await;
+    assert_eq!(r.path, "/e2a");
+    let signature = r.header("x-e2a-signature").unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    e2a_webhook::verify(
+        signature,
+        &[secret.as_str()],
+        &r.body,
+        i64::try_from(now).unwrap(),
+        e2a_webhook::DEFAULT_TOLERANCE,
+    )
+    .expect("signed with the secret shown at creation");
+    let body = r.json();
+    assert_eq!(body["event"], "email.received");
+    assert!(body["id"].as_str().unwrap().starts_with("evt_"));
+    let data = &body["data"];
+    assert_eq!(data["recipient"], "demo@agents.localhost");
+    assert_eq!(data["subject"], "Hello hook");
+    let stored = base64::engine::general_purpose::STANDARD
+        .decode(data["raw_message"].as_str().unwrap())
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&stored).starts_with(raw),
+        "the raw message as stored: {:?}",
+        String::from_utf8_lossy(&stored)
+    );
+
+    // The event is visible as processed, matched to that webhook.
+    let c = e2a_store::Store::new(&e2a_store::StoreConfig::new(db.url()))
+        .unwrap()
+        .client()
+        .await
+        .unwrap();
+    let row = c
+        .query_one(
+            "SELECT status, matched_webhook_ids FROM webhook_events WHERE id = $1",
+            &[&body["id"].as_str().unwrap()],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "processed");
+    assert_eq!(
+        row.get::<_, Vec<String>>(1),
+        [webhook["id"].as_str().unwrap()]
+    );
+
+    shutdown.cancel();
+    relay.await.unwrap().unwrap();
+    deliverer.await.unwrap().unwrap();
+    api.stop().await;
+}
