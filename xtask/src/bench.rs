@@ -14,6 +14,11 @@ const BENCHES: &[(&str, &str, &str)] = &[
         "GET an agent's messages (10,000 stored, page of 50) at 32 connections vs the same SQL; p99 under a key flood",
     ),
     (
+        "webhooks",
+        "e2a-deliverer",
+        "webhook deliveries/s (50 webhooks, 8 workers) vs the same claim/record SQL; commit-to-receiver latency",
+    ),
+    (
         "smtp",
         "e2a-relay",
         "relay messages/s (20 sessions, 4 KB) vs the same store transaction alone; relay RSS",
@@ -23,7 +28,7 @@ const BENCHES: &[(&str, &str, &str)] = &[
 /// `cargo xtask bench` arguments.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Benchmark to run (`api`, `smtp`); omit to list them.
+    /// Benchmark to run (`api`, `smtp`, `webhooks`); omit to list them.
     name: Option<String>,
     /// Extra arguments passed to the benchmark binary.
     #[arg(last = true)]

@@ -98,8 +98,8 @@ impl WebhookQueue {
     async fn record(&self, d: &Claimed, attempt: Attempt<'_>) {
         for try_no in 1..=RECORD_TRIES {
             let stored = async {
-                let mut c = self.store.client().await?;
-                deliveries::record(&mut c, &d.id, &d.lease_token, attempt).await
+                let c = self.store.client().await?;
+                deliveries::record(&c, &d.id, &d.lease_token, attempt).await
             };
             match stored.await {
                 Ok(Recorded::Stored {

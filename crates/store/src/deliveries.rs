@@ -98,6 +98,13 @@ impl std::fmt::Debug for Claimed {
 /// webhooks are skipped: their deliveries wait. A delivery whose last
 /// attempt was claimed but never recorded is failed here. The attempt is
 /// counted at the claim, so a delivery that crashes its worker cannot loop.
+///
+/// The claim commits **asynchronously** (`synchronous_commit = off` for
+/// this statement's transaction only): a lease is worth nothing after a
+/// database crash, so waiting for its WAL flush buys nothing. If the
+/// database crashes before the claim reaches disk, the delivery is simply
+/// claimable again (delivered at least once, as after a worker crash); the
+/// [`record`] that follows commits durably, and its flush covers the claim.
 pub async fn claim(
     c: &impl GenericClient,
     batch: i64,
@@ -106,11 +113,13 @@ pub async fn claim(
     let token = format!("lease_{}", crate::secret::random_hex::<16>());
     let stmt = c
         .prepare_cached(
-            "WITH w AS ( \
-               SELECT id FROM webhooks \
-                WHERE enabled AND next_due_at <= now() \
-                  AND (inflight_until IS NULL OR inflight_until < now()) \
-                ORDER BY next_due_at LIMIT $1 FOR UPDATE SKIP LOCKED), \
+            "WITH quiet AS MATERIALIZED ( \
+               SELECT set_config('synchronous_commit', 'off', true) AS sync), \
+             w AS ( \
+               SELECT k.id FROM quiet, webhooks k \
+                WHERE quiet.sync = 'off' AND k.enabled AND k.next_due_at <= now() \
+                  AND (k.inflight_until IS NULL OR k.inflight_until < now()) \
+                ORDER BY k.next_due_at LIMIT $1 FOR UPDATE OF k SKIP LOCKED), \
              d AS ( \
                SELECT x.id, x.webhook_id FROM w CROSS JOIN LATERAL ( \
                  SELECT s.id, s.webhook_id FROM webhook_subscriber_deliveries s \
@@ -210,16 +219,18 @@ pub enum Recorded {
     LeaseLost,
 }
 
-/// Records the outcome of the attempt leased with `token`, in one
-/// transaction: the delivery's state (guarded by its lease token, so a
-/// worker past its lease cannot overwrite the one that took over — flaw 7),
-/// the webhook's in-flight mark released and its `next_due_at`, success and
-/// failure counters, and the auto-disable rule (spec §3.6: at least
-/// [`AUTO_DISABLE_THRESHOLD`] failed deliveries and no delivered one among
-/// those attempted in the last [`AUTO_DISABLE_WINDOW`]) decided right here
-/// rather than by a later sweep.
+/// Records the outcome of the attempt leased with `token`, in **one
+/// statement** (one round trip, one commit): the delivery's state (guarded
+/// by its lease token, so a worker past its lease cannot overwrite the one
+/// that took over — flaw 7), the webhook's in-flight mark released and its
+/// `next_due_at`, success and failure counters, and the auto-disable rule
+/// (spec §3.6: at least [`AUTO_DISABLE_THRESHOLD`] failed deliveries and no
+/// delivered one among those attempted in the last
+/// [`AUTO_DISABLE_WINDOW`], this one included) decided right here rather
+/// than by a later sweep. Commits durably: once this returns, the outcome
+/// survives a database crash.
 pub async fn record(
-    c: &mut impl GenericClient,
+    c: &impl GenericClient,
     id: &str,
     token: &str,
     attempt: Attempt<'_>,
@@ -231,73 +242,75 @@ pub async fn record(
             Attempt::Failed { status, error } => (status, error, None, "failed"),
         };
     let error: String = error.chars().take(1000).collect();
-    let tx = c.transaction().await?;
-    let row = tx
+    let window = AUTO_DISABLE_WINDOW.whole_seconds() as f64;
+    // The subqueries read the statement's snapshot, in which this delivery
+    // still has its old state: they leave it out and `s` supplies its new
+    // one. A webhook row is updated once (a second UPDATE of the same row
+    // in one statement would be ignored), so auto-disable is folded in.
+    let stmt = c
+        .prepare_cached(
+            "WITH s AS ( \
+               UPDATE webhook_subscriber_deliveries s \
+                  SET status = CASE $3::text \
+                                 WHEN 'delivered' THEN 'delivered' \
+                                 WHEN 'failed' THEN 'failed' \
+                                 ELSE CASE WHEN s.attempts >= s.max_attempts THEN 'failed' ELSE 'pending' END \
+                               END, \
+                      next_retry_at = COALESCE($4, s.next_retry_at), \
+                      last_status_code = $5, last_error = $6, \
+                      leased_until = NULL, lease_token = NULL \
+                WHERE s.id = $1 AND s.lease_token = $2 AND s.status = 'pending' \
+               RETURNING s.webhook_id, s.status, s.next_retry_at), \
+             k AS ( \
+               UPDATE webhooks k \
+                  SET inflight_until = NULL, inflight_token = NULL, \
+                      next_due_at = LEAST( \
+                        (SELECT min(o.next_retry_at) FROM webhook_subscriber_deliveries o \
+                          WHERE o.webhook_id = k.id AND o.status = 'pending' \
+                            AND o.attempts < o.max_attempts AND o.id <> $1), \
+                        CASE WHEN s.status = 'pending' THEN s.next_retry_at END), \
+                      last_delivered_at = CASE WHEN s.status = 'delivered' THEN now() \
+                                               ELSE k.last_delivered_at END, \
+                      consecutive_failures = CASE WHEN s.status = 'delivered' THEN 0 \
+                                                  WHEN s.status = 'failed' THEN k.consecutive_failures + 1 \
+                                                  ELSE k.consecutive_failures END, \
+                      enabled = k.enabled AND NOT dis.trip, \
+                      auto_disabled_at = CASE WHEN k.enabled AND dis.trip THEN now() \
+                                              ELSE k.auto_disabled_at END \
+                 FROM webhooks old, s CROSS JOIN LATERAL ( \
+                   SELECT s.status = 'failed' AND ( \
+                     SELECT count(*) FILTER (WHERE o.status = 'failed') + 1 >= $7 \
+                            AND count(*) FILTER (WHERE o.status = 'delivered') = 0 \
+                       FROM webhook_subscriber_deliveries o \
+                      WHERE o.webhook_id = s.webhook_id AND o.id <> $1 \
+                        AND o.last_attempt_at > now() - make_interval(secs => $8)) AS trip) dis \
+                WHERE k.id = s.webhook_id AND old.id = k.id AND k.inflight_token = $2 \
+               RETURNING old.enabled AND dis.trip AS disabled) \
+             SELECT s.status, COALESCE((SELECT bool_or(disabled) FROM k), false) FROM s",
+        )
+        .await?;
+    let row = c
         .query_opt(
-            &tx.prepare_cached(
-                "UPDATE webhook_subscriber_deliveries s \
-                    SET status = CASE $3::text \
-                                   WHEN 'delivered' THEN 'delivered' \
-                                   WHEN 'failed' THEN 'failed' \
-                                   ELSE CASE WHEN s.attempts >= s.max_attempts THEN 'failed' ELSE 'pending' END \
-                                 END, \
-                        next_retry_at = COALESCE($4, s.next_retry_at), \
-                        last_status_code = $5, last_error = $6, \
-                        leased_until = NULL, lease_token = NULL \
-                  WHERE s.id = $1 AND s.lease_token = $2 AND s.status = 'pending' \
-                 RETURNING s.webhook_id, s.status",
-            )
-            .await?,
-            &[&id, &token, &kind, &retry_at, &status_code, &error],
+            &stmt,
+            &[
+                &id,
+                &token,
+                &kind,
+                &retry_at,
+                &status_code,
+                &error,
+                &AUTO_DISABLE_THRESHOLD,
+                &window,
+            ],
         )
         .await?;
     let Some(row) = row else {
         return Ok(Recorded::LeaseLost);
     };
-    let webhook_id: String = row.get(0);
-    let final_status: String = row.get(1);
-    let failed = final_status == "failed";
-    tx.execute(
-        &tx.prepare_cached(
-            "UPDATE webhooks k \
-                SET inflight_until = NULL, inflight_token = NULL, \
-                    next_due_at = (SELECT min(s.next_retry_at) FROM webhook_subscriber_deliveries s \
-                                    WHERE s.webhook_id = k.id AND s.status = 'pending' \
-                                      AND s.attempts < s.max_attempts), \
-                    last_delivered_at = CASE WHEN $2 THEN now() ELSE k.last_delivered_at END, \
-                    consecutive_failures = CASE WHEN $2 THEN 0 \
-                                                WHEN $3 THEN k.consecutive_failures + 1 \
-                                                ELSE k.consecutive_failures END \
-              WHERE k.id = $1 AND k.inflight_token = $4",
-        )
-        .await?,
-        &[&webhook_id, &(final_status == "delivered"), &failed, &token],
-    )
-    .await?;
-    let mut auto_disabled = false;
-    if failed {
-        let window = AUTO_DISABLE_WINDOW.whole_seconds() as f64;
-        let disabled = tx
-            .execute(
-                &tx.prepare_cached(
-                    "UPDATE webhooks k SET enabled = false, auto_disabled_at = now() \
-                      WHERE k.id = $1 AND k.enabled \
-                        AND (SELECT count(*) FILTER (WHERE s.status = 'failed') >= $2 \
-                                AND count(*) FILTER (WHERE s.status = 'delivered') = 0 \
-                               FROM webhook_subscriber_deliveries s \
-                              WHERE s.webhook_id = k.id \
-                                AND s.last_attempt_at > now() - make_interval(secs => $3))",
-                )
-                .await?,
-                &[&webhook_id, &AUTO_DISABLE_THRESHOLD, &window],
-            )
-            .await?;
-        auto_disabled = disabled == 1;
-    }
-    tx.commit().await?;
+    let final_status: &str = row.get(0);
     Ok(Recorded::Stored {
-        failed,
-        auto_disabled,
+        failed: final_status == "failed",
+        auto_disabled: row.get(1),
     })
 }
 

@@ -48,14 +48,23 @@ pub struct FannedOut {
 ///   the matched webhook ids.
 ///
 /// One statement, so one atomic unit: the deliveries exist if and only if
-/// the event is no longer pending. The deliveries' insert triggers pull each
+/// the event is no longer pending. It commits **asynchronously**
+/// (`synchronous_commit = off` for its own transaction): the event it reads
+/// was committed durably by its producer, and a fan-out lost in a database
+/// crash is lost whole — the event is pending again and is fanned out
+/// anew. Nothing that depends on it can survive without it either: WAL is
+/// flushed in order, so a durable commit of a delivery's outcome also
+/// flushes the fan-out that created the delivery. The deliveries' insert triggers pull each
 /// webhook's `next_due_at` forward and `NOTIFY webhook_deliveries_new` at
 /// commit.
-const FAN_OUT_SQL: &str = "WITH e AS MATERIALIZED ( \
-       SELECT id, user_id, type, agent_id, conversation_id, message_id, labels, created_at \
-         FROM webhook_events \
-        WHERE status = 'pending' AND next_poll_at <= now() AND ($2::text IS NULL OR id = $2) \
-        ORDER BY next_poll_at, created_at, id LIMIT $1 FOR UPDATE SKIP LOCKED), \
+const FAN_OUT_SQL: &str = "WITH quiet AS MATERIALIZED ( \
+       SELECT set_config('synchronous_commit', 'off', true) AS sync), \
+     e AS MATERIALIZED ( \
+       SELECT v.id, v.user_id, v.type, v.agent_id, v.conversation_id, v.message_id, v.labels, v.created_at \
+         FROM quiet, webhook_events v \
+        WHERE quiet.sync = 'off' AND v.status = 'pending' AND v.next_poll_at <= now() \
+          AND ($2::text IS NULL OR v.id = $2) \
+        ORDER BY v.next_poll_at, v.created_at, v.id LIMIT $1 FOR UPDATE OF v SKIP LOCKED), \
      m AS MATERIALIZED ( \
        SELECT e.id AS event_id, w.id AS webhook_id, e.user_id, e.type, e.message_id, \
               row_number() OVER (ORDER BY e.created_at, e.id, w.id) AS n \

@@ -91,9 +91,9 @@ async fn one_delivery_in_flight_per_webhook_across_claimers() {
 
     // Recording frees the webhook for its next delivery.
     let a = claimed.iter().find(|d| d.webhook_id == "wh_a").unwrap();
-    let mut cm = store.client().await.unwrap();
+    let cm = store.client().await.unwrap();
     let r = deliveries::record(
-        &mut cm,
+        &cm,
         &a.id,
         &a.lease_token,
         Attempt::Delivered { status: 204 },
@@ -128,10 +128,10 @@ async fn a_lapsed_lease_passes_on_and_the_late_worker_writes_nothing() {
     let taker = deliveries::claim(&c, 10, LEASE).await.unwrap().remove(0);
     assert_eq!(taker.id, slow.id);
     assert_eq!(taker.attempts, 2, "the lost attempt counts");
-    let mut cm = store.client().await.unwrap();
+    let cm = store.client().await.unwrap();
     assert_eq!(
         deliveries::record(
-            &mut cm,
+            &cm,
             &slow.id,
             &slow.lease_token,
             Attempt::Failed {
@@ -144,7 +144,7 @@ async fn a_lapsed_lease_passes_on_and_the_late_worker_writes_nothing() {
         Recorded::LeaseLost
     );
     deliveries::record(
-        &mut cm,
+        &cm,
         &taker.id,
         &taker.lease_token,
         Attempt::Delivered { status: 200 },
@@ -170,11 +170,11 @@ async fn retries_wait_and_the_last_attempt_ends_failed() {
     webhook(&store, &alice, "wh_a").await;
     deliveries(&store, &alice, "wh_a", 1, 2).await;
     let c = store.client().await.unwrap();
-    let mut cm = store.client().await.unwrap();
+    let cm = store.client().await.unwrap();
     let d = deliveries::claim(&c, 10, LEASE).await.unwrap().remove(0);
     let at = OffsetDateTime::now_utc() + time::Duration::milliseconds(400);
     deliveries::record(
-        &mut cm,
+        &cm,
         &d.id,
         &d.lease_token,
         Attempt::Retry {
@@ -190,7 +190,7 @@ async fn retries_wait_and_the_last_attempt_ends_failed() {
     let d = deliveries::claim(&c, 10, LEASE).await.unwrap().remove(0);
     assert_eq!(d.attempts, 2);
     let r = deliveries::record(
-        &mut cm,
+        &cm,
         &d.id,
         &d.lease_token,
         Attempt::Retry {
@@ -229,11 +229,11 @@ async fn ten_failures_without_a_success_disable_the_webhook_at_once() {
     webhook(&store, &alice, "wh_a").await;
     deliveries(&store, &alice, "wh_a", 11, 1).await;
     let c = store.client().await.unwrap();
-    let mut cm = store.client().await.unwrap();
+    let cm = store.client().await.unwrap();
     for i in 1..=10 {
         let d = deliveries::claim(&c, 10, LEASE).await.unwrap().remove(0);
         let r = deliveries::record(
-            &mut cm,
+            &cm,
             &d.id,
             &d.lease_token,
             Attempt::Failed {
@@ -270,4 +270,27 @@ async fn ten_failures_without_a_success_disable_the_webhook_at_once() {
     // The eleventh waits while the webhook is disabled.
     assert!(deliveries::claim(&c, 10, LEASE).await.unwrap().is_empty());
     assert_eq!(status(&store, "whd_wh_a_11").await, ("pending".into(), 0));
+}
+
+/// The claim's asynchronous commit is its own: the pooled connection it
+/// ran on commits the next transaction (a record) durably again.
+#[tokio::test]
+async fn the_asynchronous_claim_commit_does_not_leak_to_the_connection() {
+    let (_db, store) = super::store().await;
+    let alice = super::user(&store, "alice@example.com").await;
+    webhook(&store, &alice, "wh_a").await;
+    deliveries(&store, &alice, "wh_a", 1, 8).await;
+    let c = store.client().await.unwrap();
+    // (The throwaway test cluster runs with it off; production has it on.)
+    c.batch_execute("SET synchronous_commit = on")
+        .await
+        .unwrap();
+    assert_eq!(deliveries::claim(&c, 10, LEASE).await.unwrap().len(), 1);
+    e2a_store::fanout::fan_out(&c, 10).await.unwrap();
+    let setting: String = c
+        .query_one("SHOW synchronous_commit", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(setting, "on");
 }
