@@ -21,6 +21,7 @@ pub mod error;
 pub mod events;
 pub mod ids;
 pub mod inbound;
+pub mod legacy_deliveries;
 pub mod messages;
 pub mod migrate;
 pub mod rate_limits;

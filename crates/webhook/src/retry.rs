@@ -24,7 +24,7 @@
 //! | attempt 7 no sooner than (cumulative) | 1 m | 6 m | 30 m | 2 h | 8 h | **24 h** |
 //!
 //! The store enqueues legacy rows with `max_attempts = 7` and keeps them 72 h
-//! (`e2a_store::deliveries::LEGACY_MAX_ATTEMPTS`, `LEGACY_TTL`): even the
+//! (`e2a_store::legacy_deliveries::LEGACY_MAX_ATTEMPTS`, `LEGACY_TTL`): even the
 //! worst case below (every failure answering a long `Retry-After`, about
 //! 48 h) ends well before the row expires.
 //!

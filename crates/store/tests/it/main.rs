@@ -10,6 +10,7 @@ mod conversations;
 mod deliveries;
 mod domains;
 mod inbound;
+mod legacy_deliveries;
 mod messages;
 mod migrate;
 mod rate_limits;
