@@ -37,6 +37,32 @@
 //! `email.received` event, and the ingest NOTIFYs `webhook_events_new`
 //! after the commit, so a deliverer that runs a [`claim_legacy`] pass when
 //! woken on that channel (and on its polling tick) sees new pushes at once.
+//!
+//! One pass of a worker, in outline (`e2a-webhook` names; the store does
+//! not depend on it):
+//!
+//! ```text
+//! for p in legacy_deliveries::claim_legacy(&pool_client, batch, lease).await? {
+//!     let payload = LegacyPayload {
+//!         message_id: p.message_id.as_str(), conversation_id: &p.conversation_id,
+//!         from: &p.from, to: p.to.as_deref(), cc: &p.cc, reply_to: &p.reply_to,
+//!         recipient: &p.recipient, raw_message: &p.raw_message,
+//!         auth_headers: &p.auth_headers, received_at: p.received_at,
+//!     };
+//!     let attempt = match LegacyRequest::new(&payload) {
+//!         Err(e) => Attempt::Failed { status: 0, error: &e.to_string() },
+//!         Ok(request) => {
+//!             let o = client.send_legacy_request(&p.url, &request).await; // no transaction open
+//!             if o.is_success() { Attempt::Delivered { status: o.status.into() } }
+//!             else if o.retryable {
+//!                 let wait = RetrySchedule::LEGACY.delay(p.attempts as u32, o.retry_after);
+//!                 Attempt::Retry { status: o.status.into(), error: &o.error, at: now + wait }
+//!             } else { Attempt::Failed { status: o.status.into(), error: &o.error } }
+//!         }
+//!     };
+//!     legacy_deliveries::record_legacy(&pool_client, &p.message_id, &p.lease_token, attempt).await?;
+//! }
+//! ```
 
 use std::collections::BTreeMap;
 
