@@ -304,6 +304,7 @@ async fn seed(store: &Store) -> (String, String) {
                     agent_domain: SHARED_DOMAIN.into(),
                     user_id: user_id.clone(),
                     auth_headers: json!({"X-E2A-Auth-Verified": "false"}),
+                    legacy_push: false,
                 };
                 inbound::ingest(&store, &mail, &[delivery]).await.unwrap();
             }

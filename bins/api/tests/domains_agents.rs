@@ -784,6 +784,115 @@ async fn production_verification_reads_dns_and_never_unverifies() {
     api.stop().await;
 }
 
+/// An agent's (legacy) `webhook_url` follows the deployment's URL policy
+/// exactly like `/v1/webhooks`, on create and on update: production refuses
+/// `http://`, private and loopback hosts in any spelling and local names;
+/// `E2A_ALLOW_PRIVATE_WEBHOOKS=1` admits private hosts (still not `http://`
+/// nor metadata addresses). The original's PATCH stored any URL (flaw 31).
+#[tokio::test]
+async fn agent_webhook_urls_follow_the_deployments_url_policy() {
+    let db = TestDb::new().await;
+    let key = key_for(db.url(), "alice@example.com").await;
+    let production = |allow_private: bool| {
+        let mut config = dev_config(&db);
+        config.common.environment = e2a_runtime::config::Environment::Production;
+        config.allow_private_webhooks = allow_private;
+        config
+    };
+    let create = |slug: &str, url: &str| json!({"slug": slug, "webhook_url": url});
+
+    let api =
+        Running::start_with_resolver(production(false), Arc::new(e2a_api::dns::NoResolver)).await;
+    let (s, b) = api
+        .call(Method::POST, "/v1/agents", &key, Some(json!({"slug": "l"})))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    for url in [
+        "http://hooks.example.com/",
+        "https://127.0.0.1/hook",
+        "https://[::1]/hook",
+        "https://10.1.2.3/hook",
+        "https://192.168.0.10:8443/hook",
+        "https://100.64.0.1/hook",
+        "https://2130706433/hook",
+        "https://[::ffff:10.0.0.1]/hook",
+        "https://localhost/hook",
+        "https://receiver/hook",
+        "https://169.254.169.254/",
+        "https://user:pw@hooks.example.com/",
+    ] {
+        let (s, b) = api
+            .call(Method::POST, "/v1/agents", &key, Some(create("p", url)))
+            .await;
+        assert_eq!(
+            (s, code(&b)),
+            (StatusCode::BAD_REQUEST, "invalid_webhook_url"),
+            "create {url}: {b}"
+        );
+        let (s, b) = api
+            .call(
+                Method::PATCH,
+                "/v1/agents/l@agents.localhost",
+                &key,
+                Some(json!({"webhook_url": url})),
+            )
+            .await;
+        assert_eq!(
+            (s, code(&b)),
+            (StatusCode::BAD_REQUEST, "invalid_webhook_url"),
+            "update {url}: {b}"
+        );
+    }
+    let (s, b) = api
+        .call(
+            Method::POST,
+            "/v1/agents",
+            &key,
+            Some(create("p", "https://hooks.example.com/e2a")),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    api.stop().await;
+
+    let api =
+        Running::start_with_resolver(production(true), Arc::new(e2a_api::dns::NoResolver)).await;
+    for (url, allowed) in [
+        ("https://127.0.0.1:8443/hook", true),
+        ("https://10.1.2.3/hook", true),
+        ("https://localhost/hook", true),
+        ("http://127.0.0.1/hook", false),
+        ("https://169.254.169.254/", false),
+    ] {
+        let (s, b) = api
+            .call(
+                Method::PATCH,
+                "/v1/agents/l@agents.localhost",
+                &key,
+                Some(json!({"webhook_url": url})),
+            )
+            .await;
+        let want = if allowed {
+            StatusCode::OK
+        } else {
+            StatusCode::BAD_REQUEST
+        };
+        assert_eq!(s, want, "update {url}: {b}");
+        if allowed {
+            assert_eq!(b["webhook_url"], url);
+        }
+    }
+    let (s, b) = api
+        .call(
+            Method::POST,
+            "/v1/agents",
+            &key,
+            Some(create("q", "https://10.1.2.3/hook")),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    api.stop().await;
+}
+
 #[tokio::test]
 async fn a_shared_domain_verified_by_a_user_fails_start_up() {
     let db = TestDb::new().await;

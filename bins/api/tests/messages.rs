@@ -59,6 +59,7 @@ async fn deliver(
         agent_domain: "agents.localhost".into(),
         user_id: user,
         auth_headers: json!({"X-E2A-Auth-Verified": "true", "X-E2A-Auth-Sender": "bob@example.org"}),
+        legacy_push: false,
     };
     match inbound::ingest(store, &mail, &[delivery])
         .await

@@ -171,6 +171,7 @@ async fn expired_messages_are_swept_and_live_ones_kept() {
             agent_domain: "agents.test".into(),
             user_id: alice.clone(),
             auth_headers: serde_json::json!({}),
+            legacy_push: false,
         };
         inbound::ingest(&store, &mail, &[delivery]).await.unwrap();
     }

@@ -623,6 +623,7 @@ async fn ingest_one(store: &Store, target: &Target, id: u64, filler: &[u8]) {
         agent_domain: target.domain.clone(),
         user_id: target.user.clone(),
         auth_headers: json!({"X-E2A-Auth-Verified": "false"}),
+        legacy_push: false,
     };
     inbound::ingest(store, &mail, &[delivery])
         .await

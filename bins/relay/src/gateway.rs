@@ -310,6 +310,9 @@ impl Gateway {
                     agent_id: r.agent_id.clone(),
                     user_id: r.user_id.clone(),
                     auth_headers: serde_json::Value::Object(auth_headers),
+                    // Enqueued with the message, POSTed by the deliverer:
+                    // never inline in this session (flaw 5).
+                    legacy_push: r.legacy_push,
                 });
             }
         }

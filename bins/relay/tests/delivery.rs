@@ -273,6 +273,84 @@ async fn a_retry_of_an_accepted_message_creates_no_duplicate() {
     relay.stop().await;
 }
 
+/// A cloud agent's mail is stored with a legacy push enqueued in the same
+/// transaction, and nothing is POSTed from the SMTP session (the original
+/// POSTed inline, up to 30 s per recipient — flaw 5): the receiver has seen
+/// no connection when the sender gets its 250. The queued push carries what
+/// the deliverer needs, the signed auth headers included.
+#[tokio::test]
+async fn a_cloud_agents_mail_enqueues_a_legacy_push_and_posts_nothing_inline() {
+    let db = TestDb::new().await;
+    let relay = Relay::start(db.url(), None).await;
+    let alice = relay.agent("alice@example.com", "demo@agents.test").await;
+    relay.agent("bob@example.com", "bot@bob.test").await;
+    // The receiver: a listening socket nobody accepts on, so any connection
+    // made to it is left queued for the check below.
+    let receiver = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    receiver.set_nonblocking(true).unwrap();
+    let hook = format!("http://{}/hook", receiver.local_addr().unwrap());
+    let c = relay.store.client().await.unwrap();
+    agents::update(
+        &c,
+        &alice,
+        "demo@agents.test",
+        &AgentPatch {
+            agent_mode: Some(agents::AgentMode::Cloud),
+            webhook_url: Some(hook.clone()),
+            ..AgentPatch::default()
+        },
+    )
+    .await
+    .unwrap();
+
+    let raw = message("cloud@remote.test", "someone@remote.test", "", "Hi cloud");
+    send(
+        &relay,
+        "someone@remote.test",
+        &["demo@agents.test", "bot@bob.test"],
+        &raw,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        receiver.accept().map_err(|e| e.kind()).err(),
+        Some(std::io::ErrorKind::WouldBlock),
+        "the relay connected to the agent's webhook"
+    );
+
+    let rows = relay
+        .rows(
+            "SELECT m.agent_id, w.status, w.attempts FROM webhook_deliveries w \
+             JOIN messages m ON m.id = w.message_id",
+        )
+        .await;
+    assert_eq!(rows.len(), 1, "a push for the cloud agent only");
+    assert_eq!(
+        (
+            rows[0].get::<_, &str>(0),
+            rows[0].get::<_, &str>(1),
+            rows[0].get::<_, i32>(2)
+        ),
+        ("demo@agents.test", "pending", 0)
+    );
+    let claimed = e2a_store::legacy_deliveries::claim_legacy(&c, 10, PROMPT)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    let push = &claimed[0];
+    assert_eq!(
+        (push.url.as_str(), push.recipient.as_str()),
+        (hook.as_str(), "demo@agents.test")
+    );
+    assert!(push.raw_message.starts_with(raw.as_bytes()));
+    assert_eq!(
+        push.auth_headers["X-E2A-Auth-Message-Id"],
+        push.message_id.as_str()
+    );
+    assert_eq!(push.auth_headers["X-E2A-Auth-Signature"].len(), 64);
+    relay.stop().await;
+}
+
 #[tokio::test]
 async fn dmarc_reject_is_550_only_for_agents_that_opted_in() {
     let db = TestDb::new().await;

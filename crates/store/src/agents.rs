@@ -383,6 +383,11 @@ pub struct Recipient {
     pub agent_mode: AgentMode,
     /// DMARC rejection opt-in.
     pub reject_dmarc_failures: bool,
+    /// The agent is in cloud mode with a `webhook_url`: its mail is also
+    /// pushed there (legacy per-agent push, spec §3.5). The relay passes
+    /// this on as [`crate::inbound::Delivery::legacy_push`]; the
+    /// deliverer checks the agent again when it claims the push.
+    pub legacy_push: bool,
     /// The owner's account is at or over a cap (spec §6.2: monthly messages
     /// first, then storage): the relay answers `552 5.2.2`.
     pub over_quota: Option<Quota>,
@@ -419,7 +424,8 @@ pub async fn resolve_recipient(
             "SELECT a.id, a.user_id, a.agent_mode, a.reject_dmarc_failures, \
                     u.messages_month >= COALESCE(l.max_messages_month::int8, $2::int8), \
                     u.storage_bytes >= COALESCE(l.max_storage_bytes, $3::int8), \
-                    s.id, s.secret \
+                    s.id, s.secret, \
+                    a.agent_mode = 'cloud' AND a.webhook_url <> '' \
              FROM agents a \
              JOIN domains d ON d.owned_domain = a.domain \
              CROSS JOIN LATERAL e2a_account_usage(a.user_id) AS u \
@@ -444,6 +450,7 @@ pub async fn resolve_recipient(
         user_id: r.get(1),
         agent_mode: AgentMode::parse(r.get(2)).unwrap_or(AgentMode::Local),
         reject_dmarc_failures: r.get(3),
+        legacy_push: r.get(8),
         over_quota: if r.get(4) {
             Some(Quota::MonthlyMessages)
         } else if r.get(5) {

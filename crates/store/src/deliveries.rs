@@ -2,6 +2,7 @@
 //! webhook, test sends, replays — `webhook_subscriber_deliveries`) and
 //! legacy per-agent pushes (`webhook_deliveries`): the subscriber queue
 //! ([`claim`] → POST with no transaction open → [`record`]) and retention.
+//! The legacy queue itself is [`crate::legacy_deliveries`].
 
 use deadpool_postgres::GenericClient;
 use serde_json::Value;
@@ -24,7 +25,8 @@ pub async fn delete_expired_subscriber(c: &impl GenericClient, batch: i64) -> Re
 }
 
 /// Deletes up to `batch` legacy per-agent deliveries past their
-/// `expires_at` (48 hours, as the original); returns how many.
+/// `expires_at` ([`crate::legacy_deliveries::LEGACY_TTL`], 72 hours: a day
+/// past the last retry), whatever their status; returns how many.
 pub async fn delete_expired_legacy(c: &impl GenericClient, batch: i64) -> Result<u64> {
     let stmt = c
         .prepare_cached(

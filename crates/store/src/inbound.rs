@@ -17,6 +17,18 @@
 //!   and nowhere else; the `email.received` event carries no copy of it (its
 //!   `raw_message` is filled in from the row when the event is rendered for
 //!   delivery, see [`crate::events::render`]).
+//! * **Legacy per-agent push (spec §3.5):** for a copy whose
+//!   [`Delivery::legacy_push`] is set (a cloud agent with a `webhook_url`),
+//!   the same statement also enqueues its `webhook_deliveries` row —
+//!   pending, [`LEGACY_MAX_ATTEMPTS`] attempts, kept [`LEGACY_TTL`] — so
+//!   the push commits or rolls back with the message. Nothing is POSTed
+//!   here: the deliverer claims the row later
+//!   ([`crate::legacy_deliveries::claim_legacy`]) and reads the message,
+//!   its `X-E2A-Auth-*` headers (`messages.auth_headers`) and its raw bytes
+//!   from the message row; the delivery row copies none of them. Mail with
+//!   no flagged copy runs the statement it ran before legacy pushes existed
+//!   (the SMTP ingest benchmark's case): the push is a separate variant of
+//!   the statement, chosen in Rust, not a filter evaluated for every row.
 //! * **Wake-up:** the events' per-commit NOTIFY is deferred (V11) and sent
 //!   coalesced after the commit ([`events::wake_deliverer`]): a NOTIFY in
 //!   the committing transaction would serialise every ingest commit on the
@@ -33,6 +45,7 @@ use crate::{
     error::Result,
     events,
     ids::{MessageId, UserId},
+    legacy_deliveries::{LEGACY_MAX_ATTEMPTS, LEGACY_TTL},
     secret,
     store::Store,
 };
@@ -97,6 +110,11 @@ pub struct Delivery {
     pub user_id: UserId,
     /// The signed `X-E2A-Auth-*` headers for this copy (a JSON object).
     pub auth_headers: Value,
+    /// Also enqueue a legacy per-agent push of this copy (spec §3.5): set
+    /// it from [`crate::agents::Recipient::legacy_push`] (a cloud agent with
+    /// a `webhook_url`). A copy that turns out to be a duplicate enqueues
+    /// nothing, like its event.
+    pub legacy_push: bool,
 }
 
 /// What happened to one [`Delivery`].
@@ -116,46 +134,74 @@ pub enum Outcome {
     },
 }
 
-/// The one statement of [`ingest`] (V11 `defer_notify`, then every copy and
-/// its event). `$1`–`$7` are per-copy arrays in lock order (message id,
-/// owner, agent, signed headers, conversation, event id, envelope); the rest
-/// are the shared parts of the mail. Returns the ids actually inserted (a
-/// copy already stored is skipped by the dedupe index, and so is its event).
+/// The common part of [`INGEST_SQL`] and [`INGEST_LEGACY_SQL`]: V11
+/// `defer_notify`, then every copy (`m`) and its event (`e`). `$1`–`$7` are
+/// per-copy arrays in lock order (message id, owner, agent, signed headers,
+/// conversation, event id, envelope); `$8`–`$20` are the shared parts of
+/// the mail.
 ///
 /// `quiet` runs before the rows are produced and the event trigger fires at
 /// the end of the statement, so it sees `e2a.defer_notify = on`; the setting
 /// is local to the statement's implicit transaction.
-const INGEST_SQL: &str = "WITH quiet AS MATERIALIZED ( \
-       SELECT set_config('e2a.defer_notify', 'on', true) AS deferred), \
-     d AS MATERIALIZED ( \
-       SELECT d.id, d.user_id, d.agent_id, d.auth_headers, d.conversation_id, d.event_id, d.envelope, d.n \
-         FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::text[], $6::text[], $7::jsonb[]) \
-         WITH ORDINALITY AS d(id, user_id, agent_id, auth_headers, conversation_id, event_id, envelope, n)), \
-     m AS ( \
-       INSERT INTO messages (id, user_id, agent_id, direction, sender, recipient, subject, email_message_id, \
-         raw_message, body_sha256, auth_headers, spf_result, dkim_result, dmarc_result, conversation_id, \
-         inbox_status, to_recipients, cc, reply_to, created_at, expires_at) \
-       SELECT d.id, d.user_id, d.agent_id, 'inbound', $8, d.agent_id, $9, $10, $11, $12, d.auth_headers, \
-         $13, $14, $15, d.conversation_id, 'unread', $16, $17, $18, $19, $20 \
-         FROM quiet, d WHERE quiet.deferred = 'on' ORDER BY d.n \
-       ON CONFLICT (agent_id, email_message_id, body_sha256) WHERE direction = 'inbound' DO NOTHING \
-       RETURNING id), \
-     e AS ( \
-       INSERT INTO webhook_events (id, user_id, type, envelope, agent_id, conversation_id, message_id, labels) \
-       SELECT d.event_id, d.user_id, 'email.received', d.envelope, d.agent_id, d.conversation_id, d.id, '{}' \
-         FROM d JOIN m ON m.id = d.id ORDER BY d.n \
-       ON CONFLICT (id) DO NOTHING) \
-     SELECT id FROM m";
+macro_rules! ingest_ctes {
+    () => {
+        "WITH quiet AS MATERIALIZED ( \
+           SELECT set_config('e2a.defer_notify', 'on', true) AS deferred), \
+         d AS MATERIALIZED ( \
+           SELECT d.id, d.user_id, d.agent_id, d.auth_headers, d.conversation_id, d.event_id, d.envelope, d.n \
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::text[], $6::text[], $7::jsonb[]) \
+             WITH ORDINALITY AS d(id, user_id, agent_id, auth_headers, conversation_id, event_id, envelope, n)), \
+         m AS ( \
+           INSERT INTO messages (id, user_id, agent_id, direction, sender, recipient, subject, email_message_id, \
+             raw_message, body_sha256, auth_headers, spf_result, dkim_result, dmarc_result, conversation_id, \
+             inbox_status, to_recipients, cc, reply_to, created_at, expires_at) \
+           SELECT d.id, d.user_id, d.agent_id, 'inbound', $8, d.agent_id, $9, $10, $11, $12, d.auth_headers, \
+             $13, $14, $15, d.conversation_id, 'unread', $16, $17, $18, $19, $20 \
+             FROM quiet, d WHERE quiet.deferred = 'on' ORDER BY d.n \
+           ON CONFLICT (agent_id, email_message_id, body_sha256) WHERE direction = 'inbound' DO NOTHING \
+           RETURNING id), \
+         e AS ( \
+           INSERT INTO webhook_events (id, user_id, type, envelope, agent_id, conversation_id, message_id, labels) \
+           SELECT d.event_id, d.user_id, 'email.received', d.envelope, d.agent_id, d.conversation_id, d.id, '{}' \
+             FROM d JOIN m ON m.id = d.id ORDER BY d.n \
+           ON CONFLICT (id) DO NOTHING) "
+    };
+}
+
+/// The one statement of [`ingest`] when no copy asks for a legacy push
+/// (the common case, and the one the SMTP ingest benchmark measures): every
+/// copy and its event ([`ingest_ctes`]). Returns the ids actually inserted
+/// (a copy already stored is skipped by the dedupe index, and so is its
+/// event).
+const INGEST_SQL: &str = concat!(ingest_ctes!(), "SELECT id FROM m");
+
+/// [`INGEST_SQL`] plus the legacy per-agent push (`l`) of every inserted
+/// copy whose id is in `$21`, with `$22` attempts and expiring at `$23`. A
+/// separate statement so that mail without a cloud recipient pays nothing
+/// for it: not even the opening of `webhook_deliveries` and its indexes.
+const INGEST_LEGACY_SQL: &str = concat!(
+    ingest_ctes!(),
+    ", l AS ( \
+       INSERT INTO webhook_deliveries (message_id, user_id, max_attempts, expires_at) \
+       SELECT d.id, d.user_id, $22, $23 \
+         FROM d JOIN m ON m.id = d.id WHERE d.id = ANY($21::text[]) ORDER BY d.n) \
+     SELECT id FROM m"
+);
 
 /// Stores `mail` once per delivery, atomically; see the module docs.
 /// Returns one [`Outcome`] per delivery, in the order given. Any error
 /// means nothing was stored (the caller answers 451).
 ///
 /// The threading lookups run first (reads; READ COMMITTED would read the
-/// same inside a transaction), then every copy, its event and the usage
-/// counters are written by **one statement** — atomic on its own, one round
-/// trip whatever the number of recipients, retried as a whole on a
-/// serialization failure or deadlock.
+/// same inside a transaction), then every copy, its event, its legacy push
+/// (flagged copies only) and the usage counters are written by **one
+/// statement** — atomic on its own, one round trip whatever the number of
+/// recipients, retried as a whole on a serialization failure or deadlock.
+///
+/// After the commit the deliverer is woken on `webhook_events_new`
+/// ([`events::wake_deliverer`]); every legacy push is committed together
+/// with its copy's `email.received` event, so that one wake-up covers both
+/// queues.
 pub async fn ingest(
     store: &Store,
     mail: &InboundMail<'_>,
@@ -176,6 +222,7 @@ pub async fn ingest(
     let mut conversations = vec![String::new(); deliveries.len()];
     let (mut ids, mut users, mut agents, mut headers, mut convs, mut event_ids, mut envelopes) =
         (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+    let mut legacy: Vec<&str> = Vec::new();
     for &i in &order {
         let d = &deliveries[i];
         let conversation_id = match mail.trusted_conversation_id {
@@ -209,13 +256,22 @@ pub async fn ingest(
         users.push(d.user_id.as_str());
         agents.push(d.agent_id.as_str());
         headers.push(&d.auth_headers);
+        if d.legacy_push {
+            legacy.push(d.message_id.as_str());
+        }
         event_ids.push(event_id.as_str().to_owned());
         convs.push(conversation_id.clone());
         conversations[i] = conversation_id;
     }
 
-    let stmt = client.prepare_cached(INGEST_SQL).await?;
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 20] = [
+    let (sql, n_params) = if legacy.is_empty() {
+        (INGEST_SQL, 20)
+    } else {
+        (INGEST_LEGACY_SQL, 23)
+    };
+    let stmt = client.prepare_cached(sql).await?;
+    let legacy_expires_at = now + LEGACY_TTL;
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 23] = [
         &ids,
         &users,
         &agents,
@@ -236,10 +292,13 @@ pub async fn ingest(
         &reply_to,
         &now,
         &(now + MESSAGE_TTL),
+        &legacy,
+        &LEGACY_MAX_ATTEMPTS,
+        &legacy_expires_at,
     ];
     let mut attempt = 1;
     let rows = loop {
-        match client.query(&stmt, &params).await {
+        match client.query(&stmt, &params[..n_params]).await {
             Err(e) => {
                 let e = crate::StoreError::from(e);
                 if e.is_retryable_conflict() && attempt < crate::TX_MAX_ATTEMPTS {

@@ -22,6 +22,7 @@ pub mod events;
 pub mod fanout;
 pub mod ids;
 pub mod inbound;
+pub mod legacy_deliveries;
 pub mod messages;
 pub mod migrate;
 pub mod rate_limits;

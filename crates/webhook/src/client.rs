@@ -24,6 +24,7 @@ use reqwest::header::{HeaderMap, RETRY_AFTER};
 
 use crate::body::Body;
 use crate::headers::{legacy_headers, subscriber_headers};
+use crate::legacy::LegacyRequest;
 use crate::outcome::{Outcome, OutcomeKind};
 use crate::policy::{RefusedAddress, UrlPolicy, check_ip, check_url};
 use crate::retry::parse_retry_after;
@@ -215,6 +216,14 @@ impl WebhookClient {
             Ok(headers) => self.post(url, headers, body).await,
             Err(e) => Outcome::no_response(OutcomeKind::Invalid, e.to_string(), Duration::ZERO),
         }
+    }
+
+    /// A legacy per-agent push (§4.2) built with [`LegacyRequest::new`]:
+    /// POSTs its body with its headers to `url` (the agent's
+    /// `webhook_url`), under this client's policy. No signature.
+    pub async fn send_legacy_request(&self, url: &str, request: &LegacyRequest) -> Outcome {
+        self.post(url, request.headers().clone(), request.body())
+            .await
     }
 
     /// One POST of `body` with `headers` to `url`, under the policy, and the

@@ -10,10 +10,13 @@
 //!   legacy per-agent pushes (§4.2), with stored header names and values
 //!   validated so nothing can inject a header.
 //! - [`body`]: [`Body`], the bytes that are both signed and sent.
+//! - [`legacy`]: [`LegacyRequest`], the headers and body of a legacy
+//!   per-agent push (§4.2) built from a [`LegacyPayload`].
 //! - [`retry`]: [`RetrySchedule::SUBSCRIBER`] — 8 attempts whose base delays
 //!   span exactly 72 h (the original promised ~72 h and delivered ~53 h,
 //!   flaw 6), upward-only bounded jitter, `Retry-After` honoured within
-//!   bounds.
+//!   bounds; [`RetrySchedule::LEGACY`] — 7 attempts over exactly 24 h for
+//!   legacy per-agent pushes.
 //! - [`outcome`]: [`Outcome`] — status (0 = no response), class, short error
 //!   text without secrets or URL, retryable or not, parsed `Retry-After`.
 //! - [`policy`] and [`client`]: [`check_url`] for registration-time
@@ -45,6 +48,7 @@
 pub mod body;
 pub mod client;
 pub mod headers;
+pub mod legacy;
 pub mod outcome;
 pub mod policy;
 pub mod retry;
@@ -55,6 +59,7 @@ mod hex;
 pub use body::{Body, BodyError, LegacyPayload};
 pub use client::{BuildError, ClientConfig, Lookup, LookupFuture, SystemLookup, WebhookClient};
 pub use headers::{HeaderError, legacy_headers, subscriber_headers};
+pub use legacy::LegacyRequest;
 pub use outcome::{Outcome, OutcomeKind};
 pub use policy::{RefusedAddress, UrlError, UrlPolicy, check_ip, check_url};
 pub use retry::{RETRY_AFTER_MAX, RetrySchedule, parse_retry_after};

@@ -13,6 +13,21 @@
 //! | base delay | 1 m | 5 m | 24 m | 1 h 30 m | 6 h | 24 h | 40 h |
 //! | attempt 8 no sooner than (cumulative) | 1 m | 6 m | 30 m | 2 h | 8 h | 32 h | **72 h** |
 //!
+//! Legacy per-agent pushes (spec §3.5, [`RetrySchedule::LEGACY`]) get 7
+//! attempts over exactly 24 h — the same first five delays, then 16 h —
+//! instead of the original's accidental three POSTs within ~6 minutes
+//! (`max_attempts = 2` plus an uncounted inline attempt):
+//!
+//! | after failure | 1 | 2 | 3 | 4 | 5 | 6 |
+//! |---|---|---|---|---|---|---|
+//! | base delay | 1 m | 5 m | 24 m | 1 h 30 m | 6 h | 16 h |
+//! | attempt 7 no sooner than (cumulative) | 1 m | 6 m | 30 m | 2 h | 8 h | **24 h** |
+//!
+//! The store enqueues legacy rows with `max_attempts = 7` and keeps them 72 h
+//! (`e2a_store::legacy_deliveries::LEGACY_MAX_ATTEMPTS`, `LEGACY_TTL`): even the
+//! worst case below (every failure answering a long `Retry-After`, about
+//! 48 h) ends well before the row expires.
+//!
 //! **Jitter is bounded and only ever adds**: each delay is
 //! `base + uniform[0, base × 10 %]`. So with `max_attempts = 8` (the schema's
 //! default) the eighth and last attempt comes between 72 h and 79 h 12 m
@@ -57,6 +72,22 @@ impl RetrySchedule {
             Duration::from_secs(6 * HOUR),
             Duration::from_secs(24 * HOUR),
             Duration::from_secs(40 * HOUR),
+        ],
+        jitter_percent: 10,
+    };
+
+    /// Legacy per-agent pushes (`agents.webhook_url`, spec §3.5): 7
+    /// attempts whose base delays sum to exactly 24 h; jitter adds up to
+    /// 10 % to each delay. A deprecated path: long enough to ride out a
+    /// receiver's bad day, shorter than the subscribers' 72 h.
+    pub const LEGACY: Self = Self {
+        delays: &[
+            Duration::from_secs(MINUTE),
+            Duration::from_secs(5 * MINUTE),
+            Duration::from_secs(24 * MINUTE),
+            Duration::from_secs(90 * MINUTE),
+            Duration::from_secs(6 * HOUR),
+            Duration::from_secs(16 * HOUR),
         ],
         jitter_percent: 10,
     };
@@ -185,6 +216,25 @@ mod tests {
         assert_eq!(S.base_delay(7), Duration::from_secs(40 * HOUR));
         assert_eq!(S.base_delay(50), Duration::from_secs(40 * HOUR));
         assert_eq!(S.base_delay(u32::MAX), Duration::from_secs(40 * HOUR));
+    }
+
+    #[test]
+    fn legacy_schedule_spans_24_hours_over_7_attempts() {
+        let l = RetrySchedule::LEGACY;
+        assert_eq!(l.attempts(), 7);
+        assert_eq!(l.min_span(), Duration::from_secs(24 * HOUR));
+        assert_eq!(l.max_span(), Duration::from_secs(24 * HOUR * 11 / 10));
+        assert_eq!(l.base_delay(1), Duration::from_secs(60));
+        assert_eq!(l.base_delay(6), Duration::from_secs(16 * HOUR));
+        assert_eq!(l.base_delay(7), Duration::from_secs(16 * HOUR));
+        // Worst case: every failure asks for a longer Retry-After than its
+        // delay (capped at 6 h), every delay draws the maximum jitter. The
+        // store keeps a legacy row 72 h; the last attempt must come well
+        // before that.
+        let worst: Duration = (1..l.attempts())
+            .map(|failed| l.delay_with(failed, Some(Duration::MAX), u64::MAX))
+            .sum();
+        assert!(worst < Duration::from_secs(49 * HOUR), "{worst:?}");
     }
 
     #[test]

@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use e2a_webhook::{
-    Body, ClientConfig, DEFAULT_TOLERANCE, LegacyPayload, Lookup, LookupFuture, OutcomeKind,
-    Secrets, UrlPolicy, WebhookClient, verify,
+    Body, ClientConfig, DEFAULT_TOLERANCE, LegacyPayload, LegacyRequest, Lookup, LookupFuture,
+    OutcomeKind, Secrets, UrlPolicy, WebhookClient, verify,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -329,6 +329,58 @@ async fn legacy_push_carries_deprecation_and_auth_headers() {
     assert_eq!(got.header("sunset"), Some("Tue, 01 Dec 2026 00:00:00 GMT"));
     assert_eq!(got.header("x-e2a-auth-verified"), Some("true"));
     assert_eq!(got.header("x-e2a-auth-sender"), Some("a@example.com"));
+    assert_eq!(got.header("x-e2a-signature"), None);
+}
+
+/// The request the deliverer builds from a claimed legacy row arrives as
+/// §4.2 says: the body's bytes, the deprecation headers, every auth header
+/// (names canonicalised like the original's Go), no signature.
+#[tokio::test]
+async fn a_legacy_request_arrives_as_built() {
+    let mut rx = Receiver::start(reply("204 No Content", &[], "")).await;
+    let client = WebhookClient::new(dev()).unwrap();
+    let auth = std::collections::BTreeMap::from([
+        ("X-E2A-Auth-Verified".to_owned(), "false".to_owned()),
+        ("X-E2A-Auth-Message-Id".to_owned(), "msg_1".to_owned()),
+        ("X-E2A-Auth-Signature".to_owned(), "00ff".to_owned()),
+    ]);
+    let payload = LegacyPayload {
+        message_id: "msg_1",
+        conversation_id: "cnv_1",
+        from: "a@example.com",
+        to: None,
+        cc: &[],
+        reply_to: &[],
+        recipient: "bot@agents.example",
+        raw_message: b"Subject: hi\r\n\r\nhello",
+        auth_headers: &auth,
+        received_at: time::OffsetDateTime::UNIX_EPOCH,
+    };
+    let request = LegacyRequest::new(&payload).unwrap();
+    let outcome = client
+        .send_legacy_request(&rx.url("/agent?token=t"), &request)
+        .await;
+    assert!(outcome.is_success(), "{outcome:?}");
+    let got = rx.next().await;
+    assert_eq!(got.request_line, "POST /agent?token=t HTTP/1.1");
+    assert_eq!(got.body, request.body().as_bytes());
+    assert_eq!(got.header("content-type"), Some("application/json"));
+    for (name, value) in [
+        (
+            "X-E2a-Deprecation",
+            "agent_identities.webhook_url is deprecated; use /api/v1/webhooks. Sunset target: 2026-12-01.",
+        ),
+        ("Sunset", "Tue, 01 Dec 2026 00:00:00 GMT"),
+        ("X-E2a-Auth-Verified", "false"),
+        ("X-E2a-Auth-Message-Id", "msg_1"),
+        ("X-E2a-Auth-Signature", "00ff"),
+    ] {
+        assert!(
+            got.raw_headers.iter().any(|(n, v)| n == name && v == value),
+            "{name}: {:?}",
+            got.raw_headers
+        );
+    }
     assert_eq!(got.header("x-e2a-signature"), None);
 }
 

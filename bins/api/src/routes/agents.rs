@@ -5,21 +5,21 @@
 //! so `Demo@Agents.LocalHost` names `demo@agents.localhost` (the original's
 //! flaw 33); an unparsable address, a missing agent and another user's
 //! agent are all 404 `not_found` (flaw 27 — the original answered 403).
-//! Webhook URLs are validated on create **and** on update (flaw 31).
+//! Webhook URLs are validated on create **and** on update (flaw 31), with
+//! the same policy as `/v1/webhooks` ([`super::webhooks::url_policy`]):
+//! the legacy per-agent push goes out through the same SSRF-safe client.
 
-use axum::{
-    Json,
-    extract::State,
-    http::{StatusCode, Uri},
-};
+use axum::{Json, extract::State, http::StatusCode};
 use e2a_store::{
     GenericClient, StoreError, account_limits,
     address::EmailAddress,
     agents::{self, Agent, AgentMode, AgentPatch, CreateError, ExpirationAction, NewAgent},
 };
+use e2a_webhook::UrlPolicy;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use super::webhooks::url_policy;
 use crate::{
     AppState,
     auth::Caller,
@@ -27,8 +27,6 @@ use crate::{
     extract::{ApiJson, ApiPath, rfc3339_seconds},
 };
 
-/// Longest accepted webhook URL.
-pub const MAX_WEBHOOK_URL_LEN: usize = 2048;
 /// Longest accepted slug (an e-mail local part).
 pub const MAX_SLUG_LEN: usize = 64;
 
@@ -177,56 +175,19 @@ fn check_name(name: Option<String>) -> Result<Option<String>, ApiError> {
     }
 }
 
-/// Checks a webhook URL: absolute, `https` (or `http` outside production),
-/// a host and no credentials, at most 2048 characters; in production also
-/// no IP literal and no `localhost`. 400 `invalid_webhook_url` otherwise.
-pub fn check_webhook_url(url: &str, production: bool) -> Result<(), ApiError> {
-    let invalid = |why: &str| {
-        Err(ApiError::bad_request(
-            "invalid_webhook_url",
-            format!("webhook_url {why}"),
-        ))
-    };
-    if url.len() > MAX_WEBHOOK_URL_LEN {
-        return invalid("must be at most 2048 characters");
-    }
-    let Ok(uri) = url.parse::<Uri>() else {
-        return invalid("must be an absolute URL");
-    };
-    let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
-        return invalid("must be an absolute URL");
-    };
-    match scheme {
-        "https" => {}
-        "http" if !production => {}
-        _ => {
-            return invalid(if production {
-                "must use https"
-            } else {
-                "must use http or https"
-            });
-        }
-    }
-    if authority.as_str().contains('@') {
-        return invalid("must not carry credentials");
-    }
-    let host = authority
-        .host()
-        .trim_start_matches('[')
-        .trim_end_matches(']');
-    if host.is_empty() {
-        return invalid("must name a host");
-    }
-    if production {
-        let lower = host.to_ascii_lowercase();
-        if host.parse::<std::net::IpAddr>().is_ok()
-            || lower == "localhost"
-            || lower.ends_with(".localhost")
-        {
-            return invalid("must name a public host, not an IP address or localhost");
-        }
-    }
-    Ok(())
+/// Checks an agent's (legacy) webhook URL against `policy` — the
+/// deployment's [`url_policy`], the one `/v1/webhooks` applies: `https://`
+/// to a public host in production (no loopback, private, CGNAT, link-local
+/// or unique-local literal, in any disguise, no `localhost` or single-label
+/// name) unless `E2A_ALLOW_PRIVATE_WEBHOOKS=1` admits private hosts;
+/// `http://` and private hosts in development; never credentials, a
+/// non-http scheme, more than 2048 characters or a cloud-metadata address.
+/// Names are checked again on the addresses the deliverer connects to.
+/// 400 `invalid_webhook_url` otherwise.
+pub fn check_webhook_url(url: &str, policy: &UrlPolicy) -> Result<(), ApiError> {
+    e2a_webhook::check_url(url, policy)
+        .map(|_| ())
+        .map_err(|e| ApiError::bad_request("invalid_webhook_url", format!("webhook_url: {e}")))
 }
 
 /// The address a create request asks for, validated.
@@ -286,7 +247,7 @@ pub async fn create(
     let address = requested_address(&req, &state.info.shared_domain)?;
     let webhook_url = req.webhook_url.clone().unwrap_or_default();
     if !webhook_url.is_empty() {
-        check_webhook_url(&webhook_url, state.production)?;
+        check_webhook_url(&webhook_url, &url_policy(&state))?;
     }
     let agent_mode = match req.agent_mode.as_deref() {
         Some(mode) => parse_mode(mode)?,
@@ -356,7 +317,7 @@ pub async fn update(
 ) -> Result<Json<AgentView>, ApiError> {
     let address = EmailAddress::parse(&address).map_err(|_| agent_not_found())?;
     if let Some(url) = req.webhook_url.as_deref().filter(|u| !u.is_empty()) {
-        check_webhook_url(url, state.production)?;
+        check_webhook_url(url, &url_policy(&state))?;
     }
     let hitl_ttl_seconds = match req.hitl_ttl_seconds {
         None => None,
@@ -434,24 +395,42 @@ mod tests {
     }
 
     #[test]
-    fn webhook_urls() {
-        assert!(check_webhook_url("https://hooks.example.com/x?y=1", true).is_ok());
-        assert!(check_webhook_url("http://127.0.0.1:9000/hook", false).is_ok());
-        for (bad, production) in [
-            ("http://hooks.example.com/", true),
-            ("https://127.0.0.1/", true),
-            ("https://[::1]/", true),
-            ("https://localhost/", true),
-            ("ftp://hooks.example.com/", false),
-            ("/relative", false),
-            ("hooks.example.com", false),
-            ("https://user:pw@hooks.example.com/", false),
-            ("https://exa mple.com/", false),
-            ("https://", false),
+    fn webhook_urls_follow_the_policy() {
+        let production = UrlPolicy::STRICT;
+        let development = UrlPolicy {
+            allow_http: true,
+            allow_private: true,
+        };
+        let production_private = UrlPolicy {
+            allow_http: false,
+            allow_private: true,
+        };
+        assert!(check_webhook_url("https://hooks.example.com/x?y=1", &production).is_ok());
+        assert!(check_webhook_url("http://127.0.0.1:9000/hook", &development).is_ok());
+        assert!(check_webhook_url("https://10.1.2.3/hook", &production_private).is_ok());
+        assert!(check_webhook_url("https://localhost/hook", &production_private).is_ok());
+        for (bad, policy) in [
+            ("http://hooks.example.com/", production),
+            ("https://127.0.0.1/", production),
+            ("https://[::1]/", production),
+            ("https://localhost/", production),
+            ("https://10.1.2.3/", production),
+            ("https://2130706433/", production),
+            ("https://[::ffff:192.168.0.1]/", production),
+            ("https://receiver/hook", production),
+            ("http://127.0.0.1/", production_private),
+            ("http://169.254.169.254/", development),
+            ("ftp://hooks.example.com/", development),
+            ("/relative", development),
+            ("hooks.example.com", development),
+            ("https://user:pw@hooks.example.com/", development),
+            ("https://exa mple.com/", development),
+            ("https://", development),
         ] {
-            assert!(check_webhook_url(bad, production).is_err(), "{bad:?}");
+            let err = check_webhook_url(bad, &policy).unwrap_err();
+            assert_eq!(err.code, "invalid_webhook_url", "{bad:?}");
         }
         let long = format!("https://example.com/{}", "a".repeat(2048));
-        assert!(check_webhook_url(&long, false).is_err());
+        assert!(check_webhook_url(&long, &development).is_err());
     }
 }

@@ -56,6 +56,7 @@ fn delivery(agent: &str, user: &UserId) -> Delivery {
         agent_domain: agent.split_once('@').unwrap().1.into(),
         user_id: user.clone(),
         auth_headers: json!({"X-E2A-Auth-Verified": "false"}),
+        legacy_push: false,
     }
 }
 

@@ -11,6 +11,7 @@ mod deliveries;
 mod domains;
 mod fanout;
 mod inbound;
+mod legacy_deliveries;
 mod messages;
 mod migrate;
 mod rate_limits;

@@ -87,6 +87,7 @@ pub async fn deliver(store: &Store, to: &Mailbox, mail: Mail<'_>) -> (MessageId,
         agent_domain: "agents.localhost".into(),
         user_id: to.user.clone(),
         auth_headers: serde_json::json!({"X-E2A-Auth-Verified": "true"}),
+        legacy_push: false,
     };
     match inbound::ingest(store, &inbound_mail, &[delivery])
         .await
