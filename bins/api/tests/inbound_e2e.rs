@@ -257,3 +257,96 @@ async fn mail_sent_over_smtp_reaches_the_account_webhook_signed() {
     deliverer.await.unwrap().unwrap();
     api.stop().await;
 }
+
+/// The legacy path: a cloud agent with a `webhook_url` gets its mail
+/// POSTed there by the deliverer (queued by the relay with the message,
+/// never sent inline in the SMTP session), with the deprecation headers and
+/// the authentication verdicts.
+#[tokio::test]
+async fn mail_to_a_cloud_agent_is_pushed_to_its_webhook_url() {
+    use base64::Engine as _;
+    use e2a_testkit::receiver::Receiver;
+
+    let db = TestDb::new().await;
+    let mut config = Config::for_database(db.url());
+    config.shared_domain = "agents.localhost".into();
+    let api = Running::start(config).await;
+    let key = common::key_for(db.url(), "owner@example.com").await;
+    let mut receiver = Receiver::ok().await;
+    let (status, created) = api
+        .call(
+            Method::POST,
+            "/v1/agents",
+            &key,
+            Some(json!({"slug": "demo", "agent_mode": "cloud", "webhook_url": receiver.url("/push")})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+
+    let shutdown = CancellationToken::new();
+    let smtp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = smtp.local_addr().unwrap().port();
+    let mut relay_config = e2a_relay::Config::for_database(db.url());
+    relay_config.smtp_domain = "agents.localhost".into();
+    let relay = tokio::spawn(e2a_relay::run_with(
+        relay_config,
+        e2a_relay::Listeners {
+            smtp,
+            ops: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        },
+        shutdown.clone(),
+        Some(Authenticator::with_records(RecordCache::new()).unwrap()),
+    ));
+    let deliverer = tokio::spawn(e2a_deliverer::run(
+        e2a_deliverer::Config::for_database(db.url()),
+        e2a_deliverer::Listeners {
+            ops: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        },
+        shutdown.clone(),
+    ));
+
+    let raw = "From: Someone <someone@remote.test>\r\nTo: demo@agents.localhost\r\nSubject: Legacy\r\n\
+               Message-ID: <l1@remote.test>\r\n\r\nOld style.\r\n";
+    send(port, raw).await;
+
+    let r = receiver.next().await;
+    assert_eq!(r.path, "/push");
+    assert!(
+        r.header("x-e2a-signature").is_none(),
+        "legacy pushes are unsigned"
+    );
+    assert!(r.header("x-e2a-deprecation").is_some());
+    assert_eq!(r.header("sunset"), Some("Tue, 01 Dec 2026 00:00:00 GMT"));
+    assert_eq!(r.header("x-e2a-auth-verified"), Some("false"));
+    let body = r.json();
+    assert_eq!(body["recipient"], "demo@agents.localhost");
+    assert_eq!(body["from"], "someone@remote.test");
+    assert!(body["message_id"].as_str().unwrap().starts_with("msg_"));
+    let stored = base64::engine::general_purpose::STANDARD
+        .decode(body["raw_message"].as_str().unwrap())
+        .unwrap();
+    assert!(String::from_utf8_lossy(&stored).starts_with(raw));
+    let c = e2a_store::Store::new(&e2a_store::StoreConfig::new(db.url()))
+        .unwrap()
+        .client()
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let status: String = c
+            .query_one("SELECT status FROM webhook_deliveries", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if status == "delivered" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still {status}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    shutdown.cancel();
+    relay.await.unwrap().unwrap();
+    deliverer.await.unwrap().unwrap();
+    api.stop().await;
+}

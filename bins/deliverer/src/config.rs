@@ -40,6 +40,10 @@ pub struct Config {
     #[arg(long, env = "E2A_WEBHOOK_WORKERS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub webhook_workers: u32,
 
+    /// Legacy per-agent pushes (to a cloud agent's webhook_url) in flight at once in this replica.
+    #[arg(long, env = "E2A_LEGACY_WORKERS", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub legacy_workers: u32,
+
     /// Seconds one webhook POST may take in total (connect, send, response).
     #[arg(long, env = "E2A_WEBHOOK_TIMEOUT_SECS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=300))]
     pub webhook_timeout_secs: u64,

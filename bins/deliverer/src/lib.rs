@@ -10,6 +10,8 @@
 //! * [`queue::run`] over [`webhooks::WebhookQueue`] — `E2A_WEBHOOK_WORKERS`
 //!   deliveries in flight, claimed under a lease, at most one per webhook
 //!   across every replica;
+//! * [`queue::run`] over [`legacy::LegacyQueue`] — legacy per-agent pushes
+//!   (`E2A_LEGACY_WORKERS` in flight);
 //! * [`webhooks::sample_gauges`] — queue depth for `/metrics`.
 //!
 //! On cancellation nothing new is claimed and the deliveries in flight are
@@ -19,6 +21,7 @@
 //! token and a [`Wakeups`] to observe.
 
 pub mod config;
+pub mod legacy;
 pub mod queue;
 pub mod wake;
 pub mod webhooks;
@@ -107,10 +110,21 @@ pub async fn run_with(
         shutdown.clone(),
     ));
     tasks.spawn(queue::run(
-        Arc::new(webhooks::WebhookQueue::new(store.clone(), client, lease)),
+        Arc::new(webhooks::WebhookQueue::new(
+            store.clone(),
+            client.clone(),
+            lease,
+        )),
         usize::try_from(config.webhook_workers).unwrap_or(8),
         wakeups.subscribe(),
         kick,
+        shutdown.clone(),
+    ));
+    tasks.spawn(queue::run(
+        Arc::new(legacy::LegacyQueue::new(store.clone(), client, lease)),
+        usize::try_from(config.legacy_workers).unwrap_or(4),
+        wakeups.subscribe(),
+        queue::Kick::new(),
         shutdown.clone(),
     ));
     tasks.spawn(webhooks::sample_gauges(
