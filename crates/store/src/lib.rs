@@ -19,6 +19,7 @@ pub mod deliveries;
 pub mod domains;
 pub mod error;
 pub mod events;
+pub mod idempotency;
 pub mod ids;
 pub mod inbound;
 pub mod messages;

@@ -9,6 +9,7 @@ mod bounded;
 mod conversations;
 mod deliveries;
 mod domains;
+mod idempotency;
 mod inbound;
 mod messages;
 mod migrate;
