@@ -72,7 +72,9 @@ async fn acquire_in_flight_complete_replay_and_reuse() {
             .unwrap()
     );
     assert!(
-        !idempotency::complete(&c, &ticket, 200, b"{}").await.unwrap(),
+        !idempotency::complete(&c, &ticket, 200, b"{}")
+            .await
+            .unwrap(),
         "a completed key is not completed twice"
     );
     assert_eq!(
@@ -103,7 +105,9 @@ async fn acquire_in_flight_complete_replay_and_reuse() {
     acquired(claim(&store, &bob, &key, r#"{"a":2}"#).await);
 
     assert!(
-        idempotency::complete(&c, &ticket, 600, b"{}").await.is_err(),
+        idempotency::complete(&c, &ticket, 600, b"{}")
+            .await
+            .is_err(),
         "not an HTTP status"
     );
 }
