@@ -329,6 +329,12 @@ async fn events_are_listed_fetched_and_redelivered_with_the_contract_shapes() {
         ),
         (
             &alice,
+            format!("/v1/events/{e2}/redeliver"),
+            json!({}),
+            (StatusCode::CONFLICT, "conflict"),
+        ),
+        (
+            &alice,
             "/v1/events/evt_x/redeliver".into(),
             json!({}),
             (StatusCode::NOT_FOUND, "not_found"),

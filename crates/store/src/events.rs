@@ -298,6 +298,10 @@ pub enum EventError {
     /// yet.
     #[error("event is past its retention period")]
     Gone,
+    /// The event has not been fanned out yet: it matched no webhook so far,
+    /// and its first deliveries are still to come.
+    #[error("event is still pending: it has not been fanned out to webhooks yet")]
+    Pending,
     /// No such webhook of this user.
     #[error("webhook not found")]
     WebhookNotFound,
@@ -749,11 +753,11 @@ pub struct Redelivered {
 /// up like any other.
 ///
 /// * [`EventError::NotFound`] for a malformed, missing or foreign event,
-///   [`EventError::Gone`] past its retention.
+///   [`EventError::Gone`] past its retention, [`EventError::Pending`]
+///   before the fan-out ran (its first deliveries are still to come).
 /// * With `webhook`: [`EventError::WebhookNotFound`] unless it is the
 ///   user's, [`EventError::WebhookNotMatched`] unless the fan-out matched
-///   it (a pending event matched nothing yet),
-///   [`EventError::WebhookDisabled`] while it is disabled.
+///   it, [`EventError::WebhookDisabled`] while it is disabled.
 /// * Without: each matched webhook gets a delivery, or is reported skipped
 ///   because it was deleted or is disabled.
 ///
@@ -781,7 +785,7 @@ pub async fn redeliver(
     let row = tx
         .query_opt(
             &tx.prepare_cached(
-                "SELECT type, matched_webhook_ids, expires_at <= now() \
+                "SELECT type, matched_webhook_ids, expires_at <= now(), status = 'pending' \
                  FROM webhook_events WHERE id = $1 AND user_id = $2",
             )
             .await?,
@@ -791,6 +795,12 @@ pub async fn redeliver(
         .ok_or(EventError::NotFound)?;
     if row.get::<_, bool>(2) {
         return Err(EventError::Gone);
+    }
+    if row.get::<_, bool>(3) {
+        // Refused rather than answered "nothing to redeliver": that answer
+        // would be replayed for the dedupe window while the fan-out, soon,
+        // matches webhooks.
+        return Err(EventError::Pending);
     }
     let event_type: String = row.get(0);
     let mut matched: Vec<String> = row.get(1);

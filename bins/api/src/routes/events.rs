@@ -282,6 +282,7 @@ fn event_error(e: EventError) -> ApiError {
             "gone",
             "the event is past its 30-day retention",
         ),
+        EventError::Pending => ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string()),
         EventError::WebhookNotFound => ApiError::not_found("webhook"),
         // The original answered the default code of its 409 here.
         EventError::WebhookNotMatched(_) => {
