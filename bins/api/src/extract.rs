@@ -39,6 +39,44 @@ where
     }
 }
 
+/// A JSON request body that may also be absent: an empty body (with or
+/// without a `Content-Type`) is `T::default()`; anything else is read
+/// exactly like [`ApiJson`] (same errors). For operations whose every
+/// field is optional (`POST /v1/events/{id}/redeliver`, `POST
+/// /v1/webhooks/{id}/test`): a client need not send `{}`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ApiJsonOrEmpty<T>(pub T);
+
+impl<T, S> FromRequest<S> for ApiJsonOrEmpty<T>
+where
+    T: DeserializeOwned + Default,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let (parts, body) = req.into_parts();
+        // The body limit layer caps what this can read.
+        let bytes = axum::body::to_bytes(body, usize::MAX)
+            .await
+            .map_err(|_| payload_too_large())?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(ApiJsonOrEmpty(T::default()));
+        }
+        let req = Request::from_parts(parts, axum::body::Body::from(bytes));
+        let ApiJson(value) = ApiJson::<T>::from_request(req, state).await?;
+        Ok(ApiJsonOrEmpty(value))
+    }
+}
+
+fn payload_too_large() -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        "request body is too large",
+    )
+}
+
 /// Maps axum's JSON rejection to the contract's error codes.
 pub fn json_rejection(rejection: &JsonRejection) -> ApiError {
     match rejection.status() {
@@ -47,11 +85,7 @@ pub fn json_rejection(rejection: &JsonRejection) -> ApiError {
             "unsupported_media_type",
             "expected a request body with Content-Type: application/json",
         ),
-        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            "request body is too large",
-        ),
+        StatusCode::PAYLOAD_TOO_LARGE => payload_too_large(),
         _ => ApiError::bad_request("invalid_request", rejection.body_text()),
     }
 }

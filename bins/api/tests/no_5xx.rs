@@ -1,6 +1,6 @@
 //! No input is a server error: a property test over every query parameter
 //! and cursor of the list routes (messages, conversations, agents,
-//! domains), driving the real router in-process (`tower::ServiceExt::
+//! domains, events, a webhook's deliveries), driving the real router in-process (`tower::ServiceExt::
 //! oneshot`) against a real database holding a real mailbox. Whatever the
 //! query — unknown or repeated keys, broken percent-encoding, control
 //! characters, huge numbers, timestamps out of range once in UTC, forged or
@@ -49,6 +49,17 @@ fn keys_of(route: &Route) -> &'static [&'static str] {
         ],
         Route::Conversations(_) => &["since", "until", "limit", "cursor"],
         Route::Agents | Route::Domains => &["limit", "cursor", "since"],
+        Route::Events => &[
+            "type",
+            "agent_id",
+            "conversation_id",
+            "message_id",
+            "since",
+            "until",
+            "cursor",
+            "limit",
+        ],
+        Route::Deliveries(_) => &["status", "limit", "cursor"],
     }
 }
 
@@ -60,6 +71,10 @@ enum Route {
     Conversations(String),
     Agents,
     Domains,
+    /// `/v1/events`.
+    Events,
+    /// `/v1/webhooks/{id}/deliveries`, the id as sent.
+    Deliveries(String),
 }
 
 impl Route {
@@ -69,6 +84,8 @@ impl Route {
             Route::Conversations(a) => format!("/v1/agents/{a}/conversations"),
             Route::Agents => "/v1/agents".into(),
             Route::Domains => "/v1/domains".into(),
+            Route::Events => "/v1/events".into(),
+            Route::Deliveries(id) => format!("/v1/webhooks/{id}/deliveries"),
         }
     }
 }
@@ -178,12 +195,24 @@ fn value_for(key: &str, cursors: &[String]) -> BoxedStrategy<String> {
         "direction" => prop::sample::select(vec!["inbound", "outbound", "all", "ALL"])
             .prop_map(str::to_owned)
             .boxed(),
-        "status" => prop::sample::select(vec!["unread", "read", "all", "pending"])
-            .prop_map(str::to_owned)
-            .boxed(),
+        "status" => prop::sample::select(vec![
+            "unread",
+            "read",
+            "all",
+            "pending",
+            "delivered",
+            "failed",
+        ])
+        .prop_map(str::to_owned)
+        .boxed(),
         "sort" => prop::sample::select(vec!["asc", "desc", "random"])
             .prop_map(str::to_owned)
             .boxed(),
+        "type" => prop::sample::select(vec!["email.received", "email.sent", "email.bounced"])
+            .prop_map(str::to_owned)
+            .boxed(),
+        "agent_id" => prop_oneof![Just(AGENT.to_owned()), address()].boxed(),
+        "message_id" => "msg_[0-9a-f]{32}|msg_.{0,40}".boxed(),
         "labels" | "labels[]" => "[a-z0-9:_-]{0,66}(,[a-z0-9:_-]{0,8}){0,3}".boxed(),
         "cursor" if !cursors.is_empty() => prop_oneof![
             2 => prop::sample::select(cursors.to_vec()),
@@ -261,12 +290,19 @@ fn address() -> impl Strategy<Value = String> {
     ]
 }
 
-fn input(cursors: Vec<String>) -> impl Strategy<Value = Input> {
+fn input(cursors: Vec<String>, webhook: String) -> impl Strategy<Value = Input> {
+    let webhook = prop_oneof![
+        4 => Just(webhook),
+        1 => Just("wh_00000000000000000000000000000000".to_owned()),
+        1 => "\\PC{0,30}".prop_map(|s| encode(&s)),
+    ];
     let route = prop_oneof![
         4 => address().prop_map(Route::Messages),
         2 => address().prop_map(Route::Conversations),
         1 => Just(Route::Agents),
         1 => Just(Route::Domains),
+        3 => Just(Route::Events),
+        2 => webhook.prop_map(Route::Deliveries),
     ];
     let raw_suffix = prop::sample::select(vec!["", "", "", "&%zz", "&a=%", "&%ff=1", "&&=&"])
         .prop_map(str::to_owned);
@@ -342,7 +378,7 @@ fn no_list_query_or_cursor_is_a_server_error() {
         .build()
         .unwrap();
     let db = rt.block_on(TestDb::new());
-    let (app, key, real_cursors) = rt.block_on(setup(&db));
+    let (app, key, real_cursors, webhook) = rt.block_on(setup(&db));
     let default_cursor: Value = real_cursors
         .iter()
         .find_map(|(q, c)| {
@@ -376,7 +412,7 @@ fn no_list_query_or_cursor_is_a_server_error() {
         ..RunnerConfig::default()
     });
     let strategy = prop_oneof![
-        4 => input(cursors),
+        4 => input(cursors, webhook),
         1 => mutated_position_cursor(&default_cursor),
     ];
     let result = runner.run(&strategy, |input| {
@@ -394,9 +430,10 @@ fn no_list_query_or_cursor_is_a_server_error() {
 }
 
 /// A migrated database with the shared domain, a user, their key, the
-/// agent `demo@agents.localhost` and 150 messages of every kind; the router
-/// on it, and real cursors (with the query that produced each).
-async fn setup(db: &TestDb) -> (Router, String, Vec<(String, String)>) {
+/// agent `demo@agents.localhost`, 150 messages of every kind, 150 events
+/// and a webhook with 150 deliveries; the router on it, real cursors (with
+/// the query that produced each) and the webhook's id.
+async fn setup(db: &TestDb) -> (Router, String, Vec<(String, String)>, String) {
     let mut config = Config::for_database(db.url());
     config.shared_domain = "agents.localhost".into();
     // Every generated request must reach its route, not the poll limit.
@@ -464,5 +501,56 @@ async fn setup(db: &TestDb) -> (Router, String, Vec<(String, String)>) {
         let cursor = page["next_cursor"].as_str().unwrap().to_owned();
         cursors.push((query.to_owned(), cursor));
     }
-    (app, key, cursors)
+
+    c.execute(
+        "INSERT INTO webhook_events (id, user_id, type, envelope, agent_id, conversation_id, \
+           message_id, created_at) \
+         SELECT 'evt_' || lpad(to_hex(g), 32, '0'), $1, \
+           CASE WHEN g % 2 = 0 THEN 'email.received' ELSE 'email.sent' END, '{\"data\": {}}', \
+           $2, 'cnv_' || (g % 9), 'msg_' || lpad(to_hex(g), 32, '0'), \
+           now() - make_interval(secs => g % 50) \
+         FROM generate_series(1, 150) AS g",
+        &[&user, &AGENT],
+    )
+    .await
+    .unwrap();
+    let mut cm = store.client().await.unwrap();
+    let webhook = e2a_store::webhooks::create(
+        &mut cm,
+        &user,
+        &e2a_store::webhooks::NewWebhook {
+            url: "https://hooks.example.com/h".into(),
+            events: vec!["email.received".into()],
+            ..Default::default()
+        },
+        50,
+    )
+    .await
+    .unwrap()
+    .webhook
+    .id
+    .to_string();
+    c.execute(
+        "INSERT INTO webhook_subscriber_deliveries (id, user_id, webhook_id, event_type, \
+           event_payload, status, created_at) \
+         SELECT 'whd_' || lpad(to_hex(g), 32, '0'), $1, $2, 'email.received', '{}', \
+           (ARRAY['pending', 'delivered', 'failed'])[1 + g % 3], now() - make_interval(secs => g % 50) \
+         FROM generate_series(1, 150) AS g",
+        &[&user, &webhook],
+    )
+    .await
+    .unwrap();
+    for path in [
+        "/v1/events?limit=1".to_owned(),
+        "/v1/events?type=email.sent&limit=2".to_owned(),
+        format!("/v1/webhooks/{webhook}/deliveries?limit=1"),
+        format!("/v1/webhooks/{webhook}/deliveries?status=failed&limit=3"),
+    ] {
+        let (status, body) = send(&app, &key, &path).await.unwrap();
+        assert_eq!(status, 200, "{path}");
+        let page: Value = serde_json::from_slice(&body).unwrap();
+        let cursor = page["next_cursor"].as_str().unwrap().to_owned();
+        cursors.push((path, cursor));
+    }
+    (app, key, cursors, webhook)
 }

@@ -20,8 +20,8 @@ It sweeps once at start, then every E2A_JANITOR_INTERVAL_SECS, until stopped. \
 Sweeps in this build: messages past their 10-day TTL (held messages still \
 pending approval are kept), expired or revoked dashboard sessions, domain \
 claims left unverified for 7 days, idle API rate-limit keys, events older \
-than 30 days that were handled, and webhook deliveries past their retention. \
-Idempotency keys arrive with the outbound issue. Several replicas may run \
+than 30 days that were handled, webhook deliveries past their retention, and \
+idempotency keys claimed more than 24 hours ago. Several replicas may run \
 at once (rows are claimed with SKIP LOCKED). A failed sweep (e.g. the database \
 is down) is logged and retried at the next interval.";
 
@@ -78,7 +78,7 @@ mod tests {
         assert!(Config::try_parse_from(["x", "--janitor-interval-secs", "0"]).is_err());
         assert!(Config::try_parse_from(["x", "--janitor-batch", "0"]).is_err());
         let help = Config::command().render_long_help().to_string();
-        assert!(help.contains("Idempotency keys arrive"), "{help}");
+        assert!(help.contains("idempotency keys claimed"), "{help}");
         assert!(help.contains("10-day TTL"), "{help}");
         assert!(help.contains("E2A_JANITOR_INTERVAL_SECS"), "{help}");
     }

@@ -7,7 +7,7 @@
 //! store error. Sweeps ([`sweep`]): messages past their TTL,
 //! expired/revoked sessions, expired pending domain claims, idle rate-limit
 //! keys, expired previous webhook secrets, handled events and deliveries
-//! past their retention; idempotency keys arrive with the outbound issue.
+//! past their retention, idempotency keys past 24 hours.
 //! `main.rs` only calls
 //! [`e2a_runtime::main`] with [`serve`]; tests call [`run`] or
 //! [`sweep_once`] directly.
@@ -54,7 +54,7 @@ pub async fn run(
         ops = %listeners.ops.local_addr()?,
         interval_secs = config.janitor_interval_secs,
         batch = config.janitor_batch,
-        "janitor started (sweeps: expired messages, sessions, domain claims, idle rate-limit keys, webhook previous secrets, events, deliveries)"
+        "janitor started (sweeps: expired messages, sessions, domain claims, idle rate-limit keys, webhook previous secrets, events, deliveries, idempotency keys)"
     );
     let ops = e2a_runtime::ops::OpsServer::spawn(
         listeners.ops,
@@ -90,6 +90,7 @@ async fn sweep_loop(store: &Store, interval: Duration, batch: i64, shutdown: &Ca
                     webhook_secrets_cleared = report.webhook_secrets_cleared,
                     events_deleted = report.events_deleted,
                     deliveries_deleted = report.deliveries_deleted,
+                    idempotency_keys_deleted = report.idempotency_keys_deleted,
                     duration_ms = started.elapsed().as_millis() as u64,
                     "sweep done"
                 );

@@ -11,12 +11,13 @@
 //! full again (they say nothing a missing row would not), webhook signing
 //! secrets past their 24 h rotation grace (signing already ignores them;
 //! this only removes dead keys), events past their 30 days that are no
-//! longer pending, subscriber deliveries past their 90 days and legacy
-//! pushes past their 48 hours. Idempotency keys come with the outbound
-//! issue.
+//! longer pending, subscriber deliveries past their 90 days, legacy
+//! pushes past their 48 hours, and idempotency keys claimed more than
+//! 24 hours ago (`idempotency::TTL`; completed or abandoned).
 
 use e2a_store::{
-    Store, StoreError, deliveries, domains, events, messages, rate_limits, sessions, webhooks,
+    Store, StoreError, deliveries, domains, events, idempotency, messages, rate_limits, sessions,
+    webhooks,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -37,6 +38,8 @@ pub struct SweepReport {
     pub events_deleted: u64,
     /// Expired subscriber and legacy deliveries deleted.
     pub deliveries_deleted: u64,
+    /// Idempotency keys past their 24 hours deleted.
+    pub idempotency_keys_deleted: u64,
 }
 
 /// Runs every sweep until its queue is empty ("run until the queue is
@@ -114,6 +117,14 @@ pub async fn sweep(
         })
         .await?;
     }
+    let idempotency_keys_deleted = if shutdown.is_cancelled() {
+        0
+    } else {
+        drain("idempotency_keys", batch, shutdown, || {
+            idempotency::sweep(&client, batch)
+        })
+        .await?
+    };
     Ok(SweepReport {
         messages_deleted,
         sessions_deleted,
@@ -122,6 +133,7 @@ pub async fn sweep(
         webhook_secrets_cleared,
         events_deleted,
         deliveries_deleted,
+        idempotency_keys_deleted,
     })
 }
 

@@ -548,3 +548,52 @@ async fn expired_previous_webhook_secrets_are_cleared_and_valid_ones_kept() {
     assert_eq!(kept, [ids[0].to_string()]);
     assert_eq!(sweep_once(&store, 1).await.unwrap(), SweepReport::default());
 }
+
+/// Idempotency keys claimed more than 24 hours ago go, completed or
+/// abandoned in progress; younger ones keep answering replays (spec §3.3).
+#[tokio::test]
+async fn idempotency_keys_past_a_day_are_swept_and_younger_ones_kept() {
+    use e2a_store::idempotency::{self, Claim, Key};
+    let db = TestDb::new().await;
+    let store = Store::new(&StoreConfig::new(db.url())).unwrap();
+    let alice = user(&store, "alice@example.com").await;
+    let c = store.client().await.unwrap();
+    let hash = idempotency::request_hash("/v1/events/redeliver", b"");
+    for (name, complete, age_hours) in [
+        ("old-done", true, 25),
+        ("old-abandoned", false, 30),
+        ("young-done", true, 23),
+    ] {
+        let key = Key::client(name).unwrap();
+        let Claim::Acquired(ticket) = idempotency::claim(&c, &alice, &key, "/x", &hash)
+            .await
+            .unwrap()
+        else {
+            panic!("fresh key not acquired");
+        };
+        if complete {
+            idempotency::complete(&c, &ticket, 200, b"{}")
+                .await
+                .unwrap();
+        }
+        c.execute(
+            "UPDATE idempotency_keys SET created_at = created_at - make_interval(hours => $2), \
+               completed_at = completed_at - make_interval(hours => $2) WHERE key = $1",
+            &[&key.as_str(), &age_hours],
+        )
+        .await
+        .unwrap();
+    }
+    let report = sweep_once(&store, 1).await.unwrap();
+    assert_eq!(
+        report,
+        SweepReport {
+            idempotency_keys_deleted: 2,
+            ..SweepReport::default()
+        }
+    );
+    assert_eq!(
+        strings(&c, "SELECT key FROM idempotency_keys").await,
+        ["u:young-done"]
+    );
+}

@@ -1,14 +1,19 @@
 //! Webhook deliveries: subscriber deliveries (one per event and matching
 //! webhook, test sends, replays — `webhook_subscriber_deliveries`) and
 //! legacy per-agent pushes (`webhook_deliveries`): the subscriber queue
-//! ([`claim`] → POST with no transaction open → [`record`]) and retention.
+//! ([`claim`] → POST with no transaction open → [`record`]), retention,
+//! test sends ([`send_test`]) and a webhook's delivery log ([`list`]).
 //! The legacy queue itself is [`crate::legacy_deliveries`].
 
 use deadpool_postgres::GenericClient;
 use serde_json::Value;
 use time::OffsetDateTime;
+use tokio_postgres::types::ToSql;
 
-use crate::{error::Result, ids::UserId};
+use crate::{
+    error::{Result, StoreError},
+    ids::{DeliveryId, EventId, UserId, WebhookId},
+};
 
 /// Deletes up to `batch` subscriber deliveries past their `expires_at`
 /// (90 days after creation: far beyond the last retry); returns how many.
@@ -361,4 +366,319 @@ pub async fn queue_depth(c: &impl GenericClient) -> Result<QueueDepth> {
         events_pending: r.get(4),
         oldest_event_secs: r.get(5),
     })
+}
+
+// ---------------------------------------------------------------------------
+// Test sends and the delivery log of a webhook (the API's side of the
+// queue).
+
+/// Where a subscriber delivery stands (the column's CHECK allows exactly
+/// these).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Waiting for an attempt (possibly a retry, possibly in flight).
+    Pending,
+    /// A 2xx was received.
+    Delivered,
+    /// Given up: a permanent failure or the last attempt failed.
+    Failed,
+}
+
+impl Status {
+    /// The stored text.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::Delivered => "delivered",
+            Status::Failed => "failed",
+        }
+    }
+
+    /// The status stored (or asked for) as `s`.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "pending" => Status::Pending,
+            "delivered" => Status::Delivered,
+            "failed" => Status::Failed,
+            _ => return None,
+        })
+    }
+}
+
+/// A delivery as the webhook's owner sees it (no payload, no lease).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// `whd_…`
+    pub id: DeliveryId,
+    /// The event it carries (`None` for a test send).
+    pub event_id: Option<EventId>,
+    /// The event's type.
+    pub event_type: String,
+    /// Where it stands.
+    pub status: Status,
+    /// Attempts made so far (an attempt in flight included).
+    pub attempts: i32,
+    /// What went wrong last; empty when nothing did.
+    pub last_error: String,
+    /// The last HTTP status (0: no response).
+    pub last_status_code: Option<i32>,
+    /// When the last attempt started.
+    pub last_attempt_at: Option<OffsetDateTime>,
+    /// When the next attempt is due (for a pending delivery).
+    pub next_retry_at: OffsetDateTime,
+    /// When it was queued.
+    pub created_at: OffsetDateTime,
+}
+
+/// A place in the `(created_at, id)` order of a webhook's deliveries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    /// `created_at` of the row.
+    pub created_at: OffsetDateTime,
+    /// Its id.
+    pub id: DeliveryId,
+}
+
+/// One page of [`list`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    /// Newest first.
+    pub items: Vec<Delivery>,
+    /// Where the next page starts; `None` at the end.
+    pub next: Option<Position>,
+}
+
+/// Largest page of [`list`].
+pub const MAX_PAGE: i64 = 100;
+/// Most deliveries one [`list`] call with a status filter examines.
+pub const SCAN_BUDGET: i64 = 1000;
+
+const DELIVERY_COLUMNS: &str = "s.id, s.event_id, s.event_type, s.status, s.attempts, s.last_error, \
+     s.last_status_code, s.last_attempt_at, s.next_retry_at, s.created_at";
+
+fn delivery_from_row(r: &tokio_postgres::Row) -> Delivery {
+    Delivery {
+        id: r.get(0),
+        event_id: r.get(1),
+        event_type: r.get(2),
+        // The column's CHECK admits only the three statuses.
+        status: Status::parse(r.get(3)).unwrap_or(Status::Pending),
+        attempts: r.get(4),
+        last_error: r.get(5),
+        last_status_code: r.get(6),
+        last_attempt_at: r.get(7),
+        next_retry_at: r.get(8),
+        created_at: r.get(9),
+    }
+}
+
+/// The statement of [`list`] for these arguments (after the ownership
+/// check) and its parameters: `webhook_subscriber_deliveries_webhook_created_idx`
+/// walked from the cursor in `(created_at DESC, id DESC)` order (V18: the
+/// index order), `LIMIT limit + 1`; with a status filter the walk is cut at
+/// [`SCAN_BUDGET`] rows examined and the status only decides `hit`.
+fn list_query<'a>(
+    webhook_id: &'a WebhookId,
+    status: Option<Status>,
+    after: Option<&'a Position>,
+    fetch: &'a i64,
+    budget: &'a i64,
+) -> (String, Vec<&'a (dyn ToSql + Sync)>) {
+    let mut params: Vec<&'a (dyn ToSql + Sync)> = vec![webhook_id];
+    let mut scope = String::from("s.webhook_id = $1");
+    if let Some(pos) = after {
+        params.push(&pos.created_at);
+        params.push(&pos.id);
+        scope.push_str(" AND s.created_at <= $2 AND (s.created_at, s.id) < ($2, $3)");
+    }
+    let order = "ORDER BY s.created_at DESC, s.id DESC";
+    let n = params.len();
+    match status {
+        None => {
+            params.push(fetch);
+            (
+                format!(
+                    "SELECT {DELIVERY_COLUMNS}, true AS hit, 0::int8 AS rn \
+                     FROM webhook_subscriber_deliveries s WHERE {scope} {order} LIMIT ${}",
+                    n + 1
+                ),
+                params,
+            )
+        }
+        Some(status) => {
+            params.push(budget);
+            params.push(fetch);
+            let outer = DELIVERY_COLUMNS.replace("s.", "w.");
+            (
+                format!(
+                    "SELECT {outer}, w.hit, w.rn FROM ( \
+                       SELECT {DELIVERY_COLUMNS}, s.status = '{}' AS hit, \
+                              row_number() OVER ({order}) AS rn \
+                       FROM webhook_subscriber_deliveries s WHERE {scope} {order} LIMIT ${b}) w \
+                     WHERE w.hit OR w.rn = ${b} \
+                     ORDER BY w.created_at DESC, w.id DESC LIMIT ${f}",
+                    status.as_str(),
+                    b = n + 1,
+                    f = n + 2,
+                ),
+                params,
+            )
+        }
+    }
+}
+
+/// One page of the deliveries of the user's webhook `webhook_id`, newest
+/// first (`created_at DESC, id DESC`), optionally only those in `status`,
+/// starting strictly after `after` (the previous page's [`Page::next`]).
+///
+/// [`StoreError::NotFound`] for a malformed id, a missing webhook and
+/// another user's — checked first, so another user's deliveries are never
+/// read. Then one statement walks the webhook's deliveries in page order
+/// and stops at `limit + 1` rows; with `status`, also at [`SCAN_BUDGET`]
+/// rows examined, and then [`Page::next`] is the last row examined (a page
+/// may be short or empty with more to come; only `next: None` is the end).
+/// `limit` is clamped to `1..=`[`MAX_PAGE`]. Two statements.
+pub async fn list(
+    c: &impl GenericClient,
+    user_id: &UserId,
+    webhook_id: &str,
+    status: Option<Status>,
+    after: Option<&Position>,
+    limit: i64,
+) -> Result<Page> {
+    let Some(webhook_id) = WebhookId::parse(webhook_id) else {
+        return Err(StoreError::NotFound);
+    };
+    let owned = c
+        .prepare_cached("SELECT 1 FROM webhooks WHERE id = $1 AND user_id = $2")
+        .await?;
+    if c.query_opt(&owned, &[&webhook_id, user_id])
+        .await?
+        .is_none()
+    {
+        return Err(StoreError::NotFound);
+    }
+    let limit = limit.clamp(1, MAX_PAGE);
+    let (fetch, budget) = (limit + 1, SCAN_BUDGET);
+    let (sql, params) = list_query(&webhook_id, status, after, &fetch, &budget);
+    let rows = c.query(&c.prepare_cached(&sql).await?, &params).await?;
+    let mut items = Vec::with_capacity(rows.len());
+    let mut stopped_at = None;
+    for row in &rows {
+        if row.get::<_, bool>(10) {
+            items.push(delivery_from_row(row));
+        }
+        if status.is_some() && row.get::<_, i64>(11) == budget {
+            stopped_at = Some(Position {
+                created_at: row.get(9),
+                id: row.get(0),
+            });
+        }
+    }
+    let next = if items.len() as i64 > limit {
+        items.truncate(limit as usize);
+        items.last().map(|d| Position {
+            created_at: d.created_at,
+            id: d.id.clone(),
+        })
+    } else {
+        stopped_at
+    };
+    Ok(Page { items, next })
+}
+
+/// The plan of exactly the page statement [`list`] runs for these
+/// arguments (without its ownership check), executed: `EXPLAIN (ANALYZE,
+/// BUFFERS, FORMAT JSON)`. For tests and diagnosis; it only reads.
+pub async fn explain_list(
+    c: &impl GenericClient,
+    webhook_id: &WebhookId,
+    status: Option<Status>,
+    after: Option<&Position>,
+    limit: i64,
+) -> Result<Value> {
+    let (fetch, budget) = (limit.clamp(1, MAX_PAGE) + 1, SCAN_BUDGET);
+    let (sql, params) = list_query(webhook_id, status, after, &fetch, &budget);
+    let sql = format!("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {sql}");
+    Ok(c.query_one(&sql, &params).await?.get(0))
+}
+
+/// Why a test send was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum TestSendError {
+    /// No such webhook of this user.
+    #[error("webhook not found")]
+    NotFound,
+    /// The webhook is disabled: the delivery would never go out.
+    #[error("webhook is disabled; enable it first")]
+    Disabled,
+    /// An event type outside [`crate::events::CATALOG`].
+    #[error("unknown event type {0:?}")]
+    InvalidEventType(String),
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<tokio_postgres::Error> for TestSendError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        TestSendError::Store(e.into())
+    }
+}
+
+/// Queues a synthetic delivery to the user's webhook `webhook_id` (`POST
+/// /v1/webhooks/{id}/test`): the envelope `{"event": event_type, "id":
+/// <fresh evt_…>, "created_at": now, "data": data}` (built by
+/// [`crate::events::envelope`]) is stored as the delivery's payload — a
+/// test send has no event row to reference — pending now; the deliverer
+/// POSTs it like any delivery, signed, with retries. Returns its id.
+///
+/// `event_type` must be in [`crate::events::CATALOG`] (the webhook need
+/// not subscribe to it). [`TestSendError::NotFound`] for a malformed,
+/// missing or foreign webhook, [`TestSendError::Disabled`] for a disabled
+/// one. One `INSERT … SELECT` guarded by the webhook's owner and `enabled`
+/// (a follow-up read only names the refusal).
+pub async fn send_test(
+    c: &impl GenericClient,
+    user_id: &UserId,
+    webhook_id: &str,
+    event_type: &str,
+    data: serde_json::Map<String, Value>,
+) -> Result<DeliveryId, TestSendError> {
+    let Some(webhook_id) = WebhookId::parse(webhook_id) else {
+        return Err(TestSendError::NotFound);
+    };
+    if !crate::events::CATALOG.contains(&event_type) {
+        return Err(TestSendError::InvalidEventType(event_type.to_owned()));
+    }
+    let envelope = crate::events::envelope(
+        event_type,
+        &EventId::new(),
+        OffsetDateTime::now_utc(),
+        Value::Object(data),
+    );
+    let id = DeliveryId::new();
+    let stmt = c
+        .prepare_cached(
+            "INSERT INTO webhook_subscriber_deliveries \
+               (id, user_id, webhook_id, event_type, event_payload) \
+             SELECT $1, w.user_id, w.id, $4, $5 FROM webhooks w \
+              WHERE w.id = $2 AND w.user_id = $3 AND w.enabled",
+        )
+        .await?;
+    if c.execute(&stmt, &[&id, &webhook_id, user_id, &event_type, &envelope])
+        .await?
+        == 1
+    {
+        return Ok(id);
+    }
+    let stmt = c
+        .prepare_cached("SELECT enabled FROM webhooks WHERE id = $1 AND user_id = $2")
+        .await?;
+    match c.query_opt(&stmt, &[&webhook_id, user_id]).await? {
+        None => Err(TestSendError::NotFound),
+        // `enabled` here only if a concurrent PATCH enabled it since the
+        // insert: this send was still refused.
+        Some(_) => Err(TestSendError::Disabled),
+    }
 }

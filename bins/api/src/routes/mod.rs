@@ -4,10 +4,12 @@ pub mod account;
 pub mod agents;
 pub mod conversations;
 pub mod domains;
+pub mod events;
 pub mod health;
 pub mod info;
 pub mod messages;
 pub mod signing_secrets;
+pub mod webhook_deliveries;
 pub mod webhooks;
 
 use axum::{
@@ -59,6 +61,10 @@ pub fn router(state: AppState, config: &Config) -> Router {
             axum::routing::delete(signing_secrets::delete),
         )
         .route("/v1/webhooks/{id}/rotate-secret", post(webhooks::rotate))
+        .route("/v1/webhooks/{id}/test", post(webhook_deliveries::test))
+        .route("/v1/events", get(events::list))
+        .route("/v1/events/{id}", get(events::get))
+        .route("/v1/events/{id}/redeliver", post(events::redeliver))
         .merge(poll_limited(state.clone()))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -77,7 +83,9 @@ pub fn router(state: AppState, config: &Config) -> Router {
 }
 
 /// The poll-limited reads (spec §5.3): an agent's messages and
-/// conversations, listed or fetched, and webhooks, listed or fetched. The
+/// conversations, listed or fetched, webhooks, listed or fetched, and a
+/// webhook's delivery log. (The events API is not poll-limited, as in the
+/// original.) The
 /// label update and the webhook writes share those paths but are not
 /// polls, so they are routed around the limit.
 fn poll_limited(state: AppState) -> Router<AppState> {
@@ -94,6 +102,10 @@ fn poll_limited(state: AppState) -> Router<AppState> {
         )
         .route("/v1/webhooks", get(webhooks::list))
         .route("/v1/webhooks/{id}", get(webhooks::get))
+        .route(
+            "/v1/webhooks/{id}/deliveries",
+            get(webhook_deliveries::list),
+        )
         .route_layer(from_fn_with_state(state, ratelimit::poll_limit))
         .route("/v1/webhooks", post(webhooks::create))
         .route(
