@@ -735,3 +735,68 @@ async fn a_refused_connection_is_retryable_and_names_no_url() {
     assert!(!outcome.error.contains(URL_TOKEN), "{}", outcome.error);
     assert!(!outcome.error.contains("whsec_"));
 }
+
+/// Answers from a list, one per lookup (the last one repeats): DNS
+/// rebinding, where a name looks public to one check and private to the
+/// next.
+struct RebindingLookup {
+    answers: Vec<Vec<IpAddr>>,
+    calls: AtomicU64,
+}
+
+impl Lookup for RebindingLookup {
+    fn lookup(&self, _host: &str) -> LookupFuture {
+        let n = usize::try_from(self.calls.fetch_add(1, Ordering::SeqCst)).unwrap();
+        let answer = self.answers[n.min(self.answers.len() - 1)].clone();
+        Box::pin(async move { Ok(answer) })
+    }
+}
+
+#[tokio::test]
+async fn a_name_that_rebinds_to_a_private_address_is_never_contacted() {
+    let mut rx = Receiver::start(reply("200 OK", &[], "")).await;
+    // A public address (not reachable from the test machine: a connection
+    // attempt fails fast with the short connect timeout), then loopback,
+    // then both in one answer, public first.
+    let public: IpAddr = [8, 8, 8, 8].into();
+    assert!(e2a_webhook::check_ip(public, false).is_ok());
+    let loopback: IpAddr = [127, 0, 0, 1].into();
+    let lookup = Arc::new(RebindingLookup {
+        answers: vec![vec![public], vec![loopback], vec![public, loopback]],
+        calls: AtomicU64::new(0),
+    });
+    let client = WebhookClient::with_lookup(
+        ClientConfig {
+            connect_timeout: Duration::from_millis(300),
+            timeout: Duration::from_secs(2),
+            ..http_public_only()
+        },
+        lookup.clone(),
+    )
+    .unwrap();
+    let url = format!("http://rebind.example:{}/", rx.addr.port());
+    let kinds: Vec<OutcomeKind> = {
+        let mut kinds = Vec::new();
+        for _ in 0..3 {
+            kinds.push(
+                client
+                    .send_signed(&url, &envelope(), &Secrets::new(SECRET))
+                    .await
+                    .kind,
+            );
+        }
+        kinds
+    };
+    assert_eq!(
+        lookup.calls.load(Ordering::SeqCst),
+        3,
+        "resolved every time"
+    );
+    assert_ne!(kinds[0], OutcomeKind::Success);
+    assert_eq!(kinds[1], OutcomeKind::Blocked, "{kinds:?}");
+    assert_ne!(kinds[2], OutcomeKind::Success, "{kinds:?}");
+    assert!(
+        rx.got_nothing().await,
+        "the loopback receiver was never contacted"
+    );
+}
