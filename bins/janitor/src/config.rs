@@ -16,7 +16,9 @@ const ABOUT: &str = "e2a janitor: periodic sweeps (expired messages and dashboar
 const LONG_ABOUT: &str = "\
 e2a janitor: deletes data that has outlived its retention, in small batches.
 
-It sweeps once at start, then every E2A_JANITOR_INTERVAL_SECS, until stopped. \
+It sweeps once at start, then every E2A_JANITOR_INTERVAL_SECS (retention) \
+and every E2A_JANITOR_FAST_INTERVAL_SECS (webhook previous secrets, idle \
+rate-limit keys), each schedule on its own, until stopped. \
 Sweeps in this build: messages past their 10-day TTL (held messages still \
 pending approval are kept), expired or revoked dashboard sessions, domain \
 claims left unverified for 7 days, idle API rate-limit keys, events older \
@@ -33,9 +35,13 @@ pub struct Config {
     #[allow(missing_docs)]
     pub common: CommonArgs,
 
-    /// Seconds between sweeps (the first runs at start).
+    /// Seconds between retention sweeps (messages, sessions, claims, events, deliveries, idempotency keys; the first runs at start).
     #[arg(long, env = "E2A_JANITOR_INTERVAL_SECS", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..=604_800))]
     pub janitor_interval_secs: u64,
+
+    /// Seconds between the fast sweeps (expired webhook previous secrets, idle rate-limit keys; the first runs at start), on their own schedule.
+    #[arg(long, env = "E2A_JANITOR_FAST_INTERVAL_SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub janitor_fast_interval_secs: u64,
 
     /// Rows deleted per statement; a sweep repeats while full batches are deleted.
     #[arg(long, env = "E2A_JANITOR_BATCH", default_value_t = 1000, value_parser = clap::value_parser!(i64).range(1..=1_000_000))]
@@ -61,6 +67,11 @@ impl Config {
     /// Time between sweeps.
     pub fn interval(&self) -> Duration {
         Duration::from_secs(self.janitor_interval_secs)
+    }
+
+    /// Time between the fast sweeps.
+    pub fn fast_interval(&self) -> Duration {
+        Duration::from_secs(self.janitor_fast_interval_secs)
     }
 }
 

@@ -1,8 +1,10 @@
 //! `e2a-janitor`: periodic retention sweeps.
 //!
 //! [`run`] boots (connect, migrate), serves the ops endpoints, and sweeps
-//! once at start and then every `E2A_JANITOR_INTERVAL_SECS` until the
-//! shutdown token is cancelled. A failed sweep (database down, timeout) is
+//! each [`sweep::Schedule`] on its own: once at start, then every
+//! `E2A_JANITOR_INTERVAL_SECS` (retention) and every
+//! `E2A_JANITOR_FAST_INTERVAL_SECS` (the 5-minute jobs, which never wait
+//! for a long retention pass), until the shutdown token is cancelled. A failed sweep (database down, timeout) is
 //! logged and retried at the next interval; the loop never exits on a
 //! store error. Sweeps ([`sweep`]): messages past their TTL,
 //! expired/revoked sessions, expired pending domain claims, idle rate-limit
@@ -53,6 +55,7 @@ pub async fn run(
     tracing::info!(
         ops = %listeners.ops.local_addr()?,
         interval_secs = config.janitor_interval_secs,
+        fast_interval_secs = config.janitor_fast_interval_secs,
         batch = config.janitor_batch,
         "janitor started (sweeps: expired messages, sessions, domain claims, idle rate-limit keys, webhook previous secrets, events, deliveries, idempotency keys)"
     );
@@ -63,13 +66,35 @@ pub async fn run(
         &config.common.http,
         shutdown.clone(),
     );
-    sweep_loop(&store, config.interval(), config.janitor_batch, &shutdown).await;
+    tokio::join!(
+        sweep_loop(
+            &store,
+            sweep::Schedule::Retention,
+            config.interval(),
+            config.janitor_batch,
+            &shutdown
+        ),
+        sweep_loop(
+            &store,
+            sweep::Schedule::Fast,
+            config.fast_interval(),
+            config.janitor_batch,
+            &shutdown
+        ),
+    );
     ops.stop(&shutdown).await?;
     Ok(())
 }
 
-/// Sweeps now and every `interval` until cancelled, surviving errors.
-async fn sweep_loop(store: &Store, interval: Duration, batch: i64, shutdown: &CancellationToken) {
+/// Runs the sweeps of `schedule` now and every `interval` until cancelled,
+/// surviving errors.
+async fn sweep_loop(
+    store: &Store,
+    schedule: sweep::Schedule,
+    interval: Duration,
+    batch: i64,
+    shutdown: &CancellationToken,
+) {
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
@@ -79,10 +104,11 @@ async fn sweep_loop(store: &Store, interval: Duration, batch: i64, shutdown: &Ca
             _ = ticks.tick() => {}
         }
         let started = tokio::time::Instant::now();
-        match sweep::sweep(store, batch, shutdown).await {
+        match sweep::sweep_scheduled(store, batch, shutdown, schedule).await {
             Ok(report) => {
                 metrics::counter!("e2a_janitor_sweeps_total", "outcome" => "ok").increment(1);
                 tracing::info!(
+                    schedule = ?schedule,
                     messages_deleted = report.messages_deleted,
                     sessions_deleted = report.sessions_deleted,
                     domain_claims_deleted = report.domain_claims_deleted,

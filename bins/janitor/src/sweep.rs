@@ -4,7 +4,7 @@
 //! LOCKED` by the store, so several janitor replicas never wait on (or
 //! double-count) each other.
 //!
-//! Sweeps in this build: messages past their TTL (`expires_at`, 10 days;
+//! Each sweep runs on its own [`Schedule`]. Sweeps in this build: messages past their TTL (`expires_at`, 10 days;
 //! held messages still pending approval are kept), then expired or revoked
 //! dashboard sessions, then domain claims left unverified past
 //! `domains::PENDING_CLAIM_TTL` (7 days), rate-limit keys whose bucket is
@@ -12,7 +12,7 @@
 //! secrets past their 24 h rotation grace (signing already ignores them;
 //! this only removes dead keys), events past their 30 days that are no
 //! longer pending, subscriber deliveries past their 90 days, legacy
-//! pushes past their 48 hours, and idempotency keys claimed more than
+//! pushes past their 72 hours, and idempotency keys claimed more than
 //! 24 hours ago (`idempotency::TTL`; completed or abandoned).
 
 use e2a_store::{
@@ -42,6 +42,107 @@ pub struct SweepReport {
     pub idempotency_keys_deleted: u64,
 }
 
+/// How often a sweep runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schedule {
+    /// Every `E2A_JANITOR_INTERVAL_SECS` (hourly): retention of data.
+    Retention,
+    /// Every `E2A_JANITOR_FAST_INTERVAL_SECS` (5 minutes): keys whose
+    /// staying around has a cost right away (the spec's 5-minute jobs),
+    /// never waiting for the hourly pass.
+    Fast,
+}
+
+/// One sweep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Job {
+    /// Messages past their TTL.
+    Messages,
+    /// Expired or revoked dashboard sessions.
+    Sessions,
+    /// Domain claims left unverified.
+    DomainClaims,
+    /// Rate-limit keys back to a full bucket.
+    RateLimits,
+    /// Webhook signing secrets past their rotation grace.
+    WebhookPreviousSecrets,
+    /// Handled events past their TTL.
+    Events,
+    /// Subscriber deliveries past their TTL.
+    Deliveries,
+    /// Legacy per-agent pushes past their TTL.
+    LegacyDeliveries,
+    /// Idempotency keys past their TTL.
+    IdempotencyKeys,
+}
+
+impl Job {
+    /// Every sweep, in the order a pass runs them.
+    pub const ALL: [Job; 9] = [
+        Job::Messages,
+        Job::Sessions,
+        Job::DomainClaims,
+        Job::RateLimits,
+        Job::WebhookPreviousSecrets,
+        Job::Events,
+        Job::Deliveries,
+        Job::LegacyDeliveries,
+        Job::IdempotencyKeys,
+    ];
+
+    /// The `kind` label of its metrics.
+    pub fn kind(self) -> &'static str {
+        match self {
+            Job::Messages => "messages",
+            Job::Sessions => "sessions",
+            Job::DomainClaims => "domain_claims",
+            Job::RateLimits => "rate_limits",
+            Job::WebhookPreviousSecrets => "webhook_previous_secrets",
+            Job::Events => "events",
+            Job::Deliveries => "deliveries",
+            Job::LegacyDeliveries => "legacy_deliveries",
+            Job::IdempotencyKeys => "idempotency_keys",
+        }
+    }
+
+    /// When it runs.
+    pub fn schedule(self) -> Schedule {
+        match self {
+            Job::RateLimits | Job::WebhookPreviousSecrets => Schedule::Fast,
+            _ => Schedule::Retention,
+        }
+    }
+
+    /// One batch: deletes (or clears) up to `batch` rows; returns how many.
+    async fn batch(self, c: &e2a_store::Client, batch: i64) -> Result<u64, StoreError> {
+        match self {
+            Job::Messages => messages::delete_expired(c, batch).await,
+            Job::Sessions => sessions::delete_expired(c, batch).await,
+            Job::DomainClaims => domains::delete_expired_claims(c, batch).await,
+            Job::RateLimits => rate_limits::sweep(c, batch).await,
+            Job::WebhookPreviousSecrets => webhooks::clear_expired_previous_secrets(c, batch).await,
+            Job::Events => events::delete_expired(c, batch).await,
+            Job::Deliveries => deliveries::delete_expired_subscriber(c, batch).await,
+            Job::LegacyDeliveries => deliveries::delete_expired_legacy(c, batch).await,
+            Job::IdempotencyKeys => idempotency::sweep(c, batch).await,
+        }
+    }
+
+    /// Its counter in a [`SweepReport`].
+    fn slot(self, report: &mut SweepReport) -> &mut u64 {
+        match self {
+            Job::Messages => &mut report.messages_deleted,
+            Job::Sessions => &mut report.sessions_deleted,
+            Job::DomainClaims => &mut report.domain_claims_deleted,
+            Job::RateLimits => &mut report.rate_limits_deleted,
+            Job::WebhookPreviousSecrets => &mut report.webhook_secrets_cleared,
+            Job::Events => &mut report.events_deleted,
+            Job::Deliveries | Job::LegacyDeliveries => &mut report.deliveries_deleted,
+            Job::IdempotencyKeys => &mut report.idempotency_keys_deleted,
+        }
+    }
+}
+
 /// Runs every sweep until its queue is empty ("run until the queue is
 /// empty": tests and operators get a deterministic end state).
 ///
@@ -58,83 +159,33 @@ pub async fn sweep(
     batch: i64,
     shutdown: &CancellationToken,
 ) -> Result<SweepReport, StoreError> {
+    let mut report = sweep_scheduled(store, batch, shutdown, Schedule::Retention).await?;
+    let fast = sweep_scheduled(store, batch, shutdown, Schedule::Fast).await?;
+    report.rate_limits_deleted = fast.rate_limits_deleted;
+    report.webhook_secrets_cleared = fast.webhook_secrets_cleared;
+    Ok(report)
+}
+
+/// Runs the sweeps of one [`Schedule`] (the others report 0), stopping
+/// early (between batches) once `shutdown` is cancelled.
+pub async fn sweep_scheduled(
+    store: &Store,
+    batch: i64,
+    shutdown: &CancellationToken,
+    schedule: Schedule,
+) -> Result<SweepReport, StoreError> {
     let batch = batch.max(1);
     let client = store.client().await?;
-    let messages_deleted = drain("messages", batch, shutdown, || {
-        messages::delete_expired(&client, batch)
-    })
-    .await?;
-    let sessions_deleted = if shutdown.is_cancelled() {
-        0
-    } else {
-        drain("sessions", batch, shutdown, || {
-            sessions::delete_expired(&client, batch)
-        })
-        .await?
-    };
-    let domain_claims_deleted = if shutdown.is_cancelled() {
-        0
-    } else {
-        drain("domain_claims", batch, shutdown, || {
-            domains::delete_expired_claims(&client, batch)
-        })
-        .await?
-    };
-    let rate_limits_deleted = if shutdown.is_cancelled() {
-        0
-    } else {
-        drain("rate_limits", batch, shutdown, || {
-            rate_limits::sweep(&client, batch)
-        })
-        .await?
-    };
-    let webhook_secrets_cleared = if shutdown.is_cancelled() {
-        0
-    } else {
-        drain("webhook_previous_secrets", batch, shutdown, || {
-            webhooks::clear_expired_previous_secrets(&client, batch)
-        })
-        .await?
-    };
-    let events_deleted = if shutdown.is_cancelled() {
-        0
-    } else {
-        drain("events", batch, shutdown, || {
-            events::delete_expired(&client, batch)
-        })
-        .await?
-    };
-    let mut deliveries_deleted = 0;
-    if !shutdown.is_cancelled() {
-        deliveries_deleted += drain("deliveries", batch, shutdown, || {
-            deliveries::delete_expired_subscriber(&client, batch)
-        })
-        .await?;
+    let mut report = SweepReport::default();
+    for job in Job::ALL.into_iter().filter(|j| j.schedule() == schedule) {
+        if shutdown.is_cancelled() {
+            break;
+        }
+        let c = &client;
+        let deleted = drain(job.kind(), batch, shutdown, || job.batch(c, batch)).await?;
+        *job.slot(&mut report) += deleted;
     }
-    if !shutdown.is_cancelled() {
-        deliveries_deleted += drain("legacy_deliveries", batch, shutdown, || {
-            deliveries::delete_expired_legacy(&client, batch)
-        })
-        .await?;
-    }
-    let idempotency_keys_deleted = if shutdown.is_cancelled() {
-        0
-    } else {
-        drain("idempotency_keys", batch, shutdown, || {
-            idempotency::sweep(&client, batch)
-        })
-        .await?
-    };
-    Ok(SweepReport {
-        messages_deleted,
-        sessions_deleted,
-        domain_claims_deleted,
-        rate_limits_deleted,
-        webhook_secrets_cleared,
-        events_deleted,
-        deliveries_deleted,
-        idempotency_keys_deleted,
-    })
+    Ok(report)
 }
 
 /// Attempts of one batch that ends in a deadlock or serialization failure

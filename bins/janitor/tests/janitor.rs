@@ -597,3 +597,67 @@ async fn idempotency_keys_past_a_day_are_swept_and_younger_ones_kept() {
         ["u:young-done"]
     );
 }
+
+/// The fast sweeps keep their own schedule: with the retention pass an
+/// hour away, an expired previous secret is still cleared within seconds,
+/// while a session that expired after the start-up pass waits for the
+/// hourly one.
+#[tokio::test]
+async fn the_fast_sweeps_do_not_wait_for_the_hourly_pass() {
+    use e2a_store::webhooks::{self, NewWebhook};
+    let db = TestDb::new().await;
+    let store = Store::new(&StoreConfig::new(db.url())).unwrap();
+    let alice = user(&store, "alice@example.com").await;
+    let mut c = store.client().await.unwrap();
+    let id = webhooks::create(
+        &mut c,
+        &alice,
+        &NewWebhook {
+            url: "https://h.example.com/".into(),
+            events: vec!["email.received".into()],
+            ..NewWebhook::default()
+        },
+        50,
+    )
+    .await
+    .unwrap()
+    .webhook
+    .id;
+    webhooks::rotate(&c, &alice, id.as_str()).await.unwrap();
+
+    let mut config = Config::for_database(db.url());
+    config.janitor_fast_interval_secs = 1;
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(e2a_janitor::run(
+        config,
+        Listeners {
+            ops: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        },
+        shutdown.clone(),
+    ));
+    // Let both start-up passes finish, then expire a secret and a session.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    c.execute(
+        "UPDATE webhooks SET signing_secret_prev_expires_at = now() - interval '1 minute'",
+        &[],
+    )
+    .await
+    .unwrap();
+    expired_session(&store, &alice).await;
+    eventually("the fast sweep clears the secret", || async {
+        strings(
+            &c,
+            "SELECT id FROM webhooks WHERE signing_secret_prev IS NOT NULL",
+        )
+        .await
+        .is_empty()
+    })
+    .await;
+    assert_eq!(
+        session_hashes(&store).await.len(),
+        1,
+        "retention waits for its own interval"
+    );
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}
