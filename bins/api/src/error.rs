@@ -216,6 +216,19 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
         }
+        // Any error that says when to come back (a cooldown, a limit) says
+        // it in the header too, for clients that only read headers.
+        if let Some(secs) = self
+            .details
+            .as_ref()
+            .and_then(|d| d.get("retry_after_seconds"))
+            .and_then(serde_json::Value::as_u64)
+        {
+            response
+                .headers_mut()
+                .entry(header::RETRY_AFTER)
+                .or_insert(HeaderValue::from(secs));
+        }
         response
     }
 }

@@ -459,6 +459,22 @@ async fn the_cap_and_the_cooldown_answer_as_the_contract_says() {
         .as_i64()
         .unwrap();
     assert!((200..=240).contains(&wait), "{err}");
+    let resp = api
+        .request(Method::PATCH, &path, &alice)
+        .json(&json!({"enabled": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CONFLICT);
+    let header: i64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (wait - 2..=wait).contains(&header),
+        "Retry-After {header}, details {wait}"
+    );
 
     // Once the cooldown is over the re-enable passes and clears it.
     c.execute(
