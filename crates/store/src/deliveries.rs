@@ -138,13 +138,14 @@ pub async fn claim(
                UPDATE webhook_subscriber_deliveries s \
                   SET status = 'failed', leased_until = NULL, lease_token = NULL, \
                       last_error = 'no outcome was recorded for the last attempt' \
-                WHERE s.webhook_id IN (SELECT id FROM w) AND s.status = 'pending' \
-                  AND s.attempts >= s.max_attempts AND s.leased_until < now()), \
+                WHERE s.webhook_id IN (SELECT id FROM w) AND s.leased_until < now() \
+                  AND s.status = 'pending' AND s.attempts >= s.max_attempts), \
              idle AS ( \
                UPDATE webhooks k SET next_due_at = ( \
-                   SELECT min(s.next_retry_at) FROM webhook_subscriber_deliveries s \
+                   SELECT s.next_retry_at FROM webhook_subscriber_deliveries s \
                     WHERE s.webhook_id = k.id AND s.status = 'pending' \
-                      AND s.attempts < s.max_attempts) \
+                      AND s.attempts < s.max_attempts \
+                    ORDER BY s.next_retry_at, s.id LIMIT 1) \
                 WHERE k.id IN (SELECT id FROM w) AND k.id NOT IN (SELECT webhook_id FROM d)), \
              hold AS ( \
                UPDATE webhooks k \
@@ -248,6 +249,9 @@ pub async fn record(
             Attempt::Retry { status, error, at } => (status, error, Some(at), "retry"),
             Attempt::Failed { status, error } => (status, error, None, "failed"),
         };
+    if kind == "delivered" {
+        return record_delivered(c, id, token, status_code).await;
+    }
     let error: String = error.chars().take(1000).collect();
     let window = AUTO_DISABLE_WINDOW.whole_seconds() as f64;
     // The subqueries read the statement's snapshot, in which this delivery
@@ -272,9 +276,10 @@ pub async fn record(
                UPDATE webhooks k \
                   SET inflight_until = NULL, inflight_token = NULL, \
                       next_due_at = LEAST( \
-                        (SELECT min(o.next_retry_at) FROM webhook_subscriber_deliveries o \
+                        (SELECT o.next_retry_at FROM webhook_subscriber_deliveries o \
                           WHERE o.webhook_id = k.id AND o.status = 'pending' \
-                            AND o.attempts < o.max_attempts AND o.id <> $1), \
+                            AND o.attempts < o.max_attempts AND o.id <> $1 \
+                          ORDER BY o.next_retry_at, o.id LIMIT 1), \
                         CASE WHEN s.status = 'pending' THEN s.next_retry_at END), \
                       last_delivered_at = CASE WHEN s.status = 'delivered' THEN now() \
                                                ELSE k.last_delivered_at END, \
@@ -319,6 +324,45 @@ pub async fn record(
         failed: final_status == "failed",
         auto_disabled: row.get(1),
     })
+}
+
+/// [`record`] of a success: the same guarantees in a smaller statement
+/// (the hot path: less to plan, no failure bookkeeping).
+async fn record_delivered(
+    c: &impl GenericClient,
+    id: &str,
+    token: &str,
+    status_code: i32,
+) -> Result<Recorded> {
+    let stmt = c
+        .prepare_cached(
+            "WITH s AS ( \
+               UPDATE webhook_subscriber_deliveries s \
+                  SET status = 'delivered', last_status_code = $3, last_error = '', \
+                      leased_until = NULL, lease_token = NULL \
+                WHERE s.id = $1 AND s.lease_token = $2 AND s.status = 'pending' \
+               RETURNING s.webhook_id), \
+             k AS ( \
+               UPDATE webhooks k \
+                  SET inflight_until = NULL, inflight_token = NULL, \
+                      last_delivered_at = now(), consecutive_failures = 0, \
+                      next_due_at = (SELECT o.next_retry_at FROM webhook_subscriber_deliveries o \
+                                      WHERE o.webhook_id = k.id AND o.status = 'pending' \
+                                        AND o.attempts < o.max_attempts AND o.id <> $1 \
+                                      ORDER BY o.next_retry_at, o.id LIMIT 1) \
+                 FROM s WHERE k.id = s.webhook_id AND k.inflight_token = $2) \
+             SELECT 1 FROM s",
+        )
+        .await?;
+    Ok(
+        match c.query_opt(&stmt, &[&id, &token, &status_code]).await? {
+            Some(_) => Recorded::Stored {
+                failed: false,
+                auto_disabled: false,
+            },
+            None => Recorded::LeaseLost,
+        },
+    )
 }
 
 /// The subscriber queue at a glance (for metrics).

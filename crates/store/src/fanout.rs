@@ -60,13 +60,13 @@ pub struct FannedOut {
 const FAN_OUT_SQL: &str = "WITH quiet AS MATERIALIZED ( \
        SELECT set_config('synchronous_commit', 'off', true) AS sync), \
      e AS MATERIALIZED ( \
-       SELECT v.id, v.user_id, v.type, v.agent_id, v.conversation_id, v.message_id, v.labels, v.created_at \
+       SELECT v.id, v.user_id, v.type, v.agent_id, v.conversation_id, v.labels, v.created_at \
          FROM quiet, webhook_events v \
         WHERE quiet.sync = 'off' AND v.status = 'pending' AND v.next_poll_at <= now() \
           AND ($2::text IS NULL OR v.id = $2) \
         ORDER BY v.next_poll_at, v.created_at, v.id LIMIT $1 FOR UPDATE OF v SKIP LOCKED), \
      m AS MATERIALIZED ( \
-       SELECT e.id AS event_id, w.id AS webhook_id, e.user_id, e.type, e.message_id, \
+       SELECT e.id AS event_id, w.id AS webhook_id, e.user_id, e.type, \
               row_number() OVER (ORDER BY e.created_at, e.id, w.id) AS n \
          FROM e JOIN webhooks w ON w.user_id = e.user_id AND w.enabled \
         WHERE e.type = ANY (w.events) \
@@ -76,11 +76,11 @@ const FAN_OUT_SQL: &str = "WITH quiet AS MATERIALIZED ( \
           AND (cardinality(w.filter_labels) = 0 OR e.labels && w.filter_labels)), \
      ins AS ( \
        INSERT INTO webhook_subscriber_deliveries \
-              (id, user_id, webhook_id, event_type, message_id, event_id) \
+              (id, user_id, webhook_id, event_type, event_id) \
        SELECT 'whd_' || lpad(to_hex((extract(epoch FROM clock_timestamp()) * 1000)::bigint), 12, '0') \
                      || lpad(to_hex(m.n % 65536), 4, '0') \
                      || substr(replace(gen_random_uuid()::text, '-', ''), 1, 16), \
-              m.user_id, m.webhook_id, m.type, m.message_id, m.event_id \
+              m.user_id, m.webhook_id, m.type, m.event_id \
          FROM m ORDER BY m.webhook_id, m.n \
        ON CONFLICT (event_id, webhook_id) WHERE event_id IS NOT NULL AND replay_id IS NULL \
        DO NOTHING RETURNING 1), \
