@@ -65,7 +65,7 @@ pub use policy::{RefusedAddress, UrlError, UrlPolicy, check_ip, check_url};
 pub use retry::{RETRY_AFTER_MAX, RetrySchedule, parse_retry_after};
 pub use signature::{DEFAULT_TOLERANCE, SIGNATURE_HEADER, Secrets, VerifyError, sign, verify};
 
-/// The environment variable the deliverer reads (once wired) to set
+/// The environment variable the deliverer and the API read to set
 /// [`UrlPolicy::allow_private`]: `1` allows private destinations. Off by
 /// default; never for production.
 pub const ALLOW_PRIVATE_ENV: &str = "E2A_ALLOW_PRIVATE_WEBHOOKS";
