@@ -97,8 +97,12 @@ impl std::fmt::Debug for Claimed {
 /// webhook, and none of a webhook that already has a delivery in flight on
 /// any replica**.
 ///
-/// One statement: due webhooks are taken from `webhooks_next_due_idx` with
-/// `FOR UPDATE SKIP LOCKED` (concurrent claimers split them), each one's
+/// One round trip (the function `e2a_claim_subscriber_deliveries`, V20):
+/// due webhooks are taken from `webhooks_next_due_idx` with `FOR UPDATE
+/// SKIP LOCKED` (concurrent claimers split them) and **then**, in a
+/// statement with a newer snapshot, their deliveries are read — so a
+/// delivery committed before the lock is never missed when the webhook is
+/// marked idle; each one's
 /// oldest due delivery is leased and the webhook marked in flight with the
 /// same token until [`record`] (or the lease's end: a crashed worker's
 /// delivery becomes claimable again, its attempt counted). Disabled
@@ -120,46 +124,9 @@ pub async fn claim(
     let token = format!("lease_{}", crate::secret::random_hex::<16>());
     let stmt = c
         .prepare_cached(
-            "WITH quiet AS MATERIALIZED ( \
-               SELECT set_config('synchronous_commit', 'off', true) AS sync), \
-             w AS ( \
-               SELECT k.id FROM quiet, webhooks k \
-                WHERE quiet.sync = 'off' AND k.enabled AND k.next_due_at <= now() \
-                  AND (k.inflight_until IS NULL OR k.inflight_until < now()) \
-                ORDER BY k.next_due_at LIMIT $1 FOR UPDATE OF k SKIP LOCKED), \
-             d AS ( \
-               SELECT x.id, x.webhook_id FROM w CROSS JOIN LATERAL ( \
-                 SELECT s.id, s.webhook_id FROM webhook_subscriber_deliveries s \
-                  WHERE s.webhook_id = w.id AND s.status = 'pending' AND s.next_retry_at <= now() \
-                    AND s.attempts < s.max_attempts \
-                    AND (s.leased_until IS NULL OR s.leased_until < now()) \
-                  ORDER BY s.next_retry_at, s.id LIMIT 1 FOR UPDATE SKIP LOCKED) x), \
-             exhausted AS ( \
-               UPDATE webhook_subscriber_deliveries s \
-                  SET status = 'failed', leased_until = NULL, lease_token = NULL, \
-                      last_error = 'no outcome was recorded for the last attempt' \
-                WHERE s.webhook_id IN (SELECT id FROM w) AND s.leased_until < now() \
-                  AND s.status = 'pending' AND s.attempts >= s.max_attempts), \
-             idle AS ( \
-               UPDATE webhooks k SET next_due_at = ( \
-                   SELECT s.next_retry_at FROM webhook_subscriber_deliveries s \
-                    WHERE s.webhook_id = k.id AND s.status = 'pending' \
-                      AND s.attempts < s.max_attempts \
-                    ORDER BY s.next_retry_at, s.id LIMIT 1) \
-                WHERE k.id IN (SELECT id FROM w) AND k.id NOT IN (SELECT webhook_id FROM d)), \
-             hold AS ( \
-               UPDATE webhooks k \
-                  SET inflight_until = now() + make_interval(secs => $2), inflight_token = $3 \
-                 FROM d WHERE k.id = d.webhook_id \
-                RETURNING k.id, k.url, k.signing_secret, \
-                  CASE WHEN k.signing_secret_prev_expires_at > now() THEN k.signing_secret_prev END AS prev) \
-             UPDATE webhook_subscriber_deliveries s \
-                SET leased_until = now() + make_interval(secs => $2), lease_token = $3, \
-                    attempts = s.attempts + 1, last_attempt_at = now() \
-               FROM d JOIN hold ON hold.id = d.webhook_id \
-              WHERE s.id = d.id \
-             RETURNING s.id, s.webhook_id, s.user_id, hold.url, hold.signing_secret, hold.prev, \
-                       s.event_id, s.event_type, s.event_payload, s.attempts, s.max_attempts",
+            "SELECT id, webhook_id, user_id, url, signing_secret, prev, event_id, event_type, \
+                    event_payload, attempts, max_attempts \
+               FROM e2a_claim_subscriber_deliveries($1, $2, $3)",
         )
         .await?;
     let rows = c
@@ -254,10 +221,15 @@ pub async fn record(
     }
     let error: String = error.chars().take(1000).collect();
     let window = AUTO_DISABLE_WINDOW.whole_seconds() as f64;
-    // The subqueries read the statement's snapshot, in which this delivery
-    // still has its old state: they leave it out and `s` supplies its new
-    // one. A webhook row is updated once (a second UPDATE of the same row
-    // in one statement would be ignored), so auto-disable is folded in.
+    // The webhook is made due now rather than given the time of its next
+    // pending delivery: this statement may have waited for a fan-out's lock
+    // on the webhook, and its snapshot would not see that fan-out's
+    // deliveries. The next claim computes the exact time under its lock
+    // (V20). The auto-disable count reads the statement's snapshot, in
+    // which this delivery still has its old state: it leaves it out and
+    // counts it itself. A webhook row is updated once (a second UPDATE of
+    // the same row in one statement would be ignored), so auto-disable is
+    // folded in.
     let stmt = c
         .prepare_cached(
             "WITH s AS ( \
@@ -275,12 +247,7 @@ pub async fn record(
              k AS ( \
                UPDATE webhooks k \
                   SET inflight_until = NULL, inflight_token = NULL, \
-                      next_due_at = LEAST( \
-                        (SELECT o.next_retry_at FROM webhook_subscriber_deliveries o \
-                          WHERE o.webhook_id = k.id AND o.status = 'pending' \
-                            AND o.attempts < o.max_attempts AND o.id <> $1 \
-                          ORDER BY o.next_retry_at, o.id LIMIT 1), \
-                        CASE WHEN s.status = 'pending' THEN s.next_retry_at END), \
+                      next_due_at = now(), \
                       last_delivered_at = CASE WHEN s.status = 'delivered' THEN now() \
                                                ELSE k.last_delivered_at END, \
                       consecutive_failures = CASE WHEN s.status = 'delivered' THEN 0 \
@@ -346,10 +313,7 @@ async fn record_delivered(
                UPDATE webhooks k \
                   SET inflight_until = NULL, inflight_token = NULL, \
                       last_delivered_at = now(), consecutive_failures = 0, \
-                      next_due_at = (SELECT o.next_retry_at FROM webhook_subscriber_deliveries o \
-                                      WHERE o.webhook_id = k.id AND o.status = 'pending' \
-                                        AND o.attempts < o.max_attempts AND o.id <> $1 \
-                                      ORDER BY o.next_retry_at, o.id LIMIT 1) \
+                      next_due_at = now() \
                  FROM s WHERE k.id = s.webhook_id AND k.inflight_token = $2) \
              SELECT 1 FROM s",
         )

@@ -294,3 +294,49 @@ async fn the_asynchronous_claim_commit_does_not_leak_to_the_connection() {
         .get(0);
     assert_eq!(setting, "on");
 }
+
+/// A record that waits for a fan-out's lock on its webhook must not hide
+/// the delivery that fan-out created: its snapshot cannot see it, so the
+/// webhook is left due and the next claim finds it.
+#[tokio::test]
+async fn a_record_racing_a_fan_out_leaves_the_new_delivery_claimable() {
+    let (_db, store) = super::store().await;
+    let alice = super::user(&store, "alice@example.com").await;
+    webhook(&store, &alice, "wh_a").await;
+    deliveries(&store, &alice, "wh_a", 1, 8).await;
+    let c = store.client().await.unwrap();
+    let d = deliveries::claim(&c, 10, LEASE).await.unwrap().remove(0);
+
+    // A fan-out in progress: its delivery is inserted and its trigger holds
+    // the webhook row.
+    let mut f = store.client().await.unwrap();
+    let fanout = f.transaction().await.unwrap();
+    fanout
+        .execute(
+            "INSERT INTO webhook_subscriber_deliveries (id, user_id, webhook_id, event_type, event_payload) \
+             VALUES ('whd_new', $1, 'wh_a', 'webhook.test', '{}')",
+            &[&alice.as_str()],
+        )
+        .await
+        .unwrap();
+    let recorder = {
+        let store = store.clone();
+        let (id, token) = (d.id.clone(), d.lease_token.clone());
+        tokio::spawn(async move {
+            let c = store.client().await.unwrap();
+            deliveries::record(&c, &id, &token, Attempt::Delivered { status: 200 })
+                .await
+                .unwrap()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!recorder.is_finished(), "the record waits for the fan-out");
+    fanout.commit().await.unwrap();
+    recorder.await.unwrap();
+
+    let again = deliveries::claim(&c, 10, LEASE).await.unwrap();
+    assert_eq!(
+        again.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(),
+        ["whd_new"]
+    );
+}
