@@ -195,10 +195,12 @@ pub enum Recorded {
 }
 
 /// Records the outcome of the attempt leased with `token`, in **one
-/// statement** (one round trip, one commit): the delivery's state (guarded
+/// round trip and one commit** (the function
+/// `e2a_record_subscriber_delivery`, V21): the delivery's state (guarded
 /// by its lease token, so a worker past its lease cannot overwrite the one
 /// that took over — flaw 7), the webhook's in-flight mark released and its
-/// `next_due_at`, success and failure counters, and the auto-disable rule
+/// `next_due_at` (computed after locking the webhook, so a concurrent
+/// fan-out's delivery is never missed), success and failure counters, and the auto-disable rule
 /// (spec §3.6: at least [`AUTO_DISABLE_THRESHOLD`] failed deliveries and no
 /// delivered one among those attempted in the last
 /// [`AUTO_DISABLE_WINDOW`], this one included) decided right here rather
@@ -216,56 +218,11 @@ pub async fn record(
             Attempt::Retry { status, error, at } => (status, error, Some(at), "retry"),
             Attempt::Failed { status, error } => (status, error, None, "failed"),
         };
-    if kind == "delivered" {
-        return record_delivered(c, id, token, status_code).await;
-    }
     let error: String = error.chars().take(1000).collect();
     let window = AUTO_DISABLE_WINDOW.whole_seconds() as f64;
-    // The webhook is made due now rather than given the time of its next
-    // pending delivery: this statement may have waited for a fan-out's lock
-    // on the webhook, and its snapshot would not see that fan-out's
-    // deliveries. The next claim computes the exact time under its lock
-    // (V20). The auto-disable count reads the statement's snapshot, in
-    // which this delivery still has its old state: it leaves it out and
-    // counts it itself. A webhook row is updated once (a second UPDATE of
-    // the same row in one statement would be ignored), so auto-disable is
-    // folded in.
     let stmt = c
         .prepare_cached(
-            "WITH s AS ( \
-               UPDATE webhook_subscriber_deliveries s \
-                  SET status = CASE $3::text \
-                                 WHEN 'delivered' THEN 'delivered' \
-                                 WHEN 'failed' THEN 'failed' \
-                                 ELSE CASE WHEN s.attempts >= s.max_attempts THEN 'failed' ELSE 'pending' END \
-                               END, \
-                      next_retry_at = COALESCE($4, s.next_retry_at), \
-                      last_status_code = $5, last_error = $6, \
-                      leased_until = NULL, lease_token = NULL \
-                WHERE s.id = $1 AND s.lease_token = $2 AND s.status = 'pending' \
-               RETURNING s.webhook_id, s.status, s.next_retry_at), \
-             k AS ( \
-               UPDATE webhooks k \
-                  SET inflight_until = NULL, inflight_token = NULL, \
-                      next_due_at = now(), \
-                      last_delivered_at = CASE WHEN s.status = 'delivered' THEN now() \
-                                               ELSE k.last_delivered_at END, \
-                      consecutive_failures = CASE WHEN s.status = 'delivered' THEN 0 \
-                                                  WHEN s.status = 'failed' THEN k.consecutive_failures + 1 \
-                                                  ELSE k.consecutive_failures END, \
-                      enabled = k.enabled AND NOT dis.trip, \
-                      auto_disabled_at = CASE WHEN k.enabled AND dis.trip THEN now() \
-                                              ELSE k.auto_disabled_at END \
-                 FROM webhooks old, s CROSS JOIN LATERAL ( \
-                   SELECT s.status = 'failed' AND ( \
-                     SELECT count(*) FILTER (WHERE o.status = 'failed') + 1 >= $7 \
-                            AND count(*) FILTER (WHERE o.status = 'delivered') = 0 \
-                       FROM webhook_subscriber_deliveries o \
-                      WHERE o.webhook_id = s.webhook_id AND o.id <> $1 \
-                        AND o.last_attempt_at > now() - make_interval(secs => $8)) AS trip) dis \
-                WHERE k.id = s.webhook_id AND old.id = k.id AND k.inflight_token = $2 \
-               RETURNING old.enabled AND dis.trip AS disabled) \
-             SELECT s.status, COALESCE((SELECT bool_or(disabled) FROM k), false) FROM s",
+            "SELECT status, auto_disabled FROM e2a_record_subscriber_delivery($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .await?;
     let row = c
@@ -291,42 +248,6 @@ pub async fn record(
         failed: final_status == "failed",
         auto_disabled: row.get(1),
     })
-}
-
-/// [`record`] of a success: the same guarantees in a smaller statement
-/// (the hot path: less to plan, no failure bookkeeping).
-async fn record_delivered(
-    c: &impl GenericClient,
-    id: &str,
-    token: &str,
-    status_code: i32,
-) -> Result<Recorded> {
-    let stmt = c
-        .prepare_cached(
-            "WITH s AS ( \
-               UPDATE webhook_subscriber_deliveries s \
-                  SET status = 'delivered', last_status_code = $3, last_error = '', \
-                      leased_until = NULL, lease_token = NULL \
-                WHERE s.id = $1 AND s.lease_token = $2 AND s.status = 'pending' \
-               RETURNING s.webhook_id), \
-             k AS ( \
-               UPDATE webhooks k \
-                  SET inflight_until = NULL, inflight_token = NULL, \
-                      last_delivered_at = now(), consecutive_failures = 0, \
-                      next_due_at = now() \
-                 FROM s WHERE k.id = s.webhook_id AND k.inflight_token = $2) \
-             SELECT 1 FROM s",
-        )
-        .await?;
-    Ok(
-        match c.query_opt(&stmt, &[&id, &token, &status_code]).await? {
-            Some(_) => Recorded::Stored {
-                failed: false,
-                auto_disabled: false,
-            },
-            None => Recorded::LeaseLost,
-        },
-    )
 }
 
 /// The subscriber queue at a glance (for metrics).
