@@ -157,13 +157,18 @@ impl Harness {
         let ops = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         ops.set_nonblocking(true).unwrap();
         let ops = TcpListener::from_std(ops).unwrap();
+        let ops_addr = ops.local_addr().unwrap();
         let task = tokio::spawn(e2a_deliverer::run_with(
             config,
             Listeners { ops },
             shutdown.clone(),
             Wakeups::new(),
         ));
-        Running { shutdown, task }
+        Running {
+            shutdown,
+            task,
+            ops_addr,
+        }
     }
 
     /// A deliverer process on this database.
@@ -188,6 +193,7 @@ impl Harness {
 struct Running {
     shutdown: CancellationToken,
     task: JoinHandle<Result<(), e2a_runtime::BoxError>>,
+    ops_addr: std::net::SocketAddr,
 }
 
 impl Running {
@@ -264,6 +270,15 @@ async fn an_event_reaches_its_webhook_signed_and_is_recorded_delivered() {
             .is_none(),
         "once"
     );
+    let (status, metrics) = e2a_testkit::http_get(deliverer.ops_addr, "/metrics").await;
+    assert_eq!(status, 200);
+    for metric in [
+        "e2a_webhook_deliveries_total{outcome=\"success\"}",
+        "e2a_webhook_attempt_seconds",
+        "e2a_webhook_fanout_deliveries_total",
+    ] {
+        assert!(metrics.contains(metric), "{metric} missing from /metrics");
+    }
     deliverer.stop().await;
 }
 
