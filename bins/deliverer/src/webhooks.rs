@@ -6,8 +6,7 @@ use std::time::Duration;
 use e2a_store::{
     Store,
     deliveries::{self, Attempt, Claimed, Recorded},
-    events, fanout,
-    ids::EventId,
+    fanout,
 };
 use e2a_webhook::{Body, Outcome, OutcomeKind, RetrySchedule, Secrets, WebhookClient};
 use time::OffsetDateTime;
@@ -43,34 +42,14 @@ impl WebhookQueue {
         }
     }
 
-    /// The exact bytes to POST: the test envelope as stored, or the event
-    /// rendered now. `Err` is a final failure to record (the event is
-    /// gone or unusable); a database error is `Ok(None)` (try again later).
-    async fn body(&self, d: &Claimed) -> Result<Option<Body>, String> {
-        let envelope = match (&d.payload, &d.event_id) {
-            (Some(payload), _) => payload.clone(),
-            (None, Some(event_id)) => {
-                let Some(id) = EventId::parse(event_id) else {
-                    return Err(format!("malformed event id {event_id:?}"));
-                };
-                let rendered = async {
-                    let c = self.store.client().await?;
-                    events::render(&c, &id).await
-                };
-                match rendered.await {
-                    Ok(Some(envelope)) => envelope,
-                    Ok(None) => return Err("the event no longer exists".into()),
-                    Err(e) => {
-                        tracing::warn!(error = %e2a_store::error::chain(&e), "cannot render the event");
-                        return Ok(None);
-                    }
-                }
-            }
-            (None, None) => return Err("nothing to deliver".into()),
-        };
-        Body::from_envelope(&envelope)
-            .map(Some)
-            .map_err(|e| e.to_string())
+    /// The exact bytes to POST (the claim brought the rendered envelope),
+    /// or why there is nothing to send (a final failure).
+    fn body(d: &Claimed) -> Result<Body, String> {
+        let envelope = d
+            .envelope
+            .as_ref()
+            .ok_or_else(|| "the event no longer exists".to_owned())?;
+        Body::from_envelope(envelope).map_err(|e| e.to_string())
     }
 
     /// What to record for `outcome` of attempt number `attempts`.
@@ -158,25 +137,8 @@ impl Queue for WebhookQueue {
             attempt = d.attempts,
         );
         async {
-            let body = match self.body(&d).await {
-                Ok(Some(body)) => body,
-                Ok(None) => {
-                    // The database is unwell: try again in a minute rather
-                    // than burn the attempt. (If this record fails too, the
-                    // lease runs out and the attempt counts.)
-                    let at = OffsetDateTime::now_utc() + time::Duration::minutes(1);
-                    let error = "could not read the event to deliver";
-                    self.record(
-                        &d,
-                        Attempt::Retry {
-                            status: 0,
-                            error,
-                            at,
-                        },
-                    )
-                    .await;
-                    return;
-                }
+            let body = match Self::body(&d) {
+                Ok(body) => body,
                 Err(error) => {
                     outcome_metric(OutcomeKind::Invalid);
                     self.record(

@@ -67,13 +67,14 @@ pub struct Claimed {
     pub secret: String,
     /// See [`Claimed::secret`].
     pub previous_secret: Option<String>,
-    /// The event delivered (render it with [`crate::events::render`]);
-    /// `None` for a test send.
+    /// The event delivered; `None` for a test send.
     pub event_id: Option<String>,
     /// Its type.
     pub event_type: String,
-    /// The envelope of a test send (events are rendered instead).
-    pub payload: Option<Value>,
+    /// What to send: the test send's envelope, or the event rendered
+    /// ([`crate::events::rendered`]: an `email.received` with its raw
+    /// message); `None` when the event no longer exists.
+    pub envelope: Option<Value>,
     /// Attempts including this one.
     pub attempts: i32,
     /// The last attempt allowed.
@@ -97,7 +98,8 @@ impl std::fmt::Debug for Claimed {
 /// webhook, and none of a webhook that already has a delivery in flight on
 /// any replica**.
 ///
-/// One round trip (the function `e2a_claim_subscriber_deliveries`, V20):
+/// One round trip (the function `e2a_claim_subscriber_deliveries`, V20,
+/// returning the body to send since V22):
 /// due webhooks are taken from `webhooks_next_due_idx` with `FOR UPDATE
 /// SKIP LOCKED` (concurrent claimers split them) and **then**, in a
 /// statement with a newer snapshot, their deliveries are read — so a
@@ -125,7 +127,7 @@ pub async fn claim(
     let stmt = c
         .prepare_cached(
             "SELECT id, webhook_id, user_id, url, signing_secret, prev, event_id, event_type, \
-                    event_payload, attempts, max_attempts \
+                    envelope, raw_message, attempts, max_attempts \
                FROM e2a_claim_subscriber_deliveries($1, $2, $3)",
         )
         .await?;
@@ -142,10 +144,16 @@ pub async fn claim(
             secret: r.get(4),
             previous_secret: r.get(5),
             event_id: r.get(6),
+            envelope: r.get::<_, Option<Value>>(8).map(|envelope| {
+                if r.get::<_, Option<&str>>(6).is_some() {
+                    crate::events::rendered(r.get(7), envelope, r.get(9))
+                } else {
+                    envelope
+                }
+            }),
             event_type: r.get(7),
-            payload: r.get(8),
-            attempts: r.get(9),
-            max_attempts: r.get(10),
+            attempts: r.get(10),
+            max_attempts: r.get(11),
             lease_token: token.clone(),
         })
         .collect())

@@ -160,14 +160,19 @@ pub async fn render(c: &impl GenericClient, id: &EventId) -> Result<Option<Value
     let Some(row) = c.query_opt(&stmt, &[id]).await? else {
         return Ok(None);
     };
-    let event_type: &str = row.get(0);
-    let mut envelope: Value = row.get(1);
+    Ok(Some(rendered(row.get(0), row.get(1), row.get(2))))
+}
+
+/// An event's envelope as it goes on the wire: an `email.received` gets
+/// `data.raw_message` from the message's stored bytes (`raw`; `null` once
+/// they are gone); other events are sent as stored.
+pub fn rendered(event_type: &str, mut envelope: Value, raw: Option<Vec<u8>>) -> Value {
     if event_type == EMAIL_RECEIVED
         && let Some(data) = envelope.get_mut("data")
     {
-        fill_raw_message(data, row.get(2));
+        fill_raw_message(data, raw);
     }
-    Ok(Some(envelope))
+    envelope
 }
 
 /// Sets `data.raw_message` of an `email.received` event: the standard

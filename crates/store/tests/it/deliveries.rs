@@ -84,7 +84,7 @@ async fn one_delivery_in_flight_per_webhook_across_claimers() {
         assert_eq!(d.secret, format!("whsec_{}", d.webhook_id));
         assert!(d.url.ends_with(&d.webhook_id));
         assert_eq!((d.attempts, d.max_attempts), (1, 8));
-        assert!(d.payload.is_some() && d.event_id.is_none());
+        assert!(d.envelope.is_some() && d.event_id.is_none());
     }
     let c = store.client().await.unwrap();
     assert!(deliveries::claim(&c, 10, LEASE).await.unwrap().is_empty());

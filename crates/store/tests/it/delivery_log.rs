@@ -97,7 +97,7 @@ async fn a_test_send_queues_its_own_envelope_for_the_deliverer() {
         .unwrap();
     assert_eq!(claimed.len(), 1);
     assert_eq!(claimed[0].id, id.as_str());
-    assert_eq!(claimed[0].payload.as_ref(), Some(&envelope));
+    assert_eq!(claimed[0].envelope.as_ref(), Some(&envelope));
     assert_eq!(claimed[0].event_id, None);
 
     // Refusals write nothing.

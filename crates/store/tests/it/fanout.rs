@@ -364,3 +364,26 @@ async fn one_event_that_cannot_be_fanned_out_does_not_block_the_others() {
     fanout::fan_out_one_by_one(&c, 10).await.unwrap();
     assert_eq!(outcome(&store, &bad).await.0, "failed");
 }
+
+/// The claim brings what to send: the event's envelope, or nothing once
+/// the event is gone (the deliverer then fails the delivery).
+#[tokio::test]
+async fn a_claim_carries_the_event_or_says_it_is_gone() {
+    let (_db, store) = super::store().await;
+    let alice = super::user(&store, "alice@example.com").await;
+    webhook(&store, &alice, "wh_1", &["email.sent"], NONE, true).await;
+    webhook(&store, &alice, "wh_2", &["email.sent"], NONE, true).await;
+    let id = event(&store, &alice, 1, "email.sent", "a@x.test", "c", &[]).await;
+    let c = store.client().await.unwrap();
+    fanout::fan_out(&c, 10).await.unwrap();
+    let lease = std::time::Duration::from_secs(60);
+    let first = e2a_store::deliveries::claim(&c, 1, lease).await.unwrap();
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].envelope.as_ref().unwrap()["id"], id.as_str());
+    c.execute("DELETE FROM webhook_events WHERE id = $1", &[&id])
+        .await
+        .unwrap();
+    let second = e2a_store::deliveries::claim(&c, 10, lease).await.unwrap();
+    assert_eq!(second.len(), 1);
+    assert!(second[0].envelope.is_none());
+}
