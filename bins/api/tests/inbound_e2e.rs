@@ -178,26 +178,7 @@ async fn mail_sent_over_smtp_reaches_the_account_webhook_signed() {
     let secret = webhook["signing_secret"].as_str().unwrap().to_owned();
 
     let shutdown = CancellationToken::new();
-    let smtp = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = smtp.local_addr().unwrap().port();
-    let mut relay_config = e2a_relay::Config::for_database(db.url());
-    relay_config.smtp_domain = "agents.localhost".into();
-    let relay = tokio::spawn(e2a_relay::run_with(
-        relay_config,
-        e2a_relay::Listeners {
-            smtp,
-            ops: TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        },
-        shutdown.clone(),
-        Some(Authenticator::with_records(RecordCache::new()).unwrap()),
-    ));
-    let deliverer = tokio::spawn(e2a_deliverer::run(
-        e2a_deliverer::Config::for_database(db.url()),
-        e2a_deliverer::Listeners {
-            ops: TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        },
-        shutdown.clone(),
-    ));
+    let (port, services) = relay_and_deliverer(db.url(), &shutdown).await;
 
     let raw = "From: Someone <someone@remote.test>\r\nTo: demo@agents.localhost\r\nSubject: Hello hook\r\n\
                Message-ID: <h1@remote.test>\r\n\r\nPing.\r\n";
@@ -253,8 +234,9 @@ async fn mail_sent_over_smtp_reaches_the_account_webhook_signed() {
     );
 
     shutdown.cancel();
-    relay.await.unwrap().unwrap();
-    deliverer.await.unwrap().unwrap();
+    for service in services {
+        service.await.unwrap().unwrap();
+    }
     api.stop().await;
 }
 
@@ -284,26 +266,7 @@ async fn mail_to_a_cloud_agent_is_pushed_to_its_webhook_url() {
     assert_eq!(status, StatusCode::CREATED, "{created}");
 
     let shutdown = CancellationToken::new();
-    let smtp = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = smtp.local_addr().unwrap().port();
-    let mut relay_config = e2a_relay::Config::for_database(db.url());
-    relay_config.smtp_domain = "agents.localhost".into();
-    let relay = tokio::spawn(e2a_relay::run_with(
-        relay_config,
-        e2a_relay::Listeners {
-            smtp,
-            ops: TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        },
-        shutdown.clone(),
-        Some(Authenticator::with_records(RecordCache::new()).unwrap()),
-    ));
-    let deliverer = tokio::spawn(e2a_deliverer::run(
-        e2a_deliverer::Config::for_database(db.url()),
-        e2a_deliverer::Listeners {
-            ops: TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        },
-        shutdown.clone(),
-    ));
+    let (port, services) = relay_and_deliverer(db.url(), &shutdown).await;
 
     let raw = "From: Someone <someone@remote.test>\r\nTo: demo@agents.localhost\r\nSubject: Legacy\r\n\
                Message-ID: <l1@remote.test>\r\n\r\nOld style.\r\n";
@@ -346,7 +309,40 @@ async fn mail_to_a_cloud_agent_is_pushed_to_its_webhook_url() {
     }
 
     shutdown.cancel();
-    relay.await.unwrap().unwrap();
-    deliverer.await.unwrap().unwrap();
+    for service in services {
+        service.await.unwrap().unwrap();
+    }
     api.stop().await;
+}
+
+/// The relay (SMTP on a free port, no DNS records) and the deliverer on the
+/// database at `url`, until `shutdown`; the SMTP port and both tasks.
+async fn relay_and_deliverer(
+    url: &str,
+    shutdown: &CancellationToken,
+) -> (
+    u16,
+    [tokio::task::JoinHandle<Result<(), e2a_runtime::BoxError>>; 2],
+) {
+    let smtp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = smtp.local_addr().unwrap().port();
+    let mut relay_config = e2a_relay::Config::for_database(url);
+    relay_config.smtp_domain = "agents.localhost".into();
+    let relay = tokio::spawn(e2a_relay::run_with(
+        relay_config,
+        e2a_relay::Listeners {
+            smtp,
+            ops: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        },
+        shutdown.clone(),
+        Some(Authenticator::with_records(RecordCache::new()).unwrap()),
+    ));
+    let deliverer = tokio::spawn(e2a_deliverer::run(
+        e2a_deliverer::Config::for_database(url),
+        e2a_deliverer::Listeners {
+            ops: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        },
+        shutdown.clone(),
+    ));
+    (port, [relay, deliverer])
 }

@@ -20,7 +20,6 @@ use axum::{
     extract::{RawQuery, State},
     http::StatusCode,
 };
-use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use e2a_store::{
     address::EmailAddress,
     events::{self, Event, EventError, ListFilter, Position, Redelivery},
@@ -28,16 +27,12 @@ use e2a_store::{
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use time::{UtcOffset, format_description::well_known::Rfc3339};
 
 use crate::{
     AppState,
     auth::Caller,
     error::ApiError,
-    extract::{
-        ApiJsonOrEmpty, ApiPath, invalid_filter, parse_rfc3339, query_pairs, rfc3339_seconds,
-        time_window,
-    },
+    extract::{ApiJsonOrEmpty, ApiPath, invalid_filter, query_pairs, rfc3339_seconds, time_window},
 };
 
 /// Default page size.
@@ -105,42 +100,13 @@ pub struct EventPage {
     next_cursor: Option<String>,
 }
 
-/// The cursor's JSON (spec §4.7: `{c, i}`).
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Cursor {
-    /// `created_at` of the last row examined (RFC 3339, every digit).
-    c: String,
-    /// Its id.
-    i: String,
-}
-
-fn invalid_cursor() -> ApiError {
-    ApiError::bad_request("invalid_cursor", "cursor is malformed")
-}
-
 fn encode_cursor(p: &Position) -> String {
-    let c = p
-        .created_at
-        .checked_to_offset(UtcOffset::UTC)
-        .and_then(|t| t.format(&Rfc3339).ok())
-        .unwrap_or_default();
-    let cursor = Cursor {
-        c,
-        i: p.id.to_string(),
-    };
-    URL_SAFE_NO_PAD.encode(serde_json::to_vec(&cursor).unwrap_or_default())
+    super::cursor::encode(p.created_at, p.id.as_str())
 }
 
 fn decode_cursor(raw: &str) -> Result<Position, ApiError> {
-    let bytes = URL_SAFE_NO_PAD
-        .decode(raw.trim_end_matches('='))
-        .map_err(|_| invalid_cursor())?;
-    let cursor: Cursor = serde_json::from_slice(&bytes).map_err(|_| invalid_cursor())?;
-    Ok(Position {
-        created_at: parse_rfc3339(&cursor.c).ok_or_else(invalid_cursor)?,
-        id: EventId::parse(&cursor.i).ok_or_else(invalid_cursor)?,
-    })
+    let (created_at, id) = super::cursor::decode(raw, EventId::parse)?;
+    Ok(Position { created_at, id })
 }
 
 /// The list request after validation.
@@ -364,6 +330,7 @@ pub async fn redeliver(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 
     #[test]
     fn queries_are_validated_and_cursors_round_trip() {

@@ -3,6 +3,7 @@
 pub mod account;
 pub mod agents;
 pub mod conversations;
+pub mod cursor;
 pub mod domains;
 pub mod events;
 pub mod health;

@@ -16,7 +16,6 @@ use axum::{
     Json,
     extract::{RawQuery, State},
 };
-use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use e2a_store::{
     StoreError,
     deliveries::{self, Delivery, Position, Status, TestSendError},
@@ -25,15 +24,12 @@ use e2a_store::{
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use time::{UtcOffset, format_description::well_known::Rfc3339};
 
 use crate::{
     AppState,
     auth::Caller,
     error::ApiError,
-    extract::{
-        ApiJsonOrEmpty, ApiPath, invalid_filter, parse_rfc3339, query_pairs, rfc3339_seconds,
-    },
+    extract::{ApiJsonOrEmpty, ApiPath, invalid_filter, query_pairs, rfc3339_seconds},
 };
 
 /// Default page size.
@@ -133,38 +129,13 @@ pub struct DeliveryPage {
     next_cursor: Option<String>,
 }
 
-/// The cursor's JSON: `{c, i}` of the last row, like the events cursor.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Cursor {
-    c: String,
-    i: String,
-}
-
-fn invalid_cursor() -> ApiError {
-    ApiError::bad_request("invalid_cursor", "cursor is malformed")
-}
-
 fn encode_cursor(p: &Position) -> String {
-    let cursor = Cursor {
-        c: p.created_at
-            .checked_to_offset(UtcOffset::UTC)
-            .and_then(|t| t.format(&Rfc3339).ok())
-            .unwrap_or_default(),
-        i: p.id.to_string(),
-    };
-    URL_SAFE_NO_PAD.encode(serde_json::to_vec(&cursor).unwrap_or_default())
+    super::cursor::encode(p.created_at, p.id.as_str())
 }
 
 fn decode_cursor(raw: &str) -> Result<Position, ApiError> {
-    let bytes = URL_SAFE_NO_PAD
-        .decode(raw.trim_end_matches('='))
-        .map_err(|_| invalid_cursor())?;
-    let cursor: Cursor = serde_json::from_slice(&bytes).map_err(|_| invalid_cursor())?;
-    Ok(Position {
-        created_at: parse_rfc3339(&cursor.c).ok_or_else(invalid_cursor)?,
-        id: DeliveryId::parse(&cursor.i).ok_or_else(invalid_cursor)?,
-    })
+    let (created_at, id) = super::cursor::decode(raw, DeliveryId::parse)?;
+    Ok(Position { created_at, id })
 }
 
 /// The deliveries query after validation.
