@@ -10,7 +10,6 @@ use e2a_store::{
     legacy_deliveries::{self, ClaimedLegacy, LegacyRecorded},
 };
 use e2a_webhook::{LegacyPayload, LegacyRequest, OutcomeKind, RetrySchedule, WebhookClient};
-use time::OffsetDateTime;
 use tracing::Instrument as _;
 
 use crate::queue::Queue;
@@ -81,23 +80,7 @@ impl Queue for LegacyQueue {
                     outcome = self.client.send_legacy_request(&p.url, &request).await;
                     metrics::counter!("e2a_legacy_pushes_total", "outcome" => outcome.kind.as_str())
                         .increment(1);
-                    let status = i32::from(outcome.status);
-                    if outcome.is_success() {
-                        Attempt::Delivered { status }
-                    } else if outcome.retryable {
-                        let failed = u32::try_from(p.attempts).unwrap_or(1);
-                        let wait = RetrySchedule::LEGACY.delay(failed, outcome.retry_after);
-                        Attempt::Retry {
-                            status,
-                            error: &outcome.error,
-                            at: OffsetDateTime::now_utc() + wait,
-                        }
-                    } else {
-                        Attempt::Failed {
-                            status,
-                            error: &outcome.error,
-                        }
-                    }
+                    crate::queue::attempt(&outcome, p.attempts, &RetrySchedule::LEGACY)
                 }
             };
             let recorded = async {

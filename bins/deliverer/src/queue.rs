@@ -156,3 +156,76 @@ pub async fn run<Q: Queue>(
         }
     }
 }
+
+/// What to record after attempt number `attempts` ended with `outcome`: a
+/// 2xx is delivered; a retryable failure is tried again after `schedule`'s
+/// delay (a `Retry-After` honoured within its bound; the store turns it
+/// into a final failure on the last allowed attempt); anything else is a
+/// final failure. Shared by every HTTP queue.
+pub fn attempt<'a>(
+    outcome: &'a e2a_webhook::Outcome,
+    attempts: i32,
+    schedule: &e2a_webhook::RetrySchedule,
+) -> e2a_store::deliveries::Attempt<'a> {
+    use e2a_store::deliveries::Attempt;
+    let status = i32::from(outcome.status);
+    if outcome.is_success() {
+        Attempt::Delivered { status }
+    } else if outcome.retryable {
+        let failed = u32::try_from(attempts).unwrap_or(1);
+        Attempt::Retry {
+            status,
+            error: &outcome.error,
+            at: time::OffsetDateTime::now_utc() + schedule.delay(failed, outcome.retry_after),
+        }
+    } else {
+        Attempt::Failed {
+            status,
+            error: &outcome.error,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use e2a_store::deliveries::Attempt;
+    use e2a_webhook::{Outcome, RetrySchedule};
+
+    use super::attempt;
+
+    fn answered(status: u16, retry_after: Option<Duration>) -> Outcome {
+        Outcome::from_status(status, retry_after, Duration::ZERO, false)
+    }
+
+    #[test]
+    fn outcomes_map_to_what_is_recorded() {
+        let s = &RetrySchedule::SUBSCRIBER;
+        let ok = answered(204, None);
+        assert!(matches!(
+            attempt(&ok, 1, s),
+            Attempt::Delivered { status: 204 }
+        ));
+        let gone = answered(410, None);
+        assert!(matches!(
+            attempt(&gone, 1, s),
+            Attempt::Failed { status: 410, .. }
+        ));
+        let now = time::OffsetDateTime::now_utc();
+        let busy = answered(503, None);
+        let Attempt::Retry { at, .. } = attempt(&busy, 2, s) else {
+            panic!("503 is retried")
+        };
+        let wait = (at - now).whole_seconds();
+        assert!(
+            (300..=331).contains(&wait),
+            "second failure waits 5 min + ≤10 %: {wait}"
+        );
+        let slow_down = answered(429, Some(Duration::from_secs(7200)));
+        let Attempt::Retry { at, .. } = attempt(&slow_down, 1, s) else {
+            panic!("429 is retried")
+        };
+        assert!((at - now).whole_seconds() >= 7200, "Retry-After honoured");
+    }
+}

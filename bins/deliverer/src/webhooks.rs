@@ -8,8 +8,7 @@ use e2a_store::{
     deliveries::{self, Attempt, Claimed, Recorded},
     fanout,
 };
-use e2a_webhook::{Body, Outcome, OutcomeKind, RetrySchedule, Secrets, WebhookClient};
-use time::OffsetDateTime;
+use e2a_webhook::{Body, OutcomeKind, RetrySchedule, Secrets, WebhookClient};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
@@ -28,7 +27,6 @@ pub struct WebhookQueue {
     store: Store,
     client: WebhookClient,
     lease: Duration,
-    schedule: RetrySchedule,
 }
 
 impl WebhookQueue {
@@ -38,7 +36,6 @@ impl WebhookQueue {
             store,
             client,
             lease,
-            schedule: RetrySchedule::SUBSCRIBER,
         }
     }
 
@@ -50,27 +47,6 @@ impl WebhookQueue {
             .as_ref()
             .ok_or_else(|| "the event no longer exists".to_owned())?;
         Body::from_envelope(envelope).map_err(|e| e.to_string())
-    }
-
-    /// What to record for `outcome` of attempt number `attempts`.
-    fn attempt<'a>(&self, outcome: &'a Outcome, attempts: i32) -> Attempt<'a> {
-        let status = i32::from(outcome.status);
-        if outcome.is_success() {
-            Attempt::Delivered { status }
-        } else if outcome.retryable {
-            let failed = u32::try_from(attempts).unwrap_or(1);
-            let delay = self.schedule.delay(failed, outcome.retry_after);
-            Attempt::Retry {
-                status,
-                error: &outcome.error,
-                at: OffsetDateTime::now_utc() + delay,
-            }
-        } else {
-            Attempt::Failed {
-                status,
-                error: &outcome.error,
-            }
-        }
     }
 
     /// Stores `attempt`, retrying a failed database call a few times.
@@ -163,7 +139,7 @@ impl Queue for WebhookQueue {
                 elapsed_ms = outcome.elapsed.as_millis() as u64,
                 "attempted"
             );
-            let attempt = self.attempt(&outcome, d.attempts);
+            let attempt = crate::queue::attempt(&outcome, d.attempts, &RetrySchedule::SUBSCRIBER);
             self.record(&d, attempt).await;
         }
         .instrument(span)
