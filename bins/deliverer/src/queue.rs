@@ -7,7 +7,8 @@
 //! guarded by the lease). [`run`] owns the concurrency: at most `workers`
 //! jobs in flight, claiming only as many as there are free workers, so a
 //! replica never holds a lease it is not working on; it claims again as
-//! soon as a worker frees up, when woken (`LISTEN`/`NOTIFY`, the fallback
+//! soon as a worker frees up (waiting a millisecond for more to free up
+//! when most are busy, so one claim serves several), when woken (`LISTEN`/`NOTIFY`, the fallback
 //! tick, or a [`Kick`]), and backs off a tick after a claim error. On
 //! shutdown it stops claiming and waits for the jobs in flight (the
 //! process-wide drain deadline bounds that wait).
@@ -64,6 +65,10 @@ impl Kick {
     }
 }
 
+/// How long a claim for fewer than half the workers waits for more of them
+/// to free up.
+const CLAIM_LINGER: Duration = Duration::from_millis(1);
+
 /// How long to wait after a failed claim before the next one (the next
 /// wake-up also ends the wait).
 const CLAIM_ERROR_BACKOFF: Duration = Duration::from_secs(1);
@@ -91,12 +96,19 @@ pub async fn run<Q: Queue>(
                 tracing::error!(queue = name, error = %e, "a job task panicked or was cancelled");
             }
         }
-        let want = free.available_permits();
+        let mut want = free.available_permits();
         if want == 0 {
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 () = finished.notified() => continue,
             }
+        }
+        if want < workers / 2 {
+            // Most workers are busy and will free up within moments: let a
+            // few more finish so one claim serves several (each claim is a
+            // statement to plan and commit). An idle queue is not delayed.
+            tokio::time::sleep(CLAIM_LINGER).await;
+            want = free.available_permits();
         }
         let jobs = match queue.claim(want).await {
             Ok(jobs) => jobs,
