@@ -143,12 +143,7 @@ pub async fn run<Q: Queue>(
             // claimable, so that counts too.
             tokio::select! {
                 () = shutdown.cancelled() => break,
-                changed = wake.changed() => {
-                    if changed.is_err() {
-                        // The waker is gone (shutting down): poll on our own.
-                        tokio::time::sleep(crate::wake::FALLBACK_TICK).await;
-                    }
-                }
+                () = crate::wake::woken(&mut wake) => {}
                 () = kick.kicked() => {}
                 () = finished.notified() => {}
             }

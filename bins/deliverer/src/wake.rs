@@ -148,6 +148,15 @@ impl Wakeups {
     }
 }
 
+/// Resolves at the next change of the counters `rx` watches (any wake-up).
+/// Once the wait loop is gone (shutting down) it resolves every
+/// [`FALLBACK_TICK`] instead, so a work loop still polls on its own.
+pub async fn woken(rx: &mut watch::Receiver<WakeStats>) {
+    if rx.changed().await.is_err() {
+        tokio::time::sleep(FALLBACK_TICK).await;
+    }
+}
+
 /// The backoff before reconnection attempt `failures` (0-based), clamped
 /// to the last entry.
 pub fn reconnect_delay(failures: usize) -> Duration {

@@ -1,5 +1,6 @@
 //! Account webhooks: the fan-out loop (pending events → deliveries) and the
-//! delivery [`Queue`] (claim → render → signed POST → record).
+//! delivery [`Queue`] (claim, which brings the rendered event → signed
+//! POST → record).
 
 use std::time::Duration;
 
@@ -190,11 +191,7 @@ pub async fn fan_out_loop(
         }
         tokio::select! {
             () = shutdown.cancelled() => return,
-            changed = wake.changed() => {
-                if changed.is_err() {
-                    tokio::time::sleep(crate::wake::FALLBACK_TICK).await;
-                }
-            }
+            () = crate::wake::woken(&mut wake) => {}
         }
     }
 }
