@@ -25,6 +25,7 @@ pub const EMAIL_RECEIVED: &str = "email.received";
 pub const CATALOG: &[&str] = &[
     EMAIL_RECEIVED,
     "email.sent",
+    "email.failed",
     "email.pending_approval",
     "email.approved",
     "email.rejected",

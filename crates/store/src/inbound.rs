@@ -211,6 +211,37 @@ pub async fn ingest(
         return Ok(Vec::new());
     }
     let client = store.client().await?;
+    let mut attempt = 1;
+    let outcomes = loop {
+        match ingest_in(&client, mail, deliveries).await {
+            Err(e) if e.is_retryable_conflict() && attempt < crate::TX_MAX_ATTEMPTS => {
+                crate::store::conflict_backoff(attempt).await;
+                attempt += 1;
+            }
+            other => break other?,
+        }
+    };
+    if outcomes.iter().any(|o| matches!(o, Outcome::Stored { .. })) {
+        events::wake_deliverer(store);
+    }
+    Ok(outcomes)
+}
+
+/// [`ingest`] on `c`, once: the threading lookups, then the one statement
+/// (copies, events, legacy pushes). Inside the caller's transaction it
+/// commits or rolls back with it (outbound loopback, [`crate::outbound`]);
+/// the statement turns the events' per-commit `NOTIFY` off for the rest of
+/// that transaction, so the caller must call [`events::wake_deliverer`]
+/// after its commit. No retry here: a serialization failure or deadlock is
+/// returned for the caller's transaction to retry.
+pub async fn ingest_in(
+    c: &impl GenericClient,
+    mail: &InboundMail<'_>,
+    deliveries: &[Delivery],
+) -> Result<Vec<Outcome>> {
+    if deliveries.is_empty() {
+        return Ok(Vec::new());
+    }
     // One global lock order: by owner, then agent.
     let mut order: Vec<usize> = (0..deliveries.len()).collect();
     order.sort_by_key(|&i| (&deliveries[i].user_id, &deliveries[i].agent_id));
@@ -227,7 +258,7 @@ pub async fn ingest(
         let d = &deliveries[i];
         let conversation_id = match mail.trusted_conversation_id {
             Some(id) => id.to_owned(),
-            None => match thread_of(&client, &d.agent_id, mail.thread_refs).await? {
+            None => match thread_of(c, &d.agent_id, mail.thread_refs).await? {
                 Some(id) => id,
                 None => mint_conversation_id(),
             },
@@ -269,7 +300,7 @@ pub async fn ingest(
     } else {
         (INGEST_LEGACY_SQL, 23)
     };
-    let stmt = client.prepare_cached(sql).await?;
+    let stmt = c.prepare_cached(sql).await?;
     let legacy_expires_at = now + LEGACY_TTL;
     let params: [&(dyn tokio_postgres::types::ToSql + Sync); 23] = [
         &ids,
@@ -296,21 +327,7 @@ pub async fn ingest(
         &LEGACY_MAX_ATTEMPTS,
         &legacy_expires_at,
     ];
-    let mut attempt = 1;
-    let rows = loop {
-        match client.query(&stmt, &params[..n_params]).await {
-            Err(e) => {
-                let e = crate::StoreError::from(e);
-                if e.is_retryable_conflict() && attempt < crate::TX_MAX_ATTEMPTS {
-                    crate::store::conflict_backoff(attempt).await;
-                    attempt += 1;
-                    continue;
-                }
-                return Err(e);
-            }
-            Ok(rows) => break rows,
-        }
-    };
+    let rows = c.query(&stmt, &params[..n_params]).await?;
     let inserted: std::collections::HashSet<String> = rows.iter().map(|r| r.get(0)).collect();
 
     let mut outcomes = Vec::with_capacity(deliveries.len());
@@ -322,13 +339,13 @@ pub async fn ingest(
             });
             continue;
         }
-        let existing = client
+        let existing = c
             .prepare_cached(
                 "SELECT id FROM messages WHERE agent_id = $1 AND email_message_id = $2 AND body_sha256 = $3 \
                  AND direction = 'inbound'",
             )
             .await?;
-        let row = client
+        let row = c
             .query_one(
                 &existing,
                 &[&d.agent_id, &mail.email_message_id, &mail.body_sha256],
@@ -337,9 +354,6 @@ pub async fn ingest(
         outcomes.push(Outcome::Duplicate {
             message_id: row.get(0),
         });
-    }
-    if !inserted.is_empty() {
-        events::wake_deliverer(store);
     }
     Ok(outcomes)
 }

@@ -15,6 +15,7 @@ mod fanout;
 mod idempotency;
 mod inbound;
 mod legacy_deliveries;
+mod mail_outbox;
 mod messages;
 mod migrate;
 mod rate_limits;

@@ -1,0 +1,954 @@
+//! The outbound mail outbox (V6, V23; design from seed 003): deliveries the
+//! deliverer submits over SMTP, their recipients, attempts and dead
+//! letters, and the exactly-once send gate (`send_attempts`).
+//!
+//! Life of a delivery (`mail_deliveries.status`):
+//!
+//! ```text
+//! pending | retrying --claim--> sending --record--> sent
+//!                                        --record--> retrying       temporary failure, next_attempt_at set
+//!                                        --record--> dead_lettered  permanent failure, or the last attempt
+//! dead_lettered | retrying | pending --resend (operator)--> pending (attempts = 0)
+//! ```
+//!
+//! * [`enqueue`] runs inside the producer's transaction (the API's accept,
+//!   a HITL decision); a key already enqueued is reported, not an error,
+//!   and never rolls that transaction back.
+//! * [`claim`] is one short committed transaction (a function, V23): due
+//!   rows `FOR UPDATE SKIP LOCKED`, each through the **send gate**, leased
+//!   to the caller. SMTP happens after it, with no transaction open.
+//! * [`record`] writes one attempt's outcome in one transaction, guarded by
+//!   the lease token: the attempt row, each recipient's answer, the
+//!   delivery, the gate, the message's status and its event
+//!   (`email.sent` / `email.failed`) commit together or not at all.
+//!
+//! **The gate** (`send_attempts`, spec §3.2, keyed by delivery since V23)
+//! is what makes a submission happen at most once even when two deliverers
+//! race or one dies: the claim takes it (`attempting`) in the same
+//! transaction as the lease, and only a gate that `failed`, or has been
+//! `attempting` for longer than the stale window, can be taken again. The
+//! deliverer checks at start-up that its lease and the stale window exceed
+//! the worst-case SMTP submission time (the original's flaw 12). The gate
+//! row is removed only with its delivery: deleting the message or its
+//! agent, or the message TTL sweep, leaves it in place.
+//!
+//! The one window no gate can close: a deliverer killed after the server's
+//! `250` and before [`record`] commits. After the stale window the message
+//! is submitted again, with the same Message-ID, so receivers that drop
+//! duplicates by Message-ID see it once.
+
+use deadpool_postgres::GenericClient;
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+
+use crate::{
+    error::{Result, StoreError},
+    ids::{MailDeliveryId, MessageId, UserId},
+    outbound::{EMAIL_FAILED, EMAIL_SENT, MessageFacts},
+    secret,
+};
+
+/// Attempts a delivery gets before it is dead-lettered (the column
+/// default).
+pub const DEFAULT_MAX_ATTEMPTS: i32 = 8;
+
+/// Where a recipient appears.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecipientKind {
+    /// To.
+    To,
+    /// Cc.
+    Cc,
+    /// Bcc (envelope only).
+    Bcc,
+}
+
+impl RecipientKind {
+    /// The stored value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecipientKind::To => "to",
+            RecipientKind::Cc => "cc",
+            RecipientKind::Bcc => "bcc",
+        }
+    }
+}
+
+/// A delivery to enqueue.
+#[derive(Debug, Clone)]
+pub struct Enqueue<'a> {
+    /// The owner.
+    pub user_id: &'a UserId,
+    /// The message it delivers (`None` for mail that is not an agent's
+    /// message, e.g. a reviewer notification).
+    pub message_id: Option<&'a MessageId>,
+    /// What kind of mail (`agent_message`, `hitl_notification`, …).
+    pub template_id: &'a str,
+    /// Unique per owner; prefix it with the template so different kinds of
+    /// mail about one message never collide.
+    pub idempotency_key: &'a str,
+    /// Subject (for listings).
+    pub subject: &'a str,
+    /// The MIME message to submit (unsigned).
+    pub body: &'a [u8],
+    /// Envelope sender.
+    pub mail_from: &'a str,
+    /// DKIM signing domain, or empty.
+    pub dkim_domain: &'a str,
+    /// Envelope recipients.
+    pub recipients: &'a [(String, RecipientKind)],
+    /// Attempts before dead-lettering.
+    pub max_attempts: i32,
+}
+
+/// Enqueues `mail`, pending now. Returns the new delivery's id, or `None`
+/// when the owner already has a delivery with this idempotency key (then
+/// nothing is left behind and the caller's transaction is **not** aborted:
+/// the conflict is an `ON CONFLICT DO NOTHING`, and the payload written
+/// for it is deleted again). Two statements at most; run it in the
+/// producer's transaction. The `mail_outbox_new` NOTIFY goes out at commit.
+pub async fn enqueue(c: &impl GenericClient, mail: &Enqueue<'_>) -> Result<Option<MailDeliveryId>> {
+    if mail.recipients.is_empty() {
+        return Err(StoreError::Invalid(
+            "a mail delivery needs recipients".into(),
+        ));
+    }
+    let delivery_id = MailDeliveryId::new();
+    let payload_id = format!("mpl_{}", secret::random_hex::<16>());
+    let (addresses, kinds): (Vec<&str>, Vec<&str>) = mail
+        .recipients
+        .iter()
+        .map(|(a, k)| (a.as_str(), k.as_str()))
+        .unzip();
+    let stmt = c
+        .prepare_cached(
+            "WITH p AS ( \
+               INSERT INTO mail_payloads (payload_id, user_id, content_type, subject, body) \
+               VALUES ($2, $3, 'message/rfc822', $6, $7) RETURNING payload_id), \
+             d AS ( \
+               INSERT INTO mail_deliveries (delivery_id, user_id, message_id, template_id, idempotency_key, \
+                 payload_id, mail_from, dkim_domain, max_attempts) \
+               SELECT $1, $3, $4, $5, $8, p.payload_id, $9, $10, $11 FROM p \
+               ON CONFLICT (user_id, idempotency_key) DO NOTHING RETURNING delivery_id), \
+             r AS ( \
+               INSERT INTO mail_recipients (recipient_id, user_id, delivery_id, address, kind) \
+               SELECT gen_random_uuid()::text, $3, d.delivery_id, x.address, x.kind \
+                 FROM d, unnest($12::text[], $13::text[]) AS x(address, kind) \
+               ON CONFLICT (delivery_id, kind, address) DO NOTHING) \
+             SELECT delivery_id FROM d",
+        )
+        .await?;
+    let inserted = c
+        .query_opt(
+            &stmt,
+            &[
+                &delivery_id,
+                &payload_id,
+                mail.user_id,
+                &mail.message_id,
+                &mail.template_id,
+                &mail.subject,
+                &mail.body,
+                &mail.idempotency_key,
+                &mail.mail_from,
+                &mail.dkim_domain,
+                &mail.max_attempts,
+                &addresses,
+                &kinds,
+            ],
+        )
+        .await?;
+    if inserted.is_some() {
+        return Ok(Some(delivery_id));
+    }
+    let orphan = c
+        .prepare_cached("DELETE FROM mail_payloads WHERE payload_id = $1")
+        .await?;
+    c.execute(&orphan, &[&payload_id]).await?;
+    Ok(None)
+}
+
+/// What the send gate said about a claimed delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gate {
+    /// This claim holds the gate: submit, then [`record`].
+    Acquired,
+    /// An earlier attempt submitted it and recorded so in the gate: record
+    /// it sent without submitting again.
+    AlreadySent,
+}
+
+/// A claimed delivery: everything needed to sign, submit and record it.
+#[derive(Clone)]
+pub struct ClaimedMail {
+    /// The delivery.
+    pub delivery_id: MailDeliveryId,
+    /// Its owner.
+    pub user_id: UserId,
+    /// The lease token [`record`] must present.
+    pub lease_token: String,
+    /// The send gate's answer.
+    pub gate: Gate,
+    /// Attempts already made in this cycle.
+    pub attempts: i32,
+    /// Attempts allowed.
+    pub max_attempts: i32,
+    /// Envelope sender.
+    pub mail_from: String,
+    /// DKIM signing domain ('' = unsigned).
+    pub dkim_domain: String,
+    /// The MIME message.
+    pub body: Vec<u8>,
+    /// Recipients not yet accepted or refused for good.
+    pub recipients: Vec<String>,
+    /// The message it delivers, while it still exists.
+    pub message: Option<ClaimedMessage>,
+}
+
+impl std::fmt::Debug for ClaimedMail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClaimedMail")
+            .field("delivery_id", &self.delivery_id)
+            .field("gate", &self.gate)
+            .field("attempts", &self.attempts)
+            .field("recipients", &self.recipients.len())
+            .field("bytes", &self.body.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The facts of the message a delivery carries (for its events).
+#[derive(Debug, Clone)]
+pub struct ClaimedMessage {
+    /// `msg_` id.
+    pub message_id: String,
+    /// Sending agent.
+    pub agent_id: String,
+    /// Message type.
+    pub message_type: String,
+    /// Subject.
+    pub subject: String,
+    /// Conversation.
+    pub conversation_id: String,
+    /// Message-ID, bare.
+    pub rfc_message_id: String,
+    /// To.
+    pub to: Vec<String>,
+    /// Cc.
+    pub cc: Vec<String>,
+    /// Bcc.
+    pub bcc: Vec<String>,
+}
+
+impl ClaimedMessage {
+    /// Its event facts.
+    pub fn facts(&self) -> MessageFacts<'_> {
+        MessageFacts {
+            message_id: &self.message_id,
+            agent_id: &self.agent_id,
+            rfc_message_id: &self.rfc_message_id,
+            method: "smtp",
+            to: &self.to,
+            cc: &self.cc,
+            bcc: &self.bcc,
+            subject: &self.subject,
+            message_type: &self.message_type,
+            conversation_id: &self.conversation_id,
+        }
+    }
+}
+
+/// Claims up to `max` due deliveries (see the module docs and V23's
+/// `e2a_claim_mail_deliveries`): one statement, committed on its own (run
+/// it on a pooled client, not in a transaction you keep open). Leases last
+/// `lease`; a gate `attempting` for longer than `gate_stale` is taken over.
+pub async fn claim(
+    c: &impl GenericClient,
+    max: usize,
+    lease: std::time::Duration,
+    gate_stale: std::time::Duration,
+) -> Result<Vec<ClaimedMail>> {
+    let token = secret::random_hex::<16>();
+    let stmt = c
+        .prepare_cached("SELECT * FROM e2a_claim_mail_deliveries($1, $2, $3, $4)")
+        .await?;
+    let max = i32::try_from(max).unwrap_or(i32::MAX);
+    let rows = c
+        .query(
+            &stmt,
+            &[
+                &max,
+                &lease.as_secs_f64(),
+                &token,
+                &gate_stale.as_secs_f64(),
+            ],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let message_id: Option<String> = r.get("message_id");
+            let agent_id: Option<String> = r.get("agent_id");
+            let message = match (message_id, agent_id) {
+                (Some(message_id), Some(agent_id)) => Some(ClaimedMessage {
+                    message_id,
+                    agent_id,
+                    message_type: r
+                        .get::<_, Option<String>>("message_type")
+                        .unwrap_or_default(),
+                    subject: r.get::<_, Option<String>>("subject").unwrap_or_default(),
+                    conversation_id: r
+                        .get::<_, Option<String>>("conversation_id")
+                        .unwrap_or_default(),
+                    rfc_message_id: r
+                        .get::<_, Option<String>>("provider_message_id")
+                        .unwrap_or_default(),
+                    to: r
+                        .get::<_, Option<Vec<String>>>("to_recipients")
+                        .unwrap_or_default(),
+                    cc: r.get::<_, Option<Vec<String>>>("cc").unwrap_or_default(),
+                    bcc: r.get::<_, Option<Vec<String>>>("bcc").unwrap_or_default(),
+                }),
+                _ => None,
+            };
+            ClaimedMail {
+                delivery_id: r.get("delivery_id"),
+                user_id: r.get("user_id"),
+                lease_token: token.clone(),
+                gate: if r.get::<_, &str>("gate") == "acquired" {
+                    Gate::Acquired
+                } else {
+                    Gate::AlreadySent
+                },
+                attempts: r.get("attempts"),
+                max_attempts: r.get("max_attempts"),
+                mail_from: r.get("mail_from"),
+                dkim_domain: r.get("dkim_domain"),
+                body: r.get("body"),
+                recipients: r.get("rcpt_addresses"),
+                message,
+            }
+        })
+        .collect())
+}
+
+/// One recipient's answer in an attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecipientAnswer {
+    /// The address.
+    pub address: String,
+    /// Accepted, refused for good, or still to retry.
+    pub state: RecipientState,
+    /// SMTP reply code, when the server answered.
+    pub code: Option<u16>,
+    /// SMTP reply text (bounded by the caller).
+    pub reply: String,
+}
+
+/// A recipient's state after an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecipientState {
+    /// The server took the message for it.
+    Sent,
+    /// Refused for good (5xx).
+    Failed,
+    /// Not done yet (4xx, or the attempt ended before it).
+    Pending,
+}
+
+/// How an attempt ended, as the deliverer decided it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The server accepted the message (for at least one recipient; the
+    /// others are in `recipients`). No recipient is left pending.
+    Sent {
+        /// Final reply code (250).
+        code: u16,
+        /// Final reply text.
+        reply: String,
+    },
+    /// Try again at `at`: a temporary failure, or some recipients still
+    /// pending after a partly successful attempt.
+    Retry {
+        /// When.
+        at: OffsetDateTime,
+        /// Reply code, when the server answered.
+        code: Option<u16>,
+        /// What went wrong.
+        error: String,
+    },
+    /// Give up: a permanent failure, or a temporary one on the last
+    /// attempt. Nothing was accepted for any recipient.
+    DeadLetter {
+        /// Reply code, when the server answered.
+        code: Option<u16>,
+        /// Why.
+        error: String,
+    },
+}
+
+/// What [`record`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    /// Written, the delivery is now in this state.
+    Done(&'static str),
+    /// The lease passed to another worker (it expired): nothing written.
+    LeaseLost,
+}
+
+/// The longest SMTP reply or error text kept per attempt or recipient.
+pub const MAX_REPLY_CHARS: usize = 1000;
+
+fn bounded(s: &str) -> String {
+    s.chars().take(MAX_REPLY_CHARS).collect()
+}
+
+/// Records the outcome of the attempt `job` was claimed for, in one
+/// transaction of its own, guarded by the lease token (another worker that
+/// took the delivery over after the lease lapsed wins: [`Recorded::LeaseLost`]
+/// and nothing is written). Together: the delivery's new state, the
+/// `mail_attempts` row (code and reply text), each recipient's answer, the
+/// send gate (`sent`, or `failed` so the next attempt may take it), the
+/// message's status, and `email.sent` (on [`Outcome::Sent`]) or
+/// `email.failed` (on [`Outcome::DeadLetter`], with a `mail_dead_letters`
+/// row). Retries the transaction on a serialization failure or deadlock.
+pub async fn record(
+    store: &crate::Store,
+    job: &ClaimedMail,
+    started_at: OffsetDateTime,
+    outcome: &Outcome,
+    recipients: &[RecipientAnswer],
+) -> Result<Recorded> {
+    store
+        .transaction(
+            &(job, started_at, outcome, recipients),
+            |tx, (job, started_at, outcome, recipients)| {
+                Box::pin(record_in(tx, job, *started_at, outcome, recipients))
+            },
+        )
+        .await
+}
+
+async fn record_in(
+    c: &impl GenericClient,
+    job: &ClaimedMail,
+    started_at: OffsetDateTime,
+    outcome: &Outcome,
+    recipients: &[RecipientAnswer],
+) -> Result<Recorded> {
+    let (status, attempt_outcome, next_at, code, text): (
+        &'static str,
+        &str,
+        Option<OffsetDateTime>,
+        Option<u16>,
+        String,
+    ) = match outcome {
+        Outcome::Sent { code, reply } => ("sent", "sent", None, Some(*code), bounded(reply)),
+        Outcome::Retry { at, code, error } => (
+            "retrying",
+            "temporary_failure",
+            Some(*at),
+            *code,
+            bounded(error),
+        ),
+        Outcome::DeadLetter { code, error } => (
+            "dead_lettered",
+            "permanent_failure",
+            None,
+            *code,
+            bounded(error),
+        ),
+    };
+    let attempt_outcome = if job.gate == Gate::AlreadySent {
+        "already_sent"
+    } else {
+        attempt_outcome
+    };
+    let code = code.map(i32::from);
+    let stmt = c
+        .prepare_cached(
+            "UPDATE mail_deliveries SET status = $3, attempts = attempts + 1, \
+               next_attempt_at = $4, leased_until = NULL, lease_token = NULL, updated_at = now(), \
+               last_error = CASE WHEN $3 = 'sent' THEN '' ELSE $5 END, \
+               sent_at = CASE WHEN $3 = 'sent' THEN now() ELSE sent_at END, \
+               dead_lettered_at = CASE WHEN $3 = 'dead_lettered' THEN now() ELSE dead_lettered_at END \
+             WHERE delivery_id = $1 AND lease_token = $2 AND status = 'sending' \
+             RETURNING attempts",
+        )
+        .await?;
+    let Some(_) = c
+        .query_opt(
+            &stmt,
+            &[&job.delivery_id, &job.lease_token, &status, &next_at, &text],
+        )
+        .await?
+    else {
+        return Ok(Recorded::LeaseLost);
+    };
+
+    let (error, reply) = if status == "sent" {
+        (String::new(), text.clone())
+    } else {
+        (text.clone(), String::new())
+    };
+    let stmt = c
+        .prepare_cached(
+            "INSERT INTO mail_attempts (attempt_id, user_id, delivery_id, attempt_no, started_at, \
+               finished_at, outcome, smtp_code, error, reply) \
+             SELECT gen_random_uuid()::text, $2, $1, \
+                    COALESCE((SELECT max(attempt_no) FROM mail_attempts WHERE delivery_id = $1), 0) + 1, \
+                    $3, now(), $4, $5, $6, $7",
+        )
+        .await?;
+    c.execute(
+        &stmt,
+        &[
+            &job.delivery_id,
+            &job.user_id,
+            &started_at,
+            &attempt_outcome,
+            &code,
+            &error,
+            &reply,
+        ],
+    )
+    .await?;
+
+    if !recipients.is_empty() {
+        let (mut addresses, mut states, mut codes, mut replies) = (vec![], vec![], vec![], vec![]);
+        for r in recipients {
+            addresses.push(r.address.as_str());
+            states.push(match r.state {
+                RecipientState::Sent => "sent",
+                RecipientState::Failed => "failed",
+                RecipientState::Pending => "pending",
+            });
+            codes.push(r.code.map(i32::from));
+            replies.push(bounded(&r.reply));
+        }
+        let stmt = c
+            .prepare_cached(
+                "UPDATE mail_recipients r SET status = x.status, smtp_code = x.code, reply = x.reply \
+                   FROM unnest($2::text[], $3::text[], $4::int4[], $5::text[]) AS x(address, status, code, reply) \
+                  WHERE r.delivery_id = $1 AND r.address = x.address AND r.status = 'pending'",
+            )
+            .await?;
+        c.execute(
+            &stmt,
+            &[&job.delivery_id, &addresses, &states, &codes, &replies],
+        )
+        .await?;
+    }
+    if status == "dead_lettered" {
+        // Whatever was still pending is given up with the delivery.
+        let stmt = c
+            .prepare_cached(
+                "UPDATE mail_recipients SET status = 'failed' WHERE delivery_id = $1 AND status = 'pending'",
+            )
+            .await?;
+        c.execute(&stmt, &[&job.delivery_id]).await?;
+        let stmt = c
+            .prepare_cached(
+                "INSERT INTO mail_dead_letters (dead_letter_id, user_id, delivery_id, reason) \
+                 VALUES (gen_random_uuid()::text, $2, $1, $3)",
+            )
+            .await?;
+        c.execute(&stmt, &[&job.delivery_id, &job.user_id, &text])
+            .await?;
+    }
+
+    let (gate_status, gate_error) = if status == "sent" {
+        ("sent", String::new())
+    } else {
+        ("failed", text.clone())
+    };
+    let stmt = c
+        .prepare_cached(
+            "UPDATE send_attempts SET status = $2, completed_at = now(), error = $3, \
+               method = 'smtp', provider_message_id = $4 \
+             WHERE delivery_id = $1 AND status IN ('attempting', 'sent')",
+        )
+        .await?;
+    let provider = job
+        .message
+        .as_ref()
+        .map(|m| crate::outbound::angle(&m.rfc_message_id))
+        .unwrap_or_default();
+    c.execute(
+        &stmt,
+        &[&job.delivery_id, &gate_status, &gate_error, &provider],
+    )
+    .await?;
+
+    if let Some(m) = &job.message {
+        let message_status = match status {
+            "sent" => "sent",
+            "dead_lettered" => "failed",
+            _ => "queued",
+        };
+        let stmt = c
+            .prepare_cached(
+                "UPDATE messages SET status = $3 WHERE id = $1 AND user_id = $2 AND direction = 'outbound'",
+            )
+            .await?;
+        c.execute(&stmt, &[&m.message_id, &job.user_id, &message_status])
+            .await?;
+        let refused: Vec<Value> = refused_recipients(c, &job.delivery_id).await?;
+        match outcome {
+            Outcome::Sent { .. } => {
+                let extra = if refused.is_empty() {
+                    Value::Null
+                } else {
+                    json!({ "failed_recipients": refused })
+                };
+                m.facts().append(c, &job.user_id, EMAIL_SENT, extra).await?;
+            }
+            Outcome::DeadLetter { code, .. } => {
+                let extra = json!({
+                    "error": text,
+                    "smtp_code": code,
+                    "attempts": job.attempts + 1,
+                    "failed_recipients": refused,
+                });
+                m.facts()
+                    .append(c, &job.user_id, EMAIL_FAILED, extra)
+                    .await?;
+            }
+            Outcome::Retry { .. } => {}
+        }
+    }
+    Ok(Recorded::Done(status))
+}
+
+/// The recipients of a delivery refused for good, as event data.
+async fn refused_recipients(
+    c: &impl GenericClient,
+    delivery_id: &MailDeliveryId,
+) -> Result<Vec<Value>> {
+    let stmt = c
+        .prepare_cached(
+            "SELECT address, smtp_code, reply FROM mail_recipients \
+              WHERE delivery_id = $1 AND status = 'failed' ORDER BY recipient_id",
+        )
+        .await?;
+    Ok(c.query(&stmt, &[delivery_id])
+        .await?
+        .iter()
+        .map(|r| {
+            json!({
+                "address": r.get::<_, String>(0),
+                "smtp_code": r.get::<_, Option<i32>>(1),
+                "reply": r.get::<_, String>(2),
+            })
+        })
+        .collect())
+}
+
+/// One delivery as operators see it (`cargo xtask outbox`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryRow {
+    /// The delivery.
+    pub delivery_id: String,
+    /// Owner.
+    pub user_id: String,
+    /// Message delivered, while it exists.
+    pub message_id: Option<String>,
+    /// Template.
+    pub template_id: String,
+    /// Status.
+    pub status: String,
+    /// Attempts in this cycle / allowed.
+    pub attempts: i32,
+    /// Allowed attempts.
+    pub max_attempts: i32,
+    /// Next attempt, when scheduled.
+    pub next_attempt_at: Option<OffsetDateTime>,
+    /// Last error.
+    pub last_error: String,
+    /// Subject.
+    pub subject: String,
+    /// Created.
+    pub created_at: OffsetDateTime,
+}
+
+const DELIVERY_COLUMNS: &str = "d.delivery_id, d.user_id, d.message_id, d.template_id, d.status, \
+     d.attempts, d.max_attempts, d.next_attempt_at, d.last_error, COALESCE(p.subject, ''), d.created_at";
+
+fn delivery_row(r: &tokio_postgres::Row) -> DeliveryRow {
+    DeliveryRow {
+        delivery_id: r.get(0),
+        user_id: r.get(1),
+        message_id: r.get(2),
+        template_id: r.get(3),
+        status: r.get(4),
+        attempts: r.get(5),
+        max_attempts: r.get(6),
+        next_attempt_at: r.get(7),
+        last_error: r.get(8),
+        subject: r.get(9),
+        created_at: r.get(10),
+    }
+}
+
+/// The newest `limit` deliveries, optionally of one status only (every
+/// owner: an operator's view).
+pub async fn list(
+    c: &impl GenericClient,
+    status: Option<&str>,
+    limit: i64,
+) -> Result<Vec<DeliveryRow>> {
+    let stmt = c
+        .prepare_cached(&format!(
+            "SELECT {DELIVERY_COLUMNS} FROM mail_deliveries d \
+               JOIN mail_payloads p ON p.payload_id = d.payload_id \
+              WHERE ($1::text IS NULL OR d.status = $1) \
+              ORDER BY d.created_at DESC, d.delivery_id DESC LIMIT $2"
+        ))
+        .await?;
+    Ok(c.query(&stmt, &[&status, &limit])
+        .await?
+        .iter()
+        .map(delivery_row)
+        .collect())
+}
+
+/// One attempt of a delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptRow {
+    /// 1, 2, … (keeps growing across operator re-sends).
+    pub attempt_no: i32,
+    /// Started.
+    pub started_at: OffsetDateTime,
+    /// Finished.
+    pub finished_at: Option<OffsetDateTime>,
+    /// `sent`, `temporary_failure`, `permanent_failure`, …
+    pub outcome: String,
+    /// SMTP code.
+    pub smtp_code: Option<i32>,
+    /// Error text.
+    pub error: String,
+    /// Reply text of a success.
+    pub reply: String,
+}
+
+/// A recipient of a delivery and its state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecipientRow {
+    /// Address.
+    pub address: String,
+    /// to, cc, bcc.
+    pub kind: String,
+    /// pending, sent, failed.
+    pub status: String,
+    /// Last SMTP code for it.
+    pub smtp_code: Option<i32>,
+    /// Last reply for it.
+    pub reply: String,
+}
+
+/// A delivery with its recipients, attempts and send gate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryDetail {
+    /// The delivery.
+    pub delivery: DeliveryRow,
+    /// Its recipients.
+    pub recipients: Vec<RecipientRow>,
+    /// Its attempts, oldest first.
+    pub attempts: Vec<AttemptRow>,
+    /// The send gate's status (`attempting`, `sent`, `failed`), if taken.
+    pub gate: Option<String>,
+}
+
+/// One delivery in detail; [`StoreError::NotFound`] when there is none.
+pub async fn show(c: &impl GenericClient, delivery_id: &str) -> Result<DeliveryDetail> {
+    let stmt = c
+        .prepare_cached(&format!(
+            "SELECT {DELIVERY_COLUMNS} FROM mail_deliveries d \
+               JOIN mail_payloads p ON p.payload_id = d.payload_id WHERE d.delivery_id = $1"
+        ))
+        .await?;
+    let delivery = c
+        .query_opt(&stmt, &[&delivery_id])
+        .await?
+        .map(|r| delivery_row(&r))
+        .ok_or(StoreError::NotFound)?;
+    let stmt = c
+        .prepare_cached(
+            "SELECT address, kind, status, smtp_code, reply FROM mail_recipients \
+              WHERE delivery_id = $1 ORDER BY recipient_id",
+        )
+        .await?;
+    let recipients = c
+        .query(&stmt, &[&delivery_id])
+        .await?
+        .iter()
+        .map(|r| RecipientRow {
+            address: r.get(0),
+            kind: r.get(1),
+            status: r.get(2),
+            smtp_code: r.get(3),
+            reply: r.get(4),
+        })
+        .collect();
+    let stmt = c
+        .prepare_cached(
+            "SELECT attempt_no, started_at, finished_at, outcome, smtp_code, error, reply \
+               FROM mail_attempts WHERE delivery_id = $1 ORDER BY attempt_no",
+        )
+        .await?;
+    let attempts = c
+        .query(&stmt, &[&delivery_id])
+        .await?
+        .iter()
+        .map(|r| AttemptRow {
+            attempt_no: r.get(0),
+            started_at: r.get(1),
+            finished_at: r.get(2),
+            outcome: r.get(3),
+            smtp_code: r.get(4),
+            error: r.get(5),
+            reply: r.get(6),
+        })
+        .collect();
+    let stmt = c
+        .prepare_cached("SELECT status FROM send_attempts WHERE delivery_id = $1")
+        .await?;
+    let gate = c.query_opt(&stmt, &[&delivery_id]).await?.map(|r| r.get(0));
+    Ok(DeliveryDetail {
+        delivery,
+        recipients,
+        attempts,
+        gate,
+    })
+}
+
+/// A dead letter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetterRow {
+    /// The delivery.
+    pub delivery_id: String,
+    /// Owner.
+    pub user_id: String,
+    /// When it was dead-lettered.
+    pub archived_at: OffsetDateTime,
+    /// Why.
+    pub reason: String,
+    /// The delivery's status now (`pending` again after a re-send).
+    pub status: String,
+}
+
+/// The newest `limit` dead letters (kept as history after a re-send).
+pub async fn dead_letters(c: &impl GenericClient, limit: i64) -> Result<Vec<DeadLetterRow>> {
+    let stmt = c
+        .prepare_cached(
+            "SELECT l.delivery_id, l.user_id, l.archived_at, l.reason, d.status \
+               FROM mail_dead_letters l JOIN mail_deliveries d ON d.delivery_id = l.delivery_id \
+              ORDER BY l.archived_at DESC, l.dead_letter_id DESC LIMIT $1",
+        )
+        .await?;
+    Ok(c.query(&stmt, &[&limit])
+        .await?
+        .iter()
+        .map(|r| DeadLetterRow {
+            delivery_id: r.get(0),
+            user_id: r.get(1),
+            archived_at: r.get(2),
+            reason: r.get(3),
+            status: r.get(4),
+        })
+        .collect())
+}
+
+/// Why [`resend`] refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ResendError {
+    /// No such delivery.
+    #[error("no such delivery")]
+    NotFound,
+    /// It was sent; sending it again would duplicate it.
+    #[error("the delivery was sent; it is not sent again")]
+    AlreadySent,
+    /// A deliverer is working on it right now.
+    #[error("the delivery is being sent right now")]
+    Sending,
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The operator's re-send (seed 003 `ResendNonSent`): a dead-lettered,
+/// retrying or pending delivery goes back to `pending` now with a fresh
+/// cycle of attempts (`attempts = 0`); its recipients refused for good are
+/// pending again; its message is `queued` again; the dead-letter rows stay
+/// as history. Refused for a `sent` delivery (the gate would refuse to
+/// send it anyway) and one `sending` right now. One transaction; the
+/// update NOTIFYs the deliverer.
+pub async fn resend(store: &crate::Store, delivery_id: &str) -> Result<(), ResendError> {
+    let mut client = store.client().await?;
+    let tx = client.transaction().await.map_err(StoreError::from)?;
+    let stmt = tx
+        .prepare_cached(
+            "SELECT status, message_id, user_id FROM mail_deliveries WHERE delivery_id = $1 FOR UPDATE",
+        )
+        .await
+        .map_err(StoreError::from)?;
+    let row = tx
+        .query_opt(&stmt, &[&delivery_id])
+        .await
+        .map_err(StoreError::from)?
+        .ok_or(ResendError::NotFound)?;
+    let status: &str = row.get(0);
+    match status {
+        "sent" => return Err(ResendError::AlreadySent),
+        "sending" => return Err(ResendError::Sending),
+        _ => {}
+    }
+    let message_id: Option<String> = row.get(1);
+    let user_id: String = row.get(2);
+    tx.execute(
+        "UPDATE mail_deliveries SET status = 'pending', attempts = 0, next_attempt_at = now(), \
+           dead_lettered_at = NULL, last_error = '', updated_at = now() WHERE delivery_id = $1",
+        &[&delivery_id],
+    )
+    .await
+    .map_err(StoreError::from)?;
+    tx.execute(
+        "UPDATE mail_recipients SET status = 'pending' WHERE delivery_id = $1 AND status = 'failed'",
+        &[&delivery_id],
+    )
+    .await
+    .map_err(StoreError::from)?;
+    if let Some(message_id) = message_id {
+        tx.execute(
+            "UPDATE messages SET status = 'queued' WHERE id = $1 AND user_id = $2 AND status = 'failed'",
+            &[&message_id, &user_id],
+        )
+        .await
+        .map_err(StoreError::from)?;
+    }
+    tx.commit().await.map_err(StoreError::from)?;
+    Ok(())
+}
+
+/// Queue gauges: deliveries per status (every status present, 0 when
+/// none) and the age in seconds of the oldest delivery that is due and
+/// not yet claimed (0 when none). One statement.
+pub async fn depth(c: &impl GenericClient) -> Result<(Vec<(&'static str, i64)>, f64)> {
+    const STATUSES: [&str; 5] = ["pending", "retrying", "sending", "sent", "dead_lettered"];
+    let stmt = c
+        .prepare_cached(
+            "SELECT (SELECT COALESCE(json_object_agg(status, n), '{}') FROM \
+                       (SELECT status, count(*) AS n FROM mail_deliveries GROUP BY status) s), \
+                    (SELECT COALESCE(EXTRACT(EPOCH FROM now() - min(next_attempt_at)), 0)::float8 \
+                       FROM mail_deliveries \
+                      WHERE status IN ('pending', 'retrying') AND next_attempt_at <= now())",
+        )
+        .await?;
+    let row = c.query_one(&stmt, &[]).await?;
+    let counts: Value = row.get(0);
+    let by_status = STATUSES
+        .iter()
+        .map(|s| (*s, counts.get(*s).and_then(Value::as_i64).unwrap_or(0)))
+        .collect();
+    Ok((by_status, row.get::<_, f64>(1).max(0.0)))
+}

@@ -1,0 +1,341 @@
+//! Outbound mail, queue-first: [`accept`] stores what an agent sends, in
+//! the caller's **one transaction**, and nothing is submitted here.
+//!
+//! The original sent over SMTP inside the HTTP request and wrote the
+//! message row and `email.sent` afterwards, non-atomically (its flaws 5 and
+//! 12). Here the API validates and composes, then in one transaction:
+//!
+//! * the outbound message row (`queued`, or `sent` when every recipient is
+//!   an agent of this gateway), with the RFC 5322 Message-ID minted at
+//!   accept as its `provider_message_id` — the id the response carries and
+//!   every retry sends;
+//! * for recipients outside the gateway, one mail-outbox delivery
+//!   ([`crate::mail_outbox::enqueue`]: payload, delivery, recipients) that
+//!   the deliverer submits later;
+//! * for recipients that are agents of this gateway (**loopback**), an
+//!   inbound copy each, threaded in the recipient's mailbox, with its
+//!   `email.received` event ([`inbound::ingest_in`]) — such mail never
+//!   leaves the gateway;
+//! * when nothing leaves the gateway, `email.sent` (method `loopback`).
+//!
+//! The caller adds the idempotency record's completion to the same
+//! transaction, commits, and then calls [`Accepted::wake`]. A crash
+//! anywhere before the commit leaves nothing; after it, everything.
+//!
+//! Statuses of an outbound message (`messages.status`, V3): `queued` →
+//! `sending` (claimed by a deliverer) → `sent` (with `email.sent`) or
+//! `failed` (dead-lettered, with `email.failed`); a temporary failure puts
+//! it back to `queued` until the next attempt.
+
+use deadpool_postgres::GenericClient;
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+
+use crate::{
+    Store,
+    error::Result,
+    events,
+    ids::{MailDeliveryId, MessageId, UserId},
+    inbound::{self, MESSAGE_TTL},
+    mail_outbox::{self, Enqueue, RecipientKind},
+};
+
+/// `email.sent`: an outbound message reached every recipient's server (or
+/// mailbox, for loopback).
+pub const EMAIL_SENT: &str = "email.sent";
+/// `email.failed`: an outbound message was given up (dead-lettered).
+pub const EMAIL_FAILED: &str = "email.failed";
+/// The mail-outbox template of an agent's own message (its idempotency
+/// keys are `agent_message:<msg_id>`, never colliding with notifications').
+pub const AGENT_MESSAGE_TEMPLATE: &str = "agent_message";
+
+/// What kind of outbound message (`messages.message_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageType {
+    /// A new thread.
+    Send,
+    /// A reply to an inbound message.
+    Reply,
+    /// A forward of an inbound message.
+    Forward,
+    /// `POST /v1/agents/{address}/test`.
+    Test,
+}
+
+impl MessageType {
+    /// The stored value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageType::Send => "send",
+            MessageType::Reply => "reply",
+            MessageType::Forward => "forward",
+            MessageType::Test => "test",
+        }
+    }
+}
+
+/// Inbound copies for recipients that are agents of this gateway.
+#[derive(Debug, Clone)]
+pub struct Loopback<'a> {
+    /// The message as each recipient receives it (raw bytes, threading
+    /// ids, verdicts).
+    pub mail: inbound::InboundMail<'a>,
+    /// One copy per recipient agent.
+    pub copies: &'a [inbound::Delivery],
+}
+
+/// One message to accept.
+#[derive(Debug, Clone)]
+pub struct OutboundMail<'a> {
+    /// Its id, minted by the caller.
+    pub message_id: &'a MessageId,
+    /// The sending agent's owner.
+    pub user_id: &'a UserId,
+    /// The sending agent.
+    pub agent_id: &'a str,
+    /// Send, reply, forward or test.
+    pub message_type: MessageType,
+    /// The RFC 5322 Message-ID, bare (no angle brackets), minted at accept.
+    pub rfc_message_id: &'a str,
+    /// For a reply or forward: the parent's Message-ID, bare; else empty.
+    pub parent_email_message_id: &'a str,
+    /// Subject as sent.
+    pub subject: &'a str,
+    /// Canonical To, Cc and Bcc (every recipient, local or not).
+    pub to: &'a [String],
+    /// Cc.
+    pub cc: &'a [String],
+    /// Bcc.
+    pub bcc: &'a [String],
+    /// The conversation the message belongs to (never empty).
+    pub conversation_id: &'a str,
+    /// The composed MIME message (unsigned; the deliverer DKIM-signs it).
+    pub raw: &'a [u8],
+    /// Envelope sender (`MAIL FROM`).
+    pub mail_from: &'a str,
+    /// DKIM signing domain (the From domain), or empty to send unsigned.
+    pub dkim_domain: &'a str,
+    /// Recipients outside the gateway, with their kind: they get one
+    /// mail-outbox delivery. Empty when every recipient is local.
+    pub external: &'a [(String, RecipientKind)],
+    /// Inbound copies for local recipients.
+    pub loopback: Option<Loopback<'a>>,
+    /// Attempts the delivery gets before it is dead-lettered.
+    pub max_attempts: i32,
+}
+
+/// What [`accept`] stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accepted {
+    /// `queued` (something goes out through the outbox) or `sent` (every
+    /// recipient was local and has its copy).
+    pub status: &'static str,
+    /// `smtp` or `loopback`.
+    pub method: &'static str,
+    /// The outbox delivery, when something goes out.
+    pub delivery_id: Option<MailDeliveryId>,
+    /// What happened to each loopback copy.
+    pub loopback: Vec<inbound::Outcome>,
+}
+
+impl Accepted {
+    /// After the commit: wakes the deliverer's fan-out for the events this
+    /// accept appended (their per-commit `NOTIFY` was deferred). The mail
+    /// outbox wakes the deliverer on its own (`mail_outbox_new`).
+    pub fn wake(&self, store: &Store) {
+        if !self.loopback.is_empty() {
+            events::wake_deliverer(store);
+        }
+    }
+}
+
+/// The `data` of `email.sent` (spec §4.3, plus `failed_recipients` when
+/// some recipients were refused) and of `email.failed` (plus `error`).
+#[derive(Debug, Clone)]
+pub struct MessageFacts<'a> {
+    /// The `msg_` id.
+    pub message_id: &'a str,
+    /// The sending agent (`from`).
+    pub agent_id: &'a str,
+    /// The Message-ID, bare.
+    pub rfc_message_id: &'a str,
+    /// `smtp` or `loopback`.
+    pub method: &'a str,
+    /// Recipients.
+    pub to: &'a [String],
+    /// Cc.
+    pub cc: &'a [String],
+    /// Bcc.
+    pub bcc: &'a [String],
+    /// Subject.
+    pub subject: &'a str,
+    /// Message type (`send`, …).
+    pub message_type: &'a str,
+    /// Conversation.
+    pub conversation_id: &'a str,
+}
+
+impl MessageFacts<'_> {
+    /// The event's data object; `extra` fields are merged in.
+    pub fn data(&self, extra: Value) -> Value {
+        let mut data = json!({
+            "message_id": self.message_id,
+            "provider_message_id": angle(self.rfc_message_id),
+            "method": self.method,
+            "from": self.agent_id,
+            "to": self.to,
+            "cc": self.cc,
+            "bcc": self.bcc,
+            "subject": self.subject,
+            "type": self.message_type,
+            "conversation_id": self.conversation_id,
+        });
+        if let (Some(d), Value::Object(extra)) = (data.as_object_mut(), extra) {
+            d.extend(extra);
+        }
+        data
+    }
+
+    /// Appends `event_type` (`email.sent` or `email.failed`) for this
+    /// message, with a deterministic id (message id, type): appending it
+    /// twice is a no-op.
+    pub async fn append(
+        &self,
+        c: &impl GenericClient,
+        user_id: &UserId,
+        event_type: &'static str,
+        extra: Value,
+    ) -> Result<bool> {
+        let id = events::deterministic_id(&[self.message_id, event_type]);
+        let envelope =
+            events::envelope(event_type, &id, OffsetDateTime::now_utc(), self.data(extra));
+        events::append(
+            c,
+            &events::NewEvent {
+                id: &id,
+                user_id,
+                event_type,
+                envelope: &envelope,
+                agent_id: Some(self.agent_id),
+                conversation_id: Some(self.conversation_id).filter(|c| !c.is_empty()),
+                message_id: Some(self.message_id),
+                labels: &[],
+            },
+        )
+        .await
+    }
+}
+
+/// `<id>`: a bare Message-ID in the angle brackets of its header form.
+pub fn angle(id: &str) -> String {
+    format!("<{id}>")
+}
+
+/// Stores `mail` (see the module docs). Run it in the caller's transaction
+/// together with the idempotency record's completion; after the commit call
+/// [`Accepted::wake`]. Nothing here talks to anything but Postgres.
+///
+/// Errors: any database error (the caller's transaction rolls back and
+/// nothing is stored). A recipient both local and external is the caller's
+/// mistake ([`crate::StoreError::Invalid`]).
+pub async fn accept(c: &impl GenericClient, mail: &OutboundMail<'_>) -> Result<Accepted> {
+    let copies = mail.loopback.as_ref().map_or(0, |l| l.copies.len());
+    if mail.external.is_empty() && copies == 0 {
+        return Err(crate::StoreError::Invalid(
+            "an outbound message needs at least one recipient".into(),
+        ));
+    }
+    let goes_out = !mail.external.is_empty();
+    let (status, method) = if goes_out {
+        ("queued", "smtp")
+    } else {
+        ("sent", "loopback")
+    };
+    let now = OffsetDateTime::now_utc();
+    let first_to = mail
+        .to
+        .first()
+        .or(mail.cc.first())
+        .cloned()
+        .unwrap_or_default();
+    let stmt = c
+        .prepare_cached(
+            "INSERT INTO messages (id, user_id, agent_id, direction, status, recipient, subject, \
+               email_message_id, provider_message_id, method, message_type, conversation_id, \
+               to_recipients, cc, bcc, created_at, expires_at) \
+             VALUES ($1, $2, $3, 'outbound', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+        )
+        .await?;
+    c.execute(
+        &stmt,
+        &[
+            mail.message_id,
+            mail.user_id,
+            &mail.agent_id,
+            &status,
+            &first_to,
+            &mail.subject,
+            &mail.parent_email_message_id,
+            &mail.rfc_message_id,
+            &method,
+            &mail.message_type.as_str(),
+            &mail.conversation_id,
+            &mail.to,
+            &mail.cc,
+            &mail.bcc,
+            &now,
+            &(now + MESSAGE_TTL),
+        ],
+    )
+    .await?;
+
+    let delivery_id = if goes_out {
+        let key = format!("{AGENT_MESSAGE_TEMPLATE}:{}", mail.message_id);
+        mail_outbox::enqueue(
+            c,
+            &Enqueue {
+                user_id: mail.user_id,
+                message_id: Some(mail.message_id),
+                template_id: AGENT_MESSAGE_TEMPLATE,
+                idempotency_key: &key,
+                subject: mail.subject,
+                body: mail.raw,
+                mail_from: mail.mail_from,
+                dkim_domain: mail.dkim_domain,
+                recipients: mail.external,
+                max_attempts: mail.max_attempts,
+            },
+        )
+        .await?
+    } else {
+        None
+    };
+
+    let loopback = match &mail.loopback {
+        Some(l) => inbound::ingest_in(c, &l.mail, l.copies).await?,
+        None => Vec::new(),
+    };
+    if !goes_out {
+        let facts = MessageFacts {
+            message_id: mail.message_id.as_str(),
+            agent_id: mail.agent_id,
+            rfc_message_id: mail.rfc_message_id,
+            method,
+            to: mail.to,
+            cc: mail.cc,
+            bcc: mail.bcc,
+            subject: mail.subject,
+            message_type: mail.message_type.as_str(),
+            conversation_id: mail.conversation_id,
+        };
+        facts
+            .append(c, mail.user_id, EMAIL_SENT, Value::Null)
+            .await?;
+    }
+    Ok(Accepted {
+        status,
+        method,
+        delivery_id,
+        loopback,
+    })
+}

@@ -1,0 +1,559 @@
+//! Outbound accept and the mail outbox (V23): one transaction per accept,
+//! loopback copies, the claim's lease and send gate, records guarded by the
+//! lease, retries, dead letters with `email.failed`, operator re-send, and
+//! a gate that outlives its message.
+
+use std::time::Duration;
+
+use e2a_store::{
+    Store,
+    ids::MessageId,
+    inbound::{self, Delivery, InboundMail},
+    mail_outbox::{
+        self, Gate, Outcome, RecipientAnswer, RecipientKind, RecipientState, Recorded, ResendError,
+    },
+    outbound::{self, Loopback, MessageType, OutboundMail},
+};
+use time::OffsetDateTime;
+
+use super::messages::{Mailbox, mailbox};
+
+const LEASE: Duration = Duration::from_secs(60);
+
+struct Sent {
+    message_id: MessageId,
+    rfc: String,
+}
+
+/// Accepts a message from `from` to `external` addresses and `local`
+/// mailboxes, in one transaction.
+async fn send(store: &Store, from: &Mailbox, external: &[&str], local: &[&Mailbox]) -> Sent {
+    let message_id = MessageId::new();
+    let rfc = format!("{}@agents.localhost", e2a_store::secret::random_hex::<16>());
+    let raw = format!(
+        "From: {}\r\nMessage-ID: <{rfc}>\r\nSubject: hello\r\n\r\nhi\r\n",
+        from.agent
+    );
+    let to: Vec<String> = external
+        .iter()
+        .map(|s| (*s).to_owned())
+        .chain(local.iter().map(|m| m.agent.clone()))
+        .collect();
+    let ext: Vec<(String, RecipientKind)> = external
+        .iter()
+        .map(|a| ((*a).to_owned(), RecipientKind::To))
+        .collect();
+    let sha = inbound::body_sha256(raw.as_bytes());
+    let copies: Vec<Delivery> = local
+        .iter()
+        .map(|m| Delivery {
+            message_id: MessageId::new(),
+            agent_id: m.agent.clone(),
+            agent_domain: "agents.localhost".into(),
+            user_id: m.user.clone(),
+            auth_headers: serde_json::json!({}),
+            legacy_push: false,
+        })
+        .collect();
+    let refs: Vec<String> = vec![];
+    let empty: Vec<String> = vec![];
+    let mail = OutboundMail {
+        message_id: &message_id,
+        user_id: &from.user,
+        agent_id: &from.agent,
+        message_type: MessageType::Send,
+        rfc_message_id: &rfc,
+        parent_email_message_id: "",
+        subject: "hello",
+        to: &to,
+        cc: &empty,
+        bcc: &empty,
+        conversation_id: "cnv_0123456789abcdef0123456789abcdef",
+        raw: raw.as_bytes(),
+        mail_from: &from.agent,
+        dkim_domain: "agents.localhost",
+        external: &ext,
+        loopback: (!copies.is_empty()).then(|| Loopback {
+            mail: InboundMail {
+                raw: raw.as_bytes(),
+                body_sha256: &sha,
+                email_message_id: &rfc,
+                sender: &from.agent,
+                subject: "hello",
+                to: &to,
+                cc: &empty,
+                reply_to: &empty,
+                thread_refs: &refs,
+                trusted_conversation_id: None,
+                spf: "none",
+                dkim: "none",
+                dmarc: "none",
+            },
+            copies: &copies,
+        }),
+        max_attempts: 3,
+    };
+    let accepted = store
+        .transaction(&mail, |tx, mail| Box::pin(outbound::accept(tx, mail)))
+        .await
+        .unwrap();
+    accepted.wake(store);
+    Sent { message_id, rfc }
+}
+
+async fn one(store: &Store, sql: &str, p: &[&(dyn tokio_postgres::types::ToSql + Sync)]) -> i64 {
+    store
+        .client()
+        .await
+        .unwrap()
+        .query_one(sql, p)
+        .await
+        .unwrap()
+        .get(0)
+}
+
+async fn message_status(store: &Store, id: &MessageId) -> String {
+    store
+        .client()
+        .await
+        .unwrap()
+        .query_one("SELECT status FROM messages WHERE id = $1", &[id])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+async fn claim(store: &Store) -> Vec<mail_outbox::ClaimedMail> {
+    let c = store.client().await.unwrap();
+    mail_outbox::claim(&c, 10, LEASE, LEASE).await.unwrap()
+}
+
+fn all(job: &mail_outbox::ClaimedMail, state: RecipientState, code: u16) -> Vec<RecipientAnswer> {
+    job.recipients
+        .iter()
+        .map(|a| RecipientAnswer {
+            address: a.clone(),
+            state,
+            code: Some(code),
+            reply: format!("{code} ok"),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_send_is_queued_claimed_once_and_recorded_sent_with_its_event() {
+    let (_db, store) = super::store().await;
+    let alice = mailbox(&store, "alice").await;
+    let sent = send(
+        &store,
+        &alice,
+        &["bob@example.net", "carol@example.net"],
+        &[],
+    )
+    .await;
+    assert_eq!(message_status(&store, &sent.message_id).await, "queued");
+
+    let jobs = claim(&store).await;
+    assert_eq!(jobs.len(), 1);
+    let job = &jobs[0];
+    assert_eq!(job.gate, Gate::Acquired);
+    assert_eq!(job.recipients, ["bob@example.net", "carol@example.net"]);
+    assert!(String::from_utf8_lossy(&job.body).contains(&sent.rfc));
+    assert_eq!(message_status(&store, &sent.message_id).await, "sending");
+    assert!(
+        claim(&store).await.is_empty(),
+        "leased: nobody else gets it"
+    );
+
+    let started = OffsetDateTime::now_utc();
+    let answers = all(job, RecipientState::Sent, 250);
+    let outcome = Outcome::Sent {
+        code: 250,
+        reply: "2.0.0 queued as X".into(),
+    };
+    assert_eq!(
+        mail_outbox::record(&store, job, started, &outcome, &answers)
+            .await
+            .unwrap(),
+        Recorded::Done("sent")
+    );
+    // A second record with the same (now cleared) lease writes nothing.
+    assert_eq!(
+        mail_outbox::record(&store, job, started, &outcome, &answers)
+            .await
+            .unwrap(),
+        Recorded::LeaseLost
+    );
+    assert_eq!(message_status(&store, &sent.message_id).await, "sent");
+    assert_eq!(
+        one(
+            &store,
+            "SELECT count(*) FROM webhook_events WHERE type = 'email.sent' AND message_id = $1",
+            &[&sent.message_id]
+        )
+        .await,
+        1
+    );
+    let detail = mail_outbox::show(&store.client().await.unwrap(), job.delivery_id.as_str())
+        .await
+        .unwrap();
+    assert_eq!(detail.gate.as_deref(), Some("sent"));
+    assert_eq!(detail.attempts.len(), 1);
+    assert_eq!(detail.attempts[0].smtp_code, Some(250));
+    assert!(detail.recipients.iter().all(|r| r.status == "sent"));
+    assert!(claim(&store).await.is_empty(), "sent is final");
+}
+
+#[tokio::test]
+async fn loopback_copies_commit_with_the_message_and_nothing_leaves() {
+    let (_db, store) = super::store().await;
+    let alice = mailbox(&store, "alice").await;
+    let bob = mailbox(&store, "bob").await;
+    let carol = mailbox(&store, "carol").await;
+
+    // Only local recipients: sent at once, no outbox delivery.
+    let sent = send(&store, &alice, &[], &[&bob, &carol]).await;
+    assert_eq!(message_status(&store, &sent.message_id).await, "sent");
+    assert_eq!(
+        one(&store, "SELECT count(*) FROM mail_deliveries", &[]).await,
+        0
+    );
+    for m in [&bob, &carol] {
+        assert_eq!(
+            one(
+                &store,
+                "SELECT count(*) FROM messages WHERE agent_id = $1 AND direction = 'inbound' \
+                   AND email_message_id = $2",
+                &[&m.agent, &sent.rfc]
+            )
+            .await,
+            1
+        );
+        assert_eq!(
+            one(
+                &store,
+                "SELECT count(*) FROM webhook_events WHERE type = 'email.received' AND agent_id = $1",
+                &[&m.agent]
+            )
+            .await,
+            1
+        );
+    }
+    assert_eq!(
+        one(
+            &store,
+            "SELECT count(*) FROM webhook_events WHERE type = 'email.sent' AND message_id = $1",
+            &[&sent.message_id]
+        )
+        .await,
+        1
+    );
+
+    // Mixed: the local copy now, the external one through the outbox.
+    let mixed = send(&store, &alice, &["dave@example.net"], &[&bob]).await;
+    assert_eq!(message_status(&store, &mixed.message_id).await, "queued");
+    let jobs = claim(&store).await;
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].recipients, ["dave@example.net"]);
+}
+
+#[tokio::test]
+async fn a_failing_accept_leaves_nothing() {
+    let (_db, store) = super::store().await;
+    let alice = mailbox(&store, "alice").await;
+    let message_id = MessageId::new();
+    let ext = vec![("bob@example.net".to_owned(), RecipientKind::To)];
+    let to = vec!["bob@example.net".to_owned()];
+    let mail = OutboundMail {
+        message_id: &message_id,
+        user_id: &alice.user,
+        agent_id: &alice.agent,
+        message_type: MessageType::Send,
+        rfc_message_id: "x@y",
+        parent_email_message_id: "",
+        subject: "s",
+        to: &to,
+        cc: &[],
+        bcc: &[],
+        conversation_id: "cnv_x",
+        raw: b"Subject: s\r\n\r\nx\r\n",
+        mail_from: &alice.agent,
+        dkim_domain: "",
+        external: &ext,
+        loopback: None,
+        max_attempts: 3,
+    };
+    // The accept succeeds, then the transaction fails after it: rolled back.
+    let result: Result<(), _> = store
+        .transaction(&mail, |tx, mail| {
+            Box::pin(async move {
+                outbound::accept(tx, mail).await?;
+                tx.execute("SELECT 1/0", &[]).await?;
+                Ok(())
+            })
+        })
+        .await;
+    assert!(result.is_err());
+    for table in [
+        "messages",
+        "mail_deliveries",
+        "mail_payloads",
+        "mail_recipients",
+    ] {
+        assert_eq!(
+            one(&store, &format!("SELECT count(*) FROM {table}"), &[]).await,
+            0,
+            "{table}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn retries_then_a_dead_letter_with_email_failed_then_an_operator_resend() {
+    let (_db, store) = super::store().await;
+    let alice = mailbox(&store, "alice").await;
+    let sent = send(
+        &store,
+        &alice,
+        &["bob@example.net", "carol@example.net"],
+        &[],
+    )
+    .await;
+
+    // Attempt 1: bob accepted, carol 450: retry only carol.
+    let job = claim(&store).await.remove(0);
+    let answers = vec![
+        RecipientAnswer {
+            address: "bob@example.net".into(),
+            state: RecipientState::Sent,
+            code: Some(250),
+            reply: "ok".into(),
+        },
+        RecipientAnswer {
+            address: "carol@example.net".into(),
+            state: RecipientState::Pending,
+            code: Some(450),
+            reply: "4.2.0 busy".into(),
+        },
+    ];
+    let retry = Outcome::Retry {
+        at: OffsetDateTime::now_utc() - time::Duration::seconds(1),
+        code: Some(450),
+        error: "450 4.2.0 busy".into(),
+    };
+    assert_eq!(
+        mail_outbox::record(&store, &job, OffsetDateTime::now_utc(), &retry, &answers)
+            .await
+            .unwrap(),
+        Recorded::Done("retrying")
+    );
+    assert_eq!(message_status(&store, &sent.message_id).await, "queued");
+
+    // Attempt 2: only carol is left; 450 again.
+    let job = claim(&store).await.remove(0);
+    assert_eq!(job.gate, Gate::Acquired, "a failed gate is taken again");
+    assert_eq!(job.recipients, ["carol@example.net"]);
+    let answers = all(&job, RecipientState::Pending, 450);
+    mail_outbox::record(&store, &job, OffsetDateTime::now_utc(), &retry, &answers)
+        .await
+        .unwrap();
+
+    // Attempt 3 of 3: 550 → dead letter.
+    let job = claim(&store).await.remove(0);
+    let answers = all(&job, RecipientState::Failed, 550);
+    let dead = Outcome::DeadLetter {
+        code: Some(550),
+        error: "550 5.1.1 no such user".into(),
+    };
+    assert_eq!(
+        mail_outbox::record(&store, &job, OffsetDateTime::now_utc(), &dead, &answers)
+            .await
+            .unwrap(),
+        Recorded::Done("dead_lettered")
+    );
+    assert_eq!(message_status(&store, &sent.message_id).await, "failed");
+    let c = store.client().await.unwrap();
+    let event: serde_json::Value = c
+        .query_one(
+            "SELECT envelope FROM webhook_events WHERE type = 'email.failed' AND message_id = $1",
+            &[&sent.message_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(event["data"]["smtp_code"], 550);
+    assert_eq!(
+        event["data"]["failed_recipients"][0]["address"],
+        "carol@example.net"
+    );
+    assert_eq!(event["data"]["attempts"], 3);
+    assert_eq!(mail_outbox::dead_letters(&c, 10).await.unwrap().len(), 1);
+    assert!(claim(&store).await.is_empty());
+
+    // Operator re-send: pending again, carol only, dead letter kept.
+    mail_outbox::resend(&store, job.delivery_id.as_str())
+        .await
+        .unwrap();
+    assert_eq!(message_status(&store, &sent.message_id).await, "queued");
+    let job = claim(&store).await.remove(0);
+    assert_eq!(job.recipients, ["carol@example.net"]);
+    assert_eq!(job.attempts, 0);
+    let ok = Outcome::Sent {
+        code: 250,
+        reply: "ok".into(),
+    };
+    let answers = all(&job, RecipientState::Sent, 250);
+    mail_outbox::record(&store, &job, OffsetDateTime::now_utc(), &ok, &answers)
+        .await
+        .unwrap();
+    assert!(matches!(
+        mail_outbox::resend(&store, job.delivery_id.as_str()).await,
+        Err(ResendError::AlreadySent)
+    ));
+    let detail = mail_outbox::show(&c, job.delivery_id.as_str())
+        .await
+        .unwrap();
+    let numbers: Vec<i32> = detail.attempts.iter().map(|a| a.attempt_no).collect();
+    assert_eq!(numbers, [1, 2, 3, 4], "attempt numbers keep growing");
+    assert_eq!(mail_outbox::dead_letters(&c, 10).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_lapsed_lease_with_a_fresh_gate_waits_and_the_gate_outlives_the_message() {
+    let (_db, store) = super::store().await;
+    let alice = mailbox(&store, "alice").await;
+    let sent = send(&store, &alice, &["bob@example.net"], &[]).await;
+    let c = store.client().await.unwrap();
+    let gate_stale = Duration::from_secs(600);
+    let jobs = mail_outbox::claim(&c, 10, Duration::from_millis(1), gate_stale)
+        .await
+        .unwrap();
+    assert_eq!(jobs.len(), 1);
+    let first = jobs[0].clone();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+
+    // The agent (and with it the message) is deleted while it is in flight.
+    c.execute("DELETE FROM agents WHERE id = $1", &[&alice.agent])
+        .await
+        .unwrap();
+    assert_eq!(
+        one(&store, "SELECT count(*) FROM messages", &[]).await,
+        0,
+        "the message is gone"
+    );
+    assert_eq!(
+        one(
+            &store,
+            "SELECT count(*) FROM send_attempts WHERE status = 'attempting'",
+            &[]
+        )
+        .await,
+        1,
+        "the gate is not"
+    );
+
+    // The lease lapsed but the gate is fresh: nobody may send; it waits.
+    assert!(
+        mail_outbox::claim(&c, 10, LEASE, gate_stale)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let wait = one(
+        &store,
+        "SELECT EXTRACT(EPOCH FROM next_attempt_at - now())::int8 FROM mail_deliveries",
+        &[],
+    )
+    .await;
+    assert!((590..=600).contains(&wait), "waits for the gate: {wait}");
+
+    // The first worker's record is refused: its lease is gone.
+    let ok = Outcome::Sent {
+        code: 250,
+        reply: "ok".into(),
+    };
+    assert_eq!(
+        mail_outbox::record(&store, &first, OffsetDateTime::now_utc(), &ok, &[])
+            .await
+            .unwrap(),
+        Recorded::LeaseLost
+    );
+
+    // Once the gate is stale, a claim takes it over (the one unavoidable
+    // re-send window) and the message no longer existing does not matter.
+    c.execute(
+        "UPDATE send_attempts SET attempted_at = now() - interval '11 minutes'",
+        &[],
+    )
+    .await
+    .unwrap();
+    c.execute("UPDATE mail_deliveries SET next_attempt_at = now()", &[])
+        .await
+        .unwrap();
+    let jobs = mail_outbox::claim(&c, 10, LEASE, gate_stale).await.unwrap();
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].gate, Gate::Acquired);
+    assert!(jobs[0].message.is_none());
+    assert_eq!(
+        mail_outbox::record(&store, &jobs[0], OffsetDateTime::now_utc(), &ok, &[])
+            .await
+            .unwrap(),
+        Recorded::Done("sent")
+    );
+    let _ = sent;
+}
+
+#[tokio::test]
+async fn an_enqueue_on_an_existing_key_leaves_the_transaction_usable() {
+    let (_db, store) = super::store().await;
+    let alice = mailbox(&store, "alice").await;
+    let rcpt = vec![("bob@example.net".to_owned(), RecipientKind::To)];
+    let enqueue = mail_outbox::Enqueue {
+        user_id: &alice.user,
+        message_id: None,
+        template_id: "hitl_notification",
+        idempotency_key: "hitl_notification:msg_1",
+        subject: "review",
+        body: b"Subject: review\r\n\r\nx\r\n",
+        mail_from: "noreply@agents.localhost",
+        dkim_domain: "",
+        recipients: &rcpt,
+        max_attempts: 3,
+    };
+    let (first, second) = store
+        .transaction(&enqueue, |tx, e| {
+            Box::pin(async move {
+                let first = mail_outbox::enqueue(tx, e).await?;
+                let second = mail_outbox::enqueue(tx, e).await?;
+                // Still usable after the conflict.
+                tx.execute("SELECT 1", &[]).await?;
+                Ok((first, second))
+            })
+        })
+        .await
+        .unwrap();
+    assert!(first.is_some());
+    assert!(second.is_none());
+    assert_eq!(
+        one(&store, "SELECT count(*) FROM mail_payloads", &[]).await,
+        1,
+        "no orphan payload"
+    );
+    // Agent mail about the same message uses another key: no collision.
+    let agent_key = mail_outbox::Enqueue {
+        template_id: outbound::AGENT_MESSAGE_TEMPLATE,
+        idempotency_key: "agent_message:msg_1",
+        ..enqueue.clone()
+    };
+    let c = store.client().await.unwrap();
+    assert!(
+        mail_outbox::enqueue(&c, &agent_key)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    let (depth, oldest) = mail_outbox::depth(&c).await.unwrap();
+    assert!(depth.contains(&("pending", 2)));
+    assert!(depth.contains(&("dead_lettered", 0)));
+    assert!(oldest >= 0.0);
+}
