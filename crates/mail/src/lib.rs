@@ -1,5 +1,8 @@
 //! The mail library of e2a: everything the relay needs to understand an
-//! inbound message, with no SQL and no knowledge of the database.
+//! inbound message and everything the sender needs to write an outbound one,
+//! with no SQL and no knowledge of the database.
+//!
+//! Inbound:
 //!
 //! - [`parse`]: best-effort MIME parsing into the fields the API returns; never
 //!   panics, never fails.
@@ -9,8 +12,15 @@
 //! - [`conversation`]: when the `X-E2A-Conversation-Id` header may be trusted,
 //!   and minting new conversation ids.
 //! - [`dkim_keys`]: per-domain RSA-2048 DKIM key pairs and their DNS records.
+//! - [`cpu`]: CPU-heavy work kept off the async executor.
+//!
+//! Outbound:
+//!
+//! - [`compose`]: an outgoing message to RFC 5322 bytes; header values with
+//!   line breaks are refused, never stripped.
 
 pub mod auth;
+pub mod compose;
 pub mod conversation;
 pub mod cpu;
 pub mod dkim_keys;
