@@ -18,12 +18,15 @@
 //!
 //! - [`compose`]: an outgoing message to RFC 5322 bytes; header values with
 //!   line breaks are refused, never stripped.
+//! - [`dkim_sign`]: RSA-SHA256 relaxed/relaxed DKIM signatures with a key
+//!   parsed once per domain.
 
 pub mod auth;
 pub mod compose;
 pub mod conversation;
 pub mod cpu;
 pub mod dkim_keys;
+pub mod dkim_sign;
 pub mod headers;
 pub mod parse;
 
