@@ -20,6 +20,8 @@
 //!   line breaks are refused, never stripped.
 //! - [`dkim_sign`]: RSA-SHA256 relaxed/relaxed DKIM signatures with a key
 //!   parsed once per domain.
+//! - [`draft`]: the reply and forward rules: subjects, threading headers,
+//!   recipients, the quoted forward body.
 
 pub mod auth;
 pub mod compose;
@@ -27,6 +29,7 @@ pub mod conversation;
 pub mod cpu;
 pub mod dkim_keys;
 pub mod dkim_sign;
+pub mod draft;
 pub mod headers;
 pub mod parse;
 
