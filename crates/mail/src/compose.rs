@@ -9,19 +9,24 @@
 //!   [`CONVERSATION_HEADER`] and `MIME-Version: 1.0`; empty lists and absent
 //!   values are left out, and **`Bcc` never appears** (the type has no such
 //!   field: blind recipients exist only in the SMTP envelope);
-//! - a non-ASCII subject or display name is RFC 2047-encoded (UTF-8), a
-//!   non-ASCII attachment filename RFC 2231-encoded; long headers are folded;
+//! - a non-ASCII subject or display name is RFC 2047-encoded (UTF-8), and
+//!   so is one holding an ASCII control character or an encoded-word
+//!   look-alike (`=?`, so that it comes back literally); a non-ASCII
+//!   attachment filename is RFC 2231-encoded; long headers are folded;
 //! - the body is `text/plain` alone; `multipart/alternative` (text, then
 //!   HTML) when there is HTML; wrapped in `multipart/mixed` with one
 //!   base64 part per attachment (`Content-Disposition: attachment`) when
 //!   there are attachments. Text bodies are UTF-8, transfer-encoded as
-//!   needed (7bit, quoted-printable or base64); every line break in them
-//!   (`CRLF`, a lone `LF` or a lone `CR`) is sent as `CRLF`. Attachment
-//!   bytes are always base64 and come back byte for byte.
+//!   needed (7bit, quoted-printable or base64; always base64 when they hold
+//!   an ASCII control character other than tab); every line break in them
+//!   (`CRLF`, a lone `LF` or a lone `CR`) is sent as `CRLF`, the one change
+//!   made to the content. Attachment bytes are always base64 and come back
+//!   byte for byte.
 //!
-//! The output has no NUL and no CR or LF outside a CRLF pair, whatever the
-//! input (what SMTP `DATA` requires; a bare one is what SMTP smuggling
-//! exploits).
+//! The output has no NUL, no CR or LF outside a CRLF pair, no control
+//! character in the header block other than tab, and no line over 998
+//! bytes, whatever the input (what SMTP `DATA` requires; a bare CR or LF is
+//! what SMTP smuggling exploits).
 //!
 //! **Header injection is refused, never repaired.** [`OutgoingMessage::validate`]
 //! rejects a CR, LF or NUL in any value that becomes a header (subject,
@@ -424,11 +429,11 @@ pub fn compose(msg: &OutgoingMessage) -> Result<Vec<u8>, ComposeError> {
     }
     builder = builder.header("MIME-Version", Raw::new("1.0"));
 
-    let text = MimePart::new("text/plain", crlf(&msg.text));
+    let text = text_part("text/plain", crlf(&msg.text));
     let content = match &msg.html {
         Some(html) => MimePart::new(
             "multipart/alternative",
-            vec![text, MimePart::new("text/html", crlf(html))],
+            vec![text, text_part("text/html", crlf(html))],
         ),
         None => text,
     };
@@ -475,11 +480,12 @@ fn crlf(text: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
-/// True when `value` holds something a receiver could take for an RFC 2047
-/// encoded word. `mail-builder` writes such ASCII text as it is, and the
-/// receiver would decode it into something else.
+/// True when `mail-builder` would write `value` as it is but it must be
+/// encoded: it holds something a receiver could take for an RFC 2047
+/// encoded word (and would decode into something else), or an ASCII control
+/// character other than tab (not allowed raw in a header, RFC 5322 §3.2.5).
 fn looks_encoded(value: &str) -> bool {
-    value.contains("=?")
+    value.contains("=?") || value.bytes().any(|b| b.is_ascii_control() && b != b'\t')
 }
 
 /// Longest encoded word (RFC 2047 §2).
@@ -523,18 +529,53 @@ fn address_list(addresses: &[String]) -> Address<'_> {
     )
 }
 
-/// An attachment part written raw: its headers, then the data base64-encoded
-/// in lines of [`BASE64_LINE`] characters. `mail-builder` would pick 7bit or
-/// quoted-printable for a `text/*` attachment; base64 always gives the bytes
-/// back exactly.
-fn attachment_part(attachment: &Attachment) -> MimePart<'_> {
-    let encoded = STANDARD.encode(&attachment.data);
+/// A UTF-8 text part. `mail-builder` picks 7bit, quoted-printable or base64
+/// from the content, but passes ASCII control characters through as they
+/// are: a NUL in a 7bit part (RFC 2045 §2.7 forbids it), or a form feed at
+/// the end of a quoted-printable line (which decoders strip as trailing
+/// whitespace). A body holding a control character other than tab, CR and
+/// LF is base64-encoded here instead, and comes back exactly.
+fn text_part<'a>(content_type: &'a str, body: Cow<'a, str>) -> MimePart<'a> {
+    let plain = !body
+        .bytes()
+        .any(|b| b.is_ascii_control() && !matches!(b, b'\t' | b'\r' | b'\n'));
+    if plain {
+        return MimePart::new(content_type, body);
+    }
+    MimePart {
+        headers: vec![
+            (
+                "Content-Type".into(),
+                HeaderType::from(ContentType::new(content_type).attribute("charset", "utf-8")),
+            ),
+            (
+                "Content-Transfer-Encoding".into(),
+                HeaderType::from(Raw::new("base64")),
+            ),
+        ],
+        contents: BodyPart::Text(base64_lines(body.as_bytes()).into()),
+    }
+}
+
+/// `data` base64-encoded in CRLF-terminated lines of [`BASE64_LINE`]
+/// characters.
+fn base64_lines(data: &[u8]) -> String {
+    let encoded = STANDARD.encode(data);
     let mut wrapped = String::with_capacity(encoded.len() + encoded.len() / BASE64_LINE * 2 + 2);
     // base64 output is ASCII, so every chunk is valid UTF-8.
     for line in encoded.as_bytes().chunks(BASE64_LINE) {
         wrapped.push_str(std::str::from_utf8(line).unwrap_or_default());
         wrapped.push_str("\r\n");
     }
+    wrapped
+}
+
+/// An attachment part written raw: its headers, then the data base64-encoded
+/// in lines of [`BASE64_LINE`] characters. `mail-builder` would pick 7bit or
+/// quoted-printable for a `text/*` attachment; base64 always gives the bytes
+/// back exactly.
+fn attachment_part(attachment: &Attachment) -> MimePart<'_> {
+    let wrapped = base64_lines(&attachment.data);
     let filename = attachment.filename.as_str();
     MimePart {
         headers: vec![
@@ -606,6 +647,18 @@ mod tests {
             b'\n' => i > 0 && raw.get(i - 1) == Some(&b'\r'),
             _ => true,
         }) && raw.split(|&b| b == b'\n').all(|line| line.len() <= 999)
+            && headers_of(raw)
+                .iter()
+                .all(|&b| !b.is_ascii_control() || matches!(b, b'\t' | b'\r' | b'\n'))
+    }
+
+    /// The top-level header block.
+    fn headers_of(raw: &[u8]) -> &[u8] {
+        let end = raw
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .unwrap_or(raw.len());
+        &raw[..end]
     }
 
     #[test]
@@ -838,6 +891,21 @@ mod tests {
     }
 
     #[test]
+    fn nul_and_control_characters_are_encoded_not_sent_raw() {
+        let mut msg = message();
+        msg.subject = "bell\u{7} and del\u{7f}".into();
+        msg.from.name = Some("esc\u{1b}".into());
+        msg.text = "a\0b".into();
+        msg.html = Some("\0".into());
+        let (raw, parsed) = round_trip(&msg);
+        assert!(wire_safe(&raw), "{}", String::from_utf8_lossy(&raw));
+        assert_eq!(parsed.subject, msg.subject);
+        assert_eq!(parsed.from.and_then(|m| m.name), msg.from.name);
+        assert_eq!(parsed.text, Some(msg.text));
+        assert_eq!(parsed.html, msg.html);
+    }
+
+    #[test]
     fn body_line_breaks_are_sent_as_crlf() {
         let mut msg = message();
         msg.text = "one\ntwo\rthree\r\nfour\r".into();
@@ -1060,6 +1128,7 @@ mod tests {
         prop_oneof![
             any::<String>(),
             r"([ \ta-zé.=]{0,120}(\r\n|\n|\r|\x00)?){0,30}",
+            r"[ a-z\x00-\x1f\x7f]{0,40}",
             "[a-z ]{900,1100}",
         ]
     }
