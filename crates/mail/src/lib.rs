@@ -39,4 +39,6 @@ pub use auth::{
     AuthInput, AuthVerdict, Authenticator, DkimPass, DkimResult, DmarcPolicy, DmarcResult,
     RecordCache, SpfResult,
 };
+pub use compose::{Attachment, ComposeError, OutgoingMessage, compose};
+pub use dkim_sign::{DkimKey, SignError};
 pub use parse::{AttachmentInfo, Mailbox, ParsedMessage, parse};
