@@ -1,5 +1,8 @@
 //! The mail library of e2a: everything the relay needs to understand an
-//! inbound message, with no SQL and no knowledge of the database.
+//! inbound message and everything the sender needs to write an outbound one,
+//! with no SQL and no knowledge of the database.
+//!
+//! Inbound:
 //!
 //! - [`parse`]: best-effort MIME parsing into the fields the API returns; never
 //!   panics, never fails.
@@ -9,11 +12,24 @@
 //! - [`conversation`]: when the `X-E2A-Conversation-Id` header may be trusted,
 //!   and minting new conversation ids.
 //! - [`dkim_keys`]: per-domain RSA-2048 DKIM key pairs and their DNS records.
+//! - [`cpu`]: CPU-heavy work kept off the async executor.
+//!
+//! Outbound:
+//!
+//! - [`compose`]: an outgoing message to RFC 5322 bytes; header values with
+//!   line breaks are refused, never stripped.
+//! - [`dkim_sign`]: RSA-SHA256 relaxed/relaxed DKIM signatures with a key
+//!   parsed once per domain.
+//! - [`draft`]: the reply and forward rules: subjects, threading headers,
+//!   recipients, the quoted forward body.
 
 pub mod auth;
+pub mod compose;
 pub mod conversation;
 pub mod cpu;
 pub mod dkim_keys;
+pub mod dkim_sign;
+pub mod draft;
 pub mod headers;
 pub mod parse;
 
@@ -23,4 +39,6 @@ pub use auth::{
     AuthInput, AuthVerdict, Authenticator, DkimPass, DkimResult, DmarcPolicy, DmarcResult,
     RecordCache, SpfResult,
 };
+pub use compose::{Attachment, ComposeError, OutgoingMessage, compose};
+pub use dkim_sign::{DkimKey, SignError};
 pub use parse::{AttachmentInfo, Mailbox, ParsedMessage, parse};
