@@ -12,6 +12,7 @@ mod db;
 mod dev;
 mod migrate;
 mod new_migration;
+mod outbox;
 mod tidy;
 mod workspace;
 
@@ -51,6 +52,9 @@ enum Command {
     Bootstrap(bootstrap::Args),
     /// Run the whole gateway locally (embedded Postgres, all four services) until Ctrl-C.
     Dev(dev::Args),
+    /// Inspect the outbound mail outbox: list deliveries, show one with its
+    /// attempts, list dead letters, re-send one.
+    Outbox(outbox::Args),
     /// Run a benchmark in release mode (`cargo xtask bench` lists them).
     Bench(bench::Args),
 }
@@ -64,6 +68,7 @@ fn main() -> ExitCode {
         Command::Migrate(args) => migrate::run(args),
         Command::Bootstrap(args) => bootstrap::run(args),
         Command::Dev(args) => dev::run(args),
+        Command::Outbox(args) => outbox::run(args),
         Command::Bench(args) => bench::run(args),
     };
     match result {

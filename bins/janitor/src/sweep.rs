@@ -74,11 +74,14 @@ pub enum Job {
     LegacyDeliveries,
     /// Idempotency keys past their TTL.
     IdempotencyKeys,
+    /// Finished (sent or dead-lettered) mail-outbox deliveries past their
+    /// retention, with their payload, recipients, attempts and send gate.
+    MailDeliveries,
 }
 
 impl Job {
     /// Every sweep, in the order a pass runs them.
-    pub const ALL: [Job; 9] = [
+    pub const ALL: [Job; 10] = [
         Job::Messages,
         Job::Sessions,
         Job::DomainClaims,
@@ -88,6 +91,7 @@ impl Job {
         Job::Deliveries,
         Job::LegacyDeliveries,
         Job::IdempotencyKeys,
+        Job::MailDeliveries,
     ];
 
     /// The `kind` label of its metrics.
@@ -102,6 +106,7 @@ impl Job {
             Job::Deliveries => "deliveries",
             Job::LegacyDeliveries => "legacy_deliveries",
             Job::IdempotencyKeys => "idempotency_keys",
+            Job::MailDeliveries => "mail_deliveries",
         }
     }
 
@@ -125,6 +130,7 @@ impl Job {
             Job::Deliveries => deliveries::delete_expired_subscriber(c, batch).await,
             Job::LegacyDeliveries => deliveries::delete_expired_legacy(c, batch).await,
             Job::IdempotencyKeys => idempotency::sweep(c, batch).await,
+            Job::MailDeliveries => e2a_store::mail_outbox::delete_expired(c, batch).await,
         }
     }
 
@@ -137,7 +143,9 @@ impl Job {
             Job::RateLimits => &mut report.rate_limits_deleted,
             Job::WebhookPreviousSecrets => &mut report.webhook_secrets_cleared,
             Job::Events => &mut report.events_deleted,
-            Job::Deliveries | Job::LegacyDeliveries => &mut report.deliveries_deleted,
+            Job::Deliveries | Job::LegacyDeliveries | Job::MailDeliveries => {
+                &mut report.deliveries_deleted
+            }
             Job::IdempotencyKeys => &mut report.idempotency_keys_deleted,
         }
     }

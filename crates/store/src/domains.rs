@@ -521,6 +521,64 @@ pub async fn ensure_shared(c: &impl GenericClient, domain: &str) -> Result<()> {
     }
 }
 
+/// Whether the verified row of `domain` has a DKIM key.
+pub async fn has_dkim_key(c: &impl GenericClient, domain: &str) -> Result<bool> {
+    let stmt = c
+        .prepare_cached(
+            "SELECT dkim_private_key IS NOT NULL FROM domains WHERE owned_domain = $1 AND verified",
+        )
+        .await?;
+    Ok(c.query_opt(&stmt, &[&domain])
+        .await?
+        .is_some_and(|r| r.get(0)))
+}
+
+/// Gives the verified row of `domain` (e.g. the shared domain, created
+/// without one) DKIM keys, unless it has some already. Returns whether it
+/// set them. One statement; concurrent callers set them once.
+pub async fn set_dkim_keys_if_missing(
+    c: &impl GenericClient,
+    domain: &str,
+    keys: &DkimKeys,
+) -> Result<bool> {
+    let stmt = c
+        .prepare_cached(
+            "UPDATE domains SET dkim_selector = $2, dkim_public_key = $3, dkim_private_key = $4 \
+             WHERE owned_domain = $1 AND verified AND dkim_private_key IS NULL",
+        )
+        .await?;
+    Ok(c.execute(
+        &stmt,
+        &[
+            &domain,
+            &keys.selector,
+            &keys.public_key_b64,
+            &keys.private_key_der,
+        ],
+    )
+    .await?
+        == 1)
+}
+
+/// The DKIM signing key of the verified domain `domain`: its selector and
+/// PKCS#1 DER private key, if it has one. Not tenant-scoped: the deliverer
+/// signs every owner's mail. Never log the key.
+pub async fn signing_key(
+    c: &impl GenericClient,
+    domain: &str,
+) -> Result<Option<(String, Vec<u8>)>> {
+    let stmt = c
+        .prepare_cached(
+            "SELECT dkim_selector, dkim_private_key FROM domains \
+             WHERE owned_domain = $1 AND verified AND dkim_private_key IS NOT NULL \
+               AND dkim_selector IS NOT NULL",
+        )
+        .await?;
+    Ok(c.query_opt(&stmt, &[&domain])
+        .await?
+        .map(|r| (r.get(0), r.get(1))))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

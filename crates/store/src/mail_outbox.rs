@@ -952,3 +952,21 @@ pub async fn depth(c: &impl GenericClient) -> Result<(Vec<(&'static str, i64)>, 
         .collect();
     Ok((by_status, row.get::<_, f64>(1).max(0.0)))
 }
+
+/// Deletes up to `batch` finished deliveries (sent or dead-lettered) past
+/// their `expires_at` (30 days after creation), oldest first: the payload
+/// goes and, by cascade, the delivery, its recipients, attempts, dead
+/// letters and send gate. A delivery still pending, retrying or sending is
+/// never deleted, however old. Rows are taken `FOR UPDATE SKIP LOCKED`
+/// (janitor replicas split the work). Returns how many deliveries.
+pub async fn delete_expired(c: &impl GenericClient, batch: i64) -> Result<u64> {
+    let stmt = c
+        .prepare_cached(
+            "DELETE FROM mail_payloads WHERE payload_id IN ( \
+               SELECT payload_id FROM mail_deliveries \
+                WHERE expires_at < now() AND status IN ('sent', 'dead_lettered') \
+                ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)",
+        )
+        .await?;
+    Ok(c.execute(&stmt, &[&batch]).await?)
+}

@@ -122,13 +122,32 @@ pub struct OutboundMail<'a> {
     pub loopback: Option<Loopback<'a>>,
     /// Attempts the delivery gets before it is dead-lettered.
     pub max_attempts: i32,
+    /// Hold the message for review instead of sending it (the agent has
+    /// human-in-the-loop review on): nothing is enqueued and no loopback
+    /// copy is made until a reviewer approves.
+    pub hold: Option<Hold<'a>>,
+}
+
+/// A message held for review (`pending_approval`): the parts a reviewer's
+/// decision needs to compose it again, kept on the message row until the
+/// decision.
+#[derive(Debug, Clone)]
+pub struct Hold<'a> {
+    /// When the hold expires (the agent's TTL from now).
+    pub expires_at: OffsetDateTime,
+    /// Text body.
+    pub body_text: &'a str,
+    /// HTML body.
+    pub body_html: Option<&'a str>,
+    /// `[{filename, content_type, data(base64)}]`, or `None`.
+    pub attachments_json: Option<&'a Value>,
 }
 
 /// What [`accept`] stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Accepted {
-    /// `queued` (something goes out through the outbox) or `sent` (every
-    /// recipient was local and has its copy).
+    /// `queued` (something goes out through the outbox), `sent` (every
+    /// recipient was local and has its copy) or `pending_approval` (held).
     pub status: &'static str,
     /// `smtp` or `loopback`.
     pub method: &'static str,
@@ -239,6 +258,9 @@ pub fn angle(id: &str) -> String {
 /// nothing is stored). A recipient both local and external is the caller's
 /// mistake ([`crate::StoreError::Invalid`]).
 pub async fn accept(c: &impl GenericClient, mail: &OutboundMail<'_>) -> Result<Accepted> {
+    if let Some(hold) = &mail.hold {
+        return accept_held(c, mail, hold).await;
+    }
     let copies = mail.loopback.as_ref().map_or(0, |l| l.copies.len());
     if mail.external.is_empty() && copies == 0 {
         return Err(crate::StoreError::Invalid(
@@ -337,5 +359,186 @@ pub async fn accept(c: &impl GenericClient, mail: &OutboundMail<'_>) -> Result<A
         method,
         delivery_id,
         loopback,
+    })
+}
+
+/// The held variant of [`accept`]: the message row `pending_approval` with
+/// its expiry and bodies, and `email.pending_approval` — nothing else.
+async fn accept_held(
+    c: &impl GenericClient,
+    mail: &OutboundMail<'_>,
+    hold: &Hold<'_>,
+) -> Result<Accepted> {
+    let now = OffsetDateTime::now_utc();
+    let first_to = mail
+        .to
+        .first()
+        .or(mail.cc.first())
+        .cloned()
+        .unwrap_or_default();
+    let stmt = c
+        .prepare_cached(
+            "INSERT INTO messages (id, user_id, agent_id, direction, status, recipient, subject, \
+               email_message_id, provider_message_id, message_type, conversation_id, \
+               to_recipients, cc, bcc, created_at, expires_at, approval_expires_at, \
+               body_text, body_html, attachments_json) \
+             VALUES ($1, $2, $3, 'outbound', 'pending_approval', $4, $5, $6, $7, $8, $9, $10, $11, \
+               $12, $13, $14, $15, $16, $17, $18)",
+        )
+        .await?;
+    c.execute(
+        &stmt,
+        &[
+            mail.message_id,
+            mail.user_id,
+            &mail.agent_id,
+            &first_to,
+            &mail.subject,
+            &mail.parent_email_message_id,
+            &mail.rfc_message_id,
+            &mail.message_type.as_str(),
+            &mail.conversation_id,
+            &mail.to,
+            &mail.cc,
+            &mail.bcc,
+            &now,
+            // Kept at least until the hold is decided.
+            &(now + MESSAGE_TTL).max(hold.expires_at + time::Duration::days(1)),
+            &hold.expires_at,
+            &hold.body_text,
+            &hold.body_html,
+            &hold.attachments_json,
+        ],
+    )
+    .await?;
+    let event_type = "email.pending_approval";
+    let id = events::deterministic_id(&[mail.message_id.as_str(), event_type]);
+    let data = json!({
+        "message_id": mail.message_id,
+        "from": mail.agent_id,
+        "to": mail.to,
+        "cc": mail.cc,
+        "bcc": mail.bcc,
+        "subject": mail.subject,
+        "type": mail.message_type.as_str(),
+        "conversation_id": mail.conversation_id,
+        "approval_expires_at": hold
+            .expires_at
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default(),
+    });
+    let envelope = events::envelope(event_type, &id, now, data);
+    events::append(
+        c,
+        &events::NewEvent {
+            id: &id,
+            user_id: mail.user_id,
+            event_type,
+            envelope: &envelope,
+            agent_id: Some(mail.agent_id),
+            conversation_id: Some(mail.conversation_id),
+            message_id: Some(mail.message_id.as_str()),
+            labels: &[],
+        },
+    )
+    .await?;
+    Ok(Accepted {
+        status: "pending_approval",
+        method: "",
+        delivery_id: None,
+        loopback: Vec::new(),
+    })
+}
+
+/// The inbound message a reply or forward answers.
+#[derive(Debug, Clone)]
+pub struct Parent {
+    /// Its raw bytes (for threading ids and the quoted original).
+    pub raw: Vec<u8>,
+    /// Display sender (first Reply-To, else From, else envelope).
+    pub sender: String,
+    /// Subject.
+    pub subject: String,
+    /// Its Message-ID, bare, or empty.
+    pub email_message_id: String,
+    /// Its conversation.
+    pub conversation_id: String,
+    /// To.
+    pub to: Vec<String>,
+    /// Cc.
+    pub cc: Vec<String>,
+    /// Reply-To.
+    pub reply_to: Vec<String>,
+    /// When it arrived.
+    pub created_at: OffsetDateTime,
+}
+
+/// The inbound message `id` of the user's agent `agent_id`, unless it is
+/// missing, outbound, expired, another agent's or another tenant's — all
+/// [`crate::StoreError::NotFound`] alike.
+pub async fn parent(
+    c: &impl GenericClient,
+    user_id: &UserId,
+    agent_id: &str,
+    id: &MessageId,
+) -> Result<Parent> {
+    let stmt = c
+        .prepare_cached(
+            "SELECT COALESCE(raw_message, ''::bytea), sender, subject, email_message_id, conversation_id, \
+                    COALESCE(to_recipients, '{}'), COALESCE(cc, '{}'), COALESCE(reply_to, '{}'), created_at \
+               FROM messages \
+              WHERE id = $1 AND user_id = $2 AND agent_id = $3 AND direction = 'inbound' \
+                AND expires_at > now()",
+        )
+        .await?;
+    c.query_opt(&stmt, &[id, user_id, &agent_id])
+        .await?
+        .map(|r| Parent {
+            raw: r.get(0),
+            sender: r.get(1),
+            subject: r.get(2),
+            email_message_id: r.get(3),
+            conversation_id: r.get(4),
+            to: r.get(5),
+            cc: r.get(6),
+            reply_to: r.get(7),
+            created_at: r.get(8),
+        })
+        .ok_or(crate::StoreError::NotFound)
+}
+
+/// Which cap a send would break, if any: the monthly message cap first,
+/// then storage (spec §7.1, 402), against the user's `account_limits` row
+/// or `defaults`. One statement.
+pub async fn over_quota(
+    c: &impl GenericClient,
+    user_id: &UserId,
+    defaults: &crate::account_limits::Limits,
+) -> Result<Option<(crate::agents::Quota, i64)>> {
+    let stmt = c
+        .prepare_cached(
+            "SELECT u.messages_month, COALESCE(l.max_messages_month::int8, $2::int8), \
+                    u.storage_bytes, COALESCE(l.max_storage_bytes, $3::int8) \
+               FROM e2a_account_usage($1) AS u LEFT JOIN account_limits l ON l.user_id = $1",
+        )
+        .await?;
+    let r = c
+        .query_one(
+            &stmt,
+            &[
+                user_id,
+                &i64::from(defaults.max_messages_month),
+                &defaults.max_storage_bytes,
+            ],
+        )
+        .await?;
+    let (month, max_month, bytes, max_bytes): (i64, i64, i64, i64) =
+        (r.get(0), r.get(1), r.get(2), r.get(3));
+    Ok(if month >= max_month {
+        Some((crate::agents::Quota::MonthlyMessages, max_month))
+    } else if bytes >= max_bytes {
+        Some((crate::agents::Quota::Storage, max_bytes))
+    } else {
+        None
     })
 }

@@ -92,6 +92,7 @@ async fn send(store: &Store, from: &Mailbox, external: &[&str], local: &[&Mailbo
             copies: &copies,
         }),
         max_attempts: 3,
+        hold: None,
     };
     let accepted = store
         .transaction(&mail, |tx, mail| Box::pin(outbound::accept(tx, mail)))
@@ -282,6 +283,7 @@ async fn a_failing_accept_leaves_nothing() {
         external: &ext,
         loopback: None,
         max_attempts: 3,
+        hold: None,
     };
     // The accept succeeds, then the transaction fails after it: rolled back.
     let result: Result<(), _> = store
