@@ -1,14 +1,18 @@
 //! The mail library of e2a: everything the relay needs to understand an
-//! inbound message, with no SQL and no knowledge of the database.
+//! inbound message, and the SMTP submission of outbound mail, with no SQL
+//! and no knowledge of the database.
 //!
-//! - [`parse`]: best-effort MIME parsing into the fields the API returns; never
-//!   panics, never fails.
+//! - [`parse`](mod@parse): best-effort MIME parsing into the fields the API
+//!   returns; never panics, never fails.
 //! - [`auth`]: SPF (on the envelope), DKIM (every signature) and DMARC (with
 //!   alignment) behind a resolver the caller injects.
 //! - [`headers`]: the signed `X-E2A-Auth-*` verdict headers.
 //! - [`conversation`]: when the `X-E2A-Conversation-Id` header may be trusted,
 //!   and minting new conversation ids.
 //! - [`dkim_keys`]: per-domain RSA-2048 DKIM key pairs and their DNS records.
+//! - [`submit`](mod@submit): SMTP submission of a composed message to the
+//!   outbound relay, bounded in time, with every reply classified (sent,
+//!   temporary, permanent; per recipient too).
 
 pub mod auth;
 pub mod conversation;
@@ -16,6 +20,7 @@ pub mod cpu;
 pub mod dkim_keys;
 pub mod headers;
 pub mod parse;
+pub mod submit;
 
 mod hex;
 
@@ -24,3 +29,6 @@ pub use auth::{
     RecordCache, SpfResult,
 };
 pub use parse::{AttachmentInfo, Mailbox, ParsedMessage, parse};
+pub use submit::{
+    Envelope, Outcome, RecipientResult, RecipientStatus, SmtpConfig, Submission, TlsMode, submit,
+};
