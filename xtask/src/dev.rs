@@ -9,6 +9,13 @@
 //!    `e2a-janitor` with prefixed logs, the shared domain `agents.localhost`
 //!    and loopback-only listeners (any `E2A_*` already set wins, except
 //!    `E2A_OPS_ADDR`, which is always 127.0.0.1:9090–9093 per service).
+//!    Outbound mail: unless `E2A_OUTBOUND_SMTP_HOST` is set in xtask's own
+//!    environment (then the operator's `E2A_OUTBOUND_SMTP_*` reach the
+//!    services unchanged), an in-process SMTP sink
+//!    (`e2a_testkit::smtp_sink`) on an ephemeral 127.0.0.1 port accepts
+//!    everything the services send, writes each message to
+//!    `target/e2a-dev-mail/<unix-millis>-<n>.eml` and logs one line per
+//!    message (from, to, subject; never the body). See [`Outbound`].
 //! 4. Prints the key and URLs once every `/readyz` answers 200.
 //! 5. On Ctrl-C (or SIGTERM/SIGHUP) sends SIGTERM to each service once (they run in
 //!    their own process group, so the terminal's SIGINT reaches only us),
@@ -17,12 +24,14 @@
 //!    others are stopped and the exit code is 1.
 
 use std::{
+    ffi::OsString,
     path::PathBuf,
     process::{ExitCode, Stdio},
     time::Duration,
 };
 
 use e2a_store::{address::EmailAddress, api_keys, migrate::MigrationMode};
+use e2a_testkit::smtp_sink::{Received, Script, SmtpSink};
 use tokio::{
     io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader},
     process::{Child, Command},
@@ -54,6 +63,94 @@ const DEV_ENV: &[(&str, &str)] = &[
     ("E2A_SMTP_AUTH_DNS", "disabled"),
     ("RUST_LOG", "info"),
 ];
+
+/// The outbound relay variables the services read.
+const OUTBOUND_HOST: &str = "E2A_OUTBOUND_SMTP_HOST";
+const OUTBOUND_PORT: &str = "E2A_OUTBOUND_SMTP_PORT";
+const OUTBOUND_TLS: &str = "E2A_OUTBOUND_SMTP_TLS";
+/// Credentials meant for an operator's relay: never sent to the sink.
+const OUTBOUND_CREDENTIALS: &[&str] = &["E2A_OUTBOUND_SMTP_USERNAME", "E2A_OUTBOUND_SMTP_PASSWORD"];
+
+/// Where the services' outbound mail goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outbound {
+    /// `E2A_OUTBOUND_SMTP_HOST` is set (non-blank) in xtask's environment:
+    /// the operator's relay. Every `E2A_OUTBOUND_SMTP_*` reaches the
+    /// services unchanged (inherited); no sink is started.
+    Operator,
+    /// No relay configured: a local sink catches everything.
+    CatchLocally,
+}
+
+impl Outbound {
+    /// Decides from xtask's own environment (`parent` looks a variable up).
+    /// A blank `E2A_OUTBOUND_SMTP_HOST` counts as unset, as it does for the
+    /// services ("relay not configured").
+    fn decide(parent: impl Fn(&str) -> Option<OsString>) -> Outbound {
+        match parent(OUTBOUND_HOST) {
+            Some(host) if !host.to_string_lossy().trim().is_empty() => Outbound::Operator,
+            _ => Outbound::CatchLocally,
+        }
+    }
+
+    /// The changes to every service's environment: `(name, Some(value))`
+    /// sets, `(name, None)` removes. For [`Outbound::CatchLocally`] the
+    /// services are pointed at the sink on `127.0.0.1:sink_port` in
+    /// plaintext, and any operator credentials are withheld.
+    fn service_env(self, sink_port: u16) -> Vec<(&'static str, Option<String>)> {
+        match self {
+            Outbound::Operator => Vec::new(),
+            Outbound::CatchLocally => {
+                let mut env = vec![
+                    (OUTBOUND_HOST, Some("127.0.0.1".to_owned())),
+                    (OUTBOUND_PORT, Some(sink_port.to_string())),
+                    (OUTBOUND_TLS, Some("none".to_owned())),
+                ];
+                env.extend(OUTBOUND_CREDENTIALS.iter().map(|name| (*name, None)));
+                env
+            }
+        }
+    }
+}
+
+/// Where the dev sink writes caught mail.
+fn mail_dir() -> PathBuf {
+    workspace::target_dir().join("e2a-dev-mail")
+}
+
+/// Starts the sink that catches the services' mail: accepts everything,
+/// spools to [`mail_dir`], keeps nothing in memory, logs one line per
+/// message.
+async fn start_sink() -> std::io::Result<SmtpSink> {
+    let script = Script::new()
+        .hostname("dev-sink.e2a.localhost")
+        .spool_dir(Some(mail_dir()))
+        .keep_messages(false)
+        .on_received(|m| println!("[smtp-sink] {}", caught_line(m)));
+    SmtpSink::start(script).await
+}
+
+/// `from=… to=…,… subject=…` for one caught message: the envelope and the
+/// raw `Subject` header (control characters blanked, at most 200
+/// characters). Never any of the body.
+fn caught_line(m: &Received) -> String {
+    let subject: String = m
+        .subject()
+        .unwrap_or_default()
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(200)
+        .collect();
+    let from = if m.mail_from.is_empty() {
+        "<>"
+    } else {
+        m.mail_from.as_str()
+    };
+    format!(
+        "caught mail from={from} to={} subject={subject:?}",
+        m.rcpt_to.join(",")
+    )
+}
 
 /// `cargo xtask dev` arguments.
 #[derive(Debug, clap::Args)]
@@ -133,7 +230,13 @@ fn build(release: bool) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-fn spawn(name: &str, ops_port: u16, url: &str, release: bool) -> std::io::Result<Child> {
+fn spawn(
+    name: &str,
+    ops_port: u16,
+    url: &str,
+    release: bool,
+    outbound: &[(&str, Option<String>)],
+) -> std::io::Result<Child> {
     let binary = workspace::target_dir()
         .join(if release { "release" } else { "debug" })
         .join(format!("e2a-{name}"));
@@ -154,6 +257,12 @@ fn spawn(name: &str, ops_port: u16, url: &str, release: bool) -> std::io::Result
         if std::env::var_os(k).is_none() {
             cmd.env(k, v);
         }
+    }
+    for (k, v) in outbound {
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
     }
     let mut child = cmd
         .spawn()
@@ -180,9 +289,34 @@ async fn supervise(
     key: &str,
     release: bool,
 ) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let outbound = Outbound::decide(|name| std::env::var_os(name));
+    // Kept alive until the services are stopped (they may send until then).
+    let sink = match outbound {
+        Outbound::Operator => None,
+        Outbound::CatchLocally => Some(start_sink().await?),
+    };
+    let mail = match &sink {
+        Some(sink) => {
+            let dir = mail_dir();
+            eprintln!(
+                "[xtask] outbound mail is caught by a local SMTP sink on {} and written to {}/ \
+                 (set {OUTBOUND_HOST} to use a real relay)",
+                sink.addr(),
+                dir.display()
+            );
+            format!("caught in {}/ (SMTP sink {})", dir.display(), sink.addr())
+        }
+        None => {
+            let host = std::env::var(OUTBOUND_HOST).unwrap_or_default();
+            let port = std::env::var(OUTBOUND_PORT).unwrap_or_default();
+            eprintln!("[xtask] outbound mail goes to the relay {host}:{port} ({OUTBOUND_HOST})");
+            format!("relay {host}:{port} ({OUTBOUND_HOST})")
+        }
+    };
+    let outbound_env = outbound.service_env(sink.as_ref().map_or(0, SmtpSink::port));
     let mut children = Vec::new();
     for (name, port) in SERVICES {
-        match spawn(name, *port, url, release) {
+        match spawn(name, *port, url, release, &outbound_env) {
             Ok(child) => children.push((*name, child)),
             Err(e) => {
                 terminate(&mut children).await;
@@ -190,7 +324,7 @@ async fn supervise(
             }
         }
     }
-    let ready = tokio::spawn(announce_when_ready(key.to_owned()));
+    let ready = tokio::spawn(announce_when_ready(key.to_owned(), mail));
     let signal = wait_for_signal();
     tokio::pin!(signal);
     let mut died = None;
@@ -203,6 +337,7 @@ async fn supervise(
     }
     ready.abort();
     let all_clean = terminate(&mut children).await;
+    drop(sink);
     Ok(if all_clean && died.is_none() {
         ExitCode::SUCCESS
     } else {
@@ -278,7 +413,7 @@ async fn wait_for_signal() {
 }
 
 /// Polls every `/readyz`, then prints the key and URLs.
-async fn announce_when_ready(key: String) {
+async fn announce_when_ready(key: String, mail: String) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     for (name, port) in SERVICES {
         while !readyz(*port).await {
@@ -292,7 +427,7 @@ async fn announce_when_ready(key: String) {
     let http = std::env::var("E2A_HTTP_ADDR").unwrap_or_else(|_| "127.0.0.1:8080".into());
     let smtp = std::env::var("E2A_SMTP_ADDR").unwrap_or_else(|_| "127.0.0.1:2525".into());
     println!(
-        "\n  e2a is running\n\n  API key      {key}\n  API          http://{http}   (try: curl -H \"Authorization: Bearer $KEY\" http://{http}/v1/account)\n  SMTP         {smtp}   (shared domain agents.localhost)\n  ops          /healthz /readyz /metrics on 127.0.0.1:9090 (api) 9091 (relay) 9092 (deliverer) 9093 (janitor)\n\n  Ctrl-C stops everything.\n"
+        "\n  e2a is running\n\n  API key      {key}\n  API          http://{http}   (try: curl -H \"Authorization: Bearer $KEY\" http://{http}/v1/account)\n  SMTP         {smtp}   (shared domain agents.localhost)\n  mail out     {mail}\n  ops          /healthz /readyz /metrics on 127.0.0.1:9090 (api) 9091 (relay) 9092 (deliverer) 9093 (janitor)\n\n  Ctrl-C stops everything.\n"
     );
 }
 
@@ -311,4 +446,63 @@ async fn readyz(port: u16) -> bool {
         tokio::time::timeout(Duration::from_secs(2), attempt).await,
         Ok(Ok(true))
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<OsString> {
+        let vars: Vec<(String, OsString)> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), OsString::from(v)))
+            .collect();
+        move |name| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+    }
+
+    #[test]
+    fn without_a_relay_the_services_send_to_the_sink() {
+        let outbound = Outbound::decide(env(&[("E2A_OUTBOUND_SMTP_PASSWORD", "p")]));
+        assert_eq!(outbound, Outbound::CatchLocally);
+        assert_eq!(
+            outbound.service_env(2526),
+            [
+                ("E2A_OUTBOUND_SMTP_HOST", Some("127.0.0.1".to_owned())),
+                ("E2A_OUTBOUND_SMTP_PORT", Some("2526".to_owned())),
+                ("E2A_OUTBOUND_SMTP_TLS", Some("none".to_owned())),
+                ("E2A_OUTBOUND_SMTP_USERNAME", None),
+                ("E2A_OUTBOUND_SMTP_PASSWORD", None),
+            ]
+        );
+        // Blank counts as unset.
+        let blank = Outbound::decide(env(&[("E2A_OUTBOUND_SMTP_HOST", "  ")]));
+        assert_eq!(blank, Outbound::CatchLocally);
+    }
+
+    #[test]
+    fn an_operator_relay_is_passed_through_unchanged() {
+        let outbound = Outbound::decide(env(&[
+            ("E2A_OUTBOUND_SMTP_HOST", "smtp.example.com"),
+            ("E2A_OUTBOUND_SMTP_PORT", "587"),
+            ("E2A_OUTBOUND_SMTP_TLS", "starttls"),
+        ]));
+        assert_eq!(outbound, Outbound::Operator);
+        assert!(outbound.service_env(2526).is_empty(), "inherited as is");
+    }
+
+    #[test]
+    fn the_caught_line_has_the_envelope_and_subject_only() {
+        let m = Received {
+            mail_from: "agent@agents.localhost".into(),
+            rcpt_to: vec!["a@x.test".into(), "b@x.test".into()],
+            data: b"Subject: Hello\r\n there\r\n\r\nsecret body\r\n".to_vec(),
+            auth_user: None,
+        };
+        let line = caught_line(&m);
+        assert_eq!(
+            line,
+            "caught mail from=agent@agents.localhost to=a@x.test,b@x.test subject=\"Hello there\""
+        );
+        assert!(!line.contains("secret"));
+    }
 }

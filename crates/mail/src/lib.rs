@@ -4,8 +4,8 @@
 //!
 //! Inbound:
 //!
-//! - [`parse`]: best-effort MIME parsing into the fields the API returns; never
-//!   panics, never fails.
+//! - [`parse`](mod@parse): best-effort MIME parsing into the fields the API
+//!   returns; never panics, never fails.
 //! - [`auth`]: SPF (on the envelope), DKIM (every signature) and DMARC (with
 //!   alignment) behind a resolver the caller injects.
 //! - [`headers`]: the signed `X-E2A-Auth-*` verdict headers.
@@ -22,6 +22,9 @@
 //!   parsed once per domain.
 //! - [`draft`]: the reply and forward rules: subjects, threading headers,
 //!   recipients, the quoted forward body.
+//! - [`submit`](mod@submit): SMTP submission of a composed message to the
+//!   outbound relay, bounded in time, with every reply classified (sent,
+//!   temporary, permanent; per recipient too).
 
 pub mod auth;
 pub mod compose;
@@ -32,6 +35,7 @@ pub mod dkim_sign;
 pub mod draft;
 pub mod headers;
 pub mod parse;
+pub mod submit;
 
 mod hex;
 
@@ -42,3 +46,6 @@ pub use auth::{
 pub use compose::{Attachment, ComposeError, OutgoingMessage, compose};
 pub use dkim_sign::{DkimKey, SignError};
 pub use parse::{AttachmentInfo, Mailbox, ParsedMessage, parse};
+pub use submit::{
+    Envelope, Outcome, RecipientResult, RecipientStatus, SmtpConfig, Submission, TlsMode, submit,
+};

@@ -1,4 +1,6 @@
 //! Real PostgreSQL for e2a tests: one fresh, migrated database per test.
+//! Also a webhook [`receiver`] and an SMTP sink ([`smtp_sink::SmtpSink`])
+//! that catches outbound mail in tests, benchmarks and `cargo xtask dev`.
 //!
 //! ```no_run
 //! # async fn example() {
@@ -43,6 +45,9 @@
 pub mod cluster;
 mod naming;
 pub mod receiver;
+pub mod smtp_sink;
+
+pub use smtp_sink::SmtpSink;
 
 use std::error::Error as StdError;
 use std::fmt;
