@@ -66,6 +66,18 @@ pub struct Config {
     #[command(flatten)]
     #[allow(missing_docs)]
     pub rates: RateArgs,
+
+    /// Envelope-sender domain of outbound mail (MAIL FROM <agent-local-part>@this; SPF is checked on it) and the From domain of test mail. Empty: each agent's own domain. The From header is always the agent's own address, DKIM-signed by its domain.
+    #[arg(long, env = "E2A_OUTBOUND_FROM_DOMAIN", default_value = "", value_parser = parse_optional_host)]
+    pub outbound_from_domain: String,
+
+    /// Attempts an outbound message gets before it is dead-lettered (email.failed).
+    #[arg(long, env = "E2A_MAIL_MAX_ATTEMPTS", default_value_t = 8, value_parser = clap::value_parser!(i32).range(1..=50))]
+    pub mail_max_attempts: i32,
+
+    /// Send requests (send, reply, forward; bodies up to 25 MiB) handled at once by this replica; more wait up to 5 s, then 503 with Retry-After. Bounds the memory large messages can take.
+    #[arg(long, env = "E2A_HTTP_MAX_CONCURRENT_SENDS", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub max_concurrent_sends: u32,
 }
 
 /// Request rate limits (see docs/operations.md for which hold per replica).
@@ -87,9 +99,20 @@ pub struct RateArgs {
     #[arg(long, env = "E2A_RATE_DOMAIN_CREATE_PER_HOUR", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
     pub domain_create_per_hour: u32,
 
+    /// Sends (send, reply, forward, test, approve) per agent per minute, across all API replicas.
+    #[arg(long, env = "E2A_RATE_SEND_PER_MINUTE", default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..))]
+    pub send_per_minute: u32,
+
     /// Proxies whose X-Forwarded-For is believed: comma-separated addresses or CIDR blocks. Empty: the socket peer is the client.
     #[arg(long, env = "E2A_TRUSTED_PROXIES", default_value = "", value_parser = crate::ratelimit::parse_proxies)]
     pub trusted_proxies: std::vec::Vec<ipnet::IpNet>,
+}
+
+fn parse_optional_host(s: &str) -> Result<String, String> {
+    if s.trim().is_empty() {
+        return Ok(String::new());
+    }
+    parse_host(s)
 }
 
 fn parse_host(s: &str) -> Result<String, String> {
@@ -133,7 +156,16 @@ impl Config {
                 r.auth_failures_per_minute,
             )),
             domain_create: Quota::per_hour(r.domain_create_per_hour),
+            send: Quota::per_minute(r.send_per_minute),
             trusted_proxies: r.trusted_proxies.clone(),
+        }
+    }
+
+    /// The send routes' settings.
+    pub fn outbound_settings(&self) -> crate::routes::outbound::OutboundSettings {
+        crate::routes::outbound::OutboundSettings {
+            from_domain: self.outbound_from_domain.clone(),
+            max_attempts: self.mail_max_attempts,
         }
     }
 

@@ -50,6 +50,32 @@ pub struct AppState {
     pub keygen: Arc<Semaphore>,
     /// Request rate limits.
     pub limits: Arc<ratelimit::RateLimits>,
+    /// What the send routes need to know about outbound mail.
+    pub outbound: Arc<routes::outbound::OutboundSettings>,
+    /// Bounds the send requests (bodies up to 25 MiB) in progress at once.
+    pub send_slots: Arc<Semaphore>,
+}
+
+impl AppState {
+    /// The state a configuration describes, on `store`, with `dns` for
+    /// domain verification.
+    pub fn new(store: Store, config: &Config, dns: Arc<dyn dns::Resolver>) -> Self {
+        let info = routes::info::DeploymentInfo::from_config(config);
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        AppState {
+            store,
+            info: Arc::new(info),
+            default_limits: Arc::new(config.default_limits()),
+            mail_host: config.smtp_domain.as_str().into(),
+            production: config.is_production(),
+            allow_private_webhooks: config.allow_private_webhooks,
+            dns,
+            keygen: Arc::new(Semaphore::new(cores)),
+            limits: Arc::new(config.rate_limits()),
+            outbound: Arc::new(config.outbound_settings()),
+            send_slots: Arc::new(Semaphore::new(config.max_concurrent_sends as usize)),
+        }
+    }
 }
 
 /// The listeners [`run`] serves on.
@@ -108,18 +134,7 @@ pub async fn run_with_resolver(
     if !info.shared_domain.is_empty() {
         ensure_shared_domain(&store, &info.shared_domain).await?;
     }
-    let cores = std::thread::available_parallelism().map_or(1, usize::from);
-    let state = AppState {
-        store: store.clone(),
-        info: Arc::new(info),
-        default_limits: Arc::new(config.default_limits()),
-        mail_host: config.smtp_domain.as_str().into(),
-        production: config.is_production(),
-        allow_private_webhooks: config.allow_private_webhooks,
-        dns,
-        keygen: Arc::new(Semaphore::new(cores)),
-        limits: Arc::new(config.rate_limits()),
-    };
+    let state = AppState::new(store.clone(), &config, dns);
     let app = app(state, &config);
     tracing::info!(
         http = %listeners.http.local_addr()?,
@@ -150,7 +165,34 @@ async fn ensure_shared_domain(store: &Store, shared: &str) -> Result<(), BoxErro
         .map_err(|_| format!("E2A_SHARED_DOMAIN {shared:?} is not a valid domain name"))?;
     let client = store.client().await?;
     match domains::ensure_shared(&client, &name).await {
-        Ok(()) => Ok(()),
+        Ok(()) => {
+            // Shared-domain agents send under their own From address, so
+            // the shared domain signs their mail and needs a key (the
+            // original sent it unsigned). Generated once, published by the
+            // operator: docs/operations.md.
+            if !domains::has_dkim_key(&client, &name).await? {
+                let pair =
+                    tokio::task::spawn_blocking(e2a_mail::dkim_keys::generate_rsa_2048).await??;
+                let keys = domains::DkimKeys {
+                    selector: e2a_mail::dkim_keys::selector_for(
+                        time::OffsetDateTime::now_utc().date(),
+                    ),
+                    public_key_b64: pair.public_key_b64,
+                    private_key_der: pair.private_key_der,
+                };
+                if domains::set_dkim_keys_if_missing(&client, &name, &keys).await? {
+                    tracing::info!(
+                        domain = %name,
+                        selector = %keys.selector,
+                        "generated the shared domain's DKIM key; publish {}._domainkey.{} TXT \"{}\"",
+                        keys.selector,
+                        name,
+                        e2a_mail::dkim_keys::dns_txt_value(&keys.public_key_b64)
+                    );
+                }
+            }
+            Ok(())
+        }
         Err(StoreError::Conflict { .. }) => Err(format!(
             "E2A_SHARED_DOMAIN {name:?} is registered as a custom domain by a user; \
              choose another shared domain or remove that user's domain"

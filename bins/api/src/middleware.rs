@@ -178,3 +178,33 @@ fn json_errors(response: Response) -> Response {
     }
     replaced
 }
+
+/// How long a send request waits for a free slot before it is shed.
+pub const SEND_SLOT_WAIT: Duration = Duration::from_secs(5);
+
+/// Admits a send request (bodies up to 25 MiB) only while fewer than
+/// `E2A_HTTP_MAX_CONCURRENT_SENDS` are in progress on this replica, waiting
+/// up to [`SEND_SLOT_WAIT`] for a slot; otherwise 503 `overloaded` with
+/// `Retry-After`. The slot is taken before the body is read and held until
+/// the response, so the memory large messages take is bounded by the slots
+/// times the body limit (and the composed copy).
+pub async fn send_slot(State(state): State<crate::AppState>, req: Request, next: Next) -> Response {
+    let permit =
+        tokio::time::timeout(SEND_SLOT_WAIT, state.send_slots.clone().acquire_owned()).await;
+    match permit {
+        Ok(Ok(permit)) => {
+            let response = next.run(req).await;
+            drop(permit);
+            response
+        }
+        _ => {
+            metrics::counter!("e2a_http_send_requests_shed_total").increment(1);
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                "too many messages are being sent right now; retry shortly",
+            )
+            .into_response()
+        }
+    }
+}

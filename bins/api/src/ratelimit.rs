@@ -251,6 +251,8 @@ pub struct RateLimits {
     pub auth_failures: AuthGuard,
     /// `POST /v1/domains`, per account, shared by all replicas.
     pub domain_create: Quota,
+    /// Sends per agent (send, reply, forward, test), shared by all replicas.
+    pub send: Quota,
     /// Peers whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<IpNet>,
 }

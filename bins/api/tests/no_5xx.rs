@@ -17,7 +17,7 @@ use axum::{
     http::{Request, header},
 };
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
-use e2a_api::{AppState, Config, dns::NoResolver, routes::info::DeploymentInfo};
+use e2a_api::{AppState, Config, dns::NoResolver};
 use e2a_store::{Store, address::EmailAddress, domains, users};
 use e2a_testkit::TestDb;
 use http_body_util::BodyExt;
@@ -448,17 +448,7 @@ async fn setup(db: &TestDb) -> (Router, String, Vec<(String, String)>, String) {
         .await
         .unwrap()
         .id;
-    let state = AppState {
-        store: store.clone(),
-        info: Arc::new(DeploymentInfo::from_config(&config)),
-        default_limits: Arc::new(config.default_limits()),
-        mail_host: config.smtp_domain.as_str().into(),
-        production: false,
-        allow_private_webhooks: false,
-        dns: Arc::new(NoResolver),
-        keygen: Arc::new(tokio::sync::Semaphore::new(1)),
-        limits: Arc::new(config.rate_limits()),
-    };
+    let state = AppState::new(store.clone(), &config, Arc::new(NoResolver));
     let app = e2a_api::app(state, &config);
     let created = send(&app, &key, "/v1/agents").await.unwrap();
     assert_eq!(created.0, 200);

@@ -12,16 +12,20 @@
 //!   across every replica;
 //! * [`queue::run`] over [`legacy::LegacyQueue`] — legacy per-agent pushes
 //!   (`E2A_LEGACY_WORKERS` in flight);
-//! * [`webhooks::sample_gauges`] — queue depth for `/metrics`.
+//! * [`queue::run`] over [`mail::MailQueue`] — outbound mail
+//!   (`E2A_MAIL_WORKERS` in flight): claim through the send gate, DKIM-sign,
+//!   submit over SMTP, record;
+//! * [`webhooks::sample_gauges`], [`mail::sample_gauges`] — queue depth for
+//!   `/metrics`.
 //!
 //! On cancellation nothing new is claimed and the deliveries in flight are
-//! finished and recorded before [`run`] returns. Outbound mail is not
-//! delivered by this build yet. `main.rs` only calls [`e2a_runtime::main`]
+//! finished and recorded before [`run`] returns. `main.rs` only calls [`e2a_runtime::main`]
 //! with [`serve`]; tests call [`run_with`] with a port-0 listener, their own
 //! token and a [`Wakeups`] to observe.
 
 pub mod config;
 pub mod legacy;
+pub mod mail;
 pub mod queue;
 pub mod wake;
 pub mod webhooks;
@@ -71,6 +75,8 @@ pub async fn run_with(
     wakeups: Wakeups,
 ) -> Result<(), BoxError> {
     let lease = config.webhook_lease()?;
+    let smtp = config.smtp_config()?;
+    let mail_lease = config.mail_lease(smtp.as_ref())?;
     let client = WebhookClient::new(ClientConfig {
         timeout: config.webhook_timeout(),
         policy: config.url_policy(),
@@ -86,6 +92,9 @@ pub async fn run_with(
         ops = %listeners.ops.local_addr()?,
         workers = config.webhook_workers,
         lease_secs = lease.as_secs(),
+        mail_workers = config.mail_workers,
+        mail_lease_secs = mail_lease.as_secs(),
+        smtp = smtp.as_ref().map_or("(none: outbound mail waits)", |s| s.host.as_str()),
         "deliverer started"
     );
     let ops = e2a_runtime::ops::OpsServer::spawn(
@@ -127,7 +136,19 @@ pub async fn run_with(
         queue::Kick::new(),
         shutdown.clone(),
     ));
+    tasks.spawn(queue::run(
+        Arc::new(mail::MailQueue::new(store.clone(), smtp, mail_lease)),
+        usize::try_from(config.mail_workers).unwrap_or(16),
+        wakeups.subscribe(),
+        queue::Kick::new(),
+        shutdown.clone(),
+    ));
     tasks.spawn(webhooks::sample_gauges(
+        store.clone(),
+        GAUGE_EVERY,
+        shutdown.clone(),
+    ));
+    tasks.spawn(mail::sample_gauges(
         store.clone(),
         GAUGE_EVERY,
         shutdown.clone(),

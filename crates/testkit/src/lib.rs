@@ -43,6 +43,7 @@
 //! use, on the caller's runtime.
 
 pub mod cluster;
+pub mod dkim;
 mod naming;
 pub mod receiver;
 pub mod smtp_sink;

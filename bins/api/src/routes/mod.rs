@@ -9,12 +9,14 @@ pub mod events;
 pub mod health;
 pub mod info;
 pub mod messages;
+pub mod outbound;
 pub mod signing_secrets;
 pub mod webhook_deliveries;
 pub mod webhooks;
 
 use axum::{
     Router,
+    extract::DefaultBodyLimit,
     http::StatusCode,
     middleware::{from_fn, from_fn_with_state},
     routing::{get, patch, post},
@@ -67,6 +69,9 @@ pub fn router(state: AppState, config: &Config) -> Router {
         .route("/v1/events/{id}", get(events::get))
         .route("/v1/events/{id}/redeliver", post(events::redeliver))
         .merge(poll_limited(state.clone()))
+        // Every route but the send routes keeps the small body limit.
+        .layer(RequestBodyLimitLayer::new(config.max_body_bytes as usize))
+        .merge(sending(state.clone()))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -79,8 +84,27 @@ pub fn router(state: AppState, config: &Config) -> Router {
             config.request_timeout(),
             crate::middleware::deadline,
         ))
-        .layer(RequestBodyLimitLayer::new(config.max_body_bytes as usize))
         .layer(from_fn(crate::middleware::request_context))
+}
+
+/// The send routes: bodies up to [`outbound::MAX_SEND_BODY_BYTES`], at
+/// most `E2A_HTTP_MAX_CONCURRENT_SENDS` in progress per replica
+/// ([`crate::middleware::send_slot`], taken before the body is read).
+fn sending(state: AppState) -> Router<AppState> {
+    Router::new()
+        .route("/v1/agents/{address}/messages", post(outbound::send))
+        .route(
+            "/v1/agents/{address}/messages/{id}/reply",
+            post(outbound::reply),
+        )
+        .route(
+            "/v1/agents/{address}/messages/{id}/forward",
+            post(outbound::forward),
+        )
+        .route("/v1/agents/{address}/test", post(outbound::test))
+        .layer(DefaultBodyLimit::disable())
+        .layer(RequestBodyLimitLayer::new(outbound::MAX_SEND_BODY_BYTES))
+        .layer(from_fn_with_state(state, crate::middleware::send_slot))
 }
 
 /// The poll-limited reads (spec §5.3): an agent's messages and
