@@ -784,3 +784,93 @@ async fn an_api_killed_mid_flight_leaves_every_message_whole_or_absent() {
         "an orphan payload"
     );
 }
+
+/// The loopback acceptance, across services: Alice sends to Bob and
+/// Carol (agents of this gateway) and to an outside address. Bob and Carol
+/// each get one threaded inbound copy and their webhooks one
+/// `email.received`; the outside copy goes out once, through a real SMTP
+/// server, and Alice's webhook hears `email.sent` once.
+#[tokio::test]
+async fn agents_on_the_gateway_get_their_copy_and_webhooks_while_the_outside_copy_goes_out_once() {
+    use e2a_testkit::{receiver::Receiver, smtp_sink::{Script, SmtpSink}};
+
+    let h = Harness::new().await;
+    let bob = h.agent("bob").await;
+    let carol = h.agent("carol").await;
+    let mut receiver = Receiver::ok().await;
+    for (agent, events) in [
+        (&bob, json!(["email.received"])),
+        (&carol, json!(["email.received"])),
+        (&"alice@agents.localhost".to_owned(), json!(["email.sent", "email.received"])),
+    ] {
+        let (s, body) = h
+            .api
+            .call(
+                Method::POST,
+                "/v1/webhooks",
+                &h.key,
+                Some(json!({
+                    "url": receiver.url(&format!("/{agent}")),
+                    "events": events,
+                    "filters": {"agent_ids": [agent]},
+                })),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{body}");
+    }
+    let sink = SmtpSink::start(Script::new()).await.unwrap();
+    let mut config = e2a_deliverer::Config::for_database(h.db.url());
+    config.outbound_smtp_host = sink.host();
+    config.outbound_smtp_port = sink.port();
+    config.outbound_smtp_tls = "none".into();
+    let shutdown = e2a_runtime::CancellationToken::new();
+    let deliverer = tokio::spawn(e2a_deliverer::run(
+        config,
+        e2a_deliverer::Listeners {
+            ops: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        },
+        shutdown.clone(),
+    ));
+
+    let (s, body) = h
+        .send(json!({
+            "to": [bob, "outside@example.net"],
+            "cc": [carol],
+            "subject": "Offsite",
+            "body": "Friday?",
+        }))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert!(sink.wait_for(1, Duration::from_secs(30)).await);
+    let mut by_path = std::collections::HashMap::<String, Vec<Value>>::new();
+    for _ in 0..3 {
+        let r = receiver.next().await;
+        by_path.entry(r.path.clone()).or_default().push(r.json());
+    }
+    assert!(
+        receiver.next_within(Duration::from_millis(800)).await.is_none(),
+        "nothing more: {by_path:?}"
+    );
+    for agent in [&bob, &carol] {
+        let got = &by_path[&format!("/{agent}")];
+        assert_eq!(got.len(), 1, "{agent}: one email.received");
+        assert_eq!(got[0]["event"], "email.received");
+        assert_eq!(got[0]["data"]["subject"], "Offsite");
+        assert_eq!(got[0]["data"]["from"], "alice@agents.localhost");
+        assert!(got[0]["data"]["conversation_id"].as_str().unwrap().starts_with("cnv_"));
+    }
+    let alice = &by_path["/alice@agents.localhost"];
+    assert_eq!(alice.len(), 1);
+    assert_eq!(alice[0]["event"], "email.sent");
+    assert_eq!(alice[0]["data"]["message_id"].as_str().map(|s| s.starts_with("msg_")), Some(true));
+    assert_eq!(alice[0]["data"]["provider_message_id"], body["message_id"]);
+    let received = sink.received();
+    assert_eq!(received.len(), 1, "the outside copy goes out once");
+    assert_eq!(received[0].rcpt_to, ["outside@example.net"], "local agents are not in the envelope");
+    assert_eq!(
+        h.count("SELECT count(*) FROM messages WHERE direction = 'inbound'").await,
+        2
+    );
+    shutdown.cancel();
+    deliverer.await.unwrap().unwrap();
+}
