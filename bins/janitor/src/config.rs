@@ -22,8 +22,10 @@ rate-limit keys), each schedule on its own, until stopped. \
 Sweeps in this build: messages past their 10-day TTL (held messages still \
 pending approval are kept), expired or revoked dashboard sessions, domain \
 claims left unverified for 7 days, idle API rate-limit keys, events older \
-than 30 days that were handled, webhook deliveries past their retention, and \
-idempotency keys claimed more than 24 hours ago. Several replicas may run \
+than 30 days that were handled, webhook deliveries past their retention, \
+idempotency keys claimed more than 24 hours ago, and outbound mail \
+deliveries finished (sent or dead-lettered) more than 30 days ago, with \
+their payload, attempts and send gate (unfinished ones are never deleted). Several replicas may run \
 at once (rows are claimed with SKIP LOCKED). A failed sweep (e.g. the database \
 is down) is logged and retried at the next interval.";
 

@@ -57,7 +57,7 @@ pub async fn run(
         interval_secs = config.janitor_interval_secs,
         fast_interval_secs = config.janitor_fast_interval_secs,
         batch = config.janitor_batch,
-        "janitor started (sweeps: expired messages, sessions, domain claims, idle rate-limit keys, webhook previous secrets, events, deliveries, idempotency keys)"
+        "janitor started (sweeps: expired messages, sessions, domain claims, idle rate-limit keys, webhook previous secrets, events, deliveries, idempotency keys, finished mail deliveries)"
     );
     let ops = e2a_runtime::ops::OpsServer::spawn(
         listeners.ops,

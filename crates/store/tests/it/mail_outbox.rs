@@ -559,3 +559,55 @@ async fn an_enqueue_on_an_existing_key_leaves_the_transaction_usable() {
     assert!(depth.contains(&("dead_lettered", 0)));
     assert!(oldest >= 0.0);
 }
+
+#[tokio::test]
+async fn the_retention_sweep_deletes_finished_deliveries_only() {
+    let (_db, store) = super::store().await;
+    let alice = mailbox(&store, "alice").await;
+    send(&store, &alice, &["bob@example.net"], &[]).await;
+    send(&store, &alice, &["carol@example.net"], &[]).await;
+    // One is sent (its gate and attempt exist), the other still pending.
+    let job = claim(&store).await.remove(0);
+    let ok = Outcome::Sent {
+        code: 250,
+        reply: "ok".into(),
+    };
+    let answers = all(&job, RecipientState::Sent, 250);
+    mail_outbox::record(&store, &job, OffsetDateTime::now_utc(), &ok, &answers)
+        .await
+        .unwrap();
+    let c = store.client().await.unwrap();
+    c.execute(
+        "UPDATE mail_deliveries SET expires_at = now() - interval '1 second'",
+        &[],
+    )
+    .await
+    .unwrap();
+    c.execute(
+        "UPDATE mail_deliveries SET status = 'pending', leased_until = NULL, lease_token = NULL \
+          WHERE status = 'sending'",
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(mail_outbox::delete_expired(&c, 100).await.unwrap(), 1);
+    for (table, left) in [
+        ("mail_deliveries", 1),
+        ("mail_payloads", 1),
+        ("mail_attempts", 0),
+        // The unfinished one keeps its gate (both were claimed).
+        ("send_attempts", 1),
+        ("mail_recipients", 1),
+    ] {
+        assert_eq!(
+            one(&store, &format!("SELECT count(*) FROM {table}"), &[]).await,
+            left,
+            "{table}"
+        );
+    }
+    assert_eq!(
+        one(&store, "SELECT count(*) FROM messages", &[]).await,
+        2,
+        "messages follow their own TTL"
+    );
+}
