@@ -84,7 +84,10 @@ BEGIN
          WHERE d.status = 'sending' AND d.leased_until < now()
          ORDER BY d.leased_until LIMIT p_max FOR UPDATE SKIP LOCKED)
     SELECT array_agg(c.delivery_id), array_agg(c.user_id) INTO v_ids, v_users FROM (
-        SELECT * FROM (SELECT * FROM due UNION ALL SELECT * FROM lapsed) u
+        SELECT u.delivery_id, u.user_id FROM (
+            SELECT due.delivery_id, due.user_id, due.at FROM due
+            UNION ALL
+            SELECT lapsed.delivery_id, lapsed.user_id, lapsed.at FROM lapsed) u
          ORDER BY u.at LIMIT p_max) c;
     IF v_ids IS NULL THEN
         RETURN;

@@ -792,7 +792,10 @@ async fn an_api_killed_mid_flight_leaves_every_message_whole_or_absent() {
 /// server, and Alice's webhook hears `email.sent` once.
 #[tokio::test]
 async fn agents_on_the_gateway_get_their_copy_and_webhooks_while_the_outside_copy_goes_out_once() {
-    use e2a_testkit::{receiver::Receiver, smtp_sink::{Script, SmtpSink}};
+    use e2a_testkit::{
+        receiver::Receiver,
+        smtp_sink::{Script, SmtpSink},
+    };
 
     let h = Harness::new().await;
     let bob = h.agent("bob").await;
@@ -801,7 +804,10 @@ async fn agents_on_the_gateway_get_their_copy_and_webhooks_while_the_outside_cop
     for (agent, events) in [
         (&bob, json!(["email.received"])),
         (&carol, json!(["email.received"])),
-        (&"alice@agents.localhost".to_owned(), json!(["email.sent", "email.received"])),
+        (
+            &"alice@agents.localhost".to_owned(),
+            json!(["email.sent", "email.received"]),
+        ),
     ] {
         let (s, body) = h
             .api
@@ -848,7 +854,10 @@ async fn agents_on_the_gateway_get_their_copy_and_webhooks_while_the_outside_cop
         by_path.entry(r.path.clone()).or_default().push(r.json());
     }
     assert!(
-        receiver.next_within(Duration::from_millis(800)).await.is_none(),
+        receiver
+            .next_within(Duration::from_millis(800))
+            .await
+            .is_none(),
         "nothing more: {by_path:?}"
     );
     for agent in [&bob, &carol] {
@@ -857,18 +866,33 @@ async fn agents_on_the_gateway_get_their_copy_and_webhooks_while_the_outside_cop
         assert_eq!(got[0]["event"], "email.received");
         assert_eq!(got[0]["data"]["subject"], "Offsite");
         assert_eq!(got[0]["data"]["from"], "alice@agents.localhost");
-        assert!(got[0]["data"]["conversation_id"].as_str().unwrap().starts_with("cnv_"));
+        assert!(
+            got[0]["data"]["conversation_id"]
+                .as_str()
+                .unwrap()
+                .starts_with("cnv_")
+        );
     }
     let alice = &by_path["/alice@agents.localhost"];
     assert_eq!(alice.len(), 1);
     assert_eq!(alice[0]["event"], "email.sent");
-    assert_eq!(alice[0]["data"]["message_id"].as_str().map(|s| s.starts_with("msg_")), Some(true));
+    assert_eq!(
+        alice[0]["data"]["message_id"]
+            .as_str()
+            .map(|s| s.starts_with("msg_")),
+        Some(true)
+    );
     assert_eq!(alice[0]["data"]["provider_message_id"], body["message_id"]);
     let received = sink.received();
     assert_eq!(received.len(), 1, "the outside copy goes out once");
-    assert_eq!(received[0].rcpt_to, ["outside@example.net"], "local agents are not in the envelope");
     assert_eq!(
-        h.count("SELECT count(*) FROM messages WHERE direction = 'inbound'").await,
+        received[0].rcpt_to,
+        ["outside@example.net"],
+        "local agents are not in the envelope"
+    );
+    assert_eq!(
+        h.count("SELECT count(*) FROM messages WHERE direction = 'inbound'")
+            .await,
         2
     );
     shutdown.cancel();

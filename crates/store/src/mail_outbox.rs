@@ -270,7 +270,12 @@ pub async fn claim(
 ) -> Result<Vec<ClaimedMail>> {
     let token = secret::random_hex::<16>();
     let stmt = c
-        .prepare_cached("SELECT * FROM e2a_claim_mail_deliveries($1, $2, $3, $4)")
+        .prepare_cached(
+            "SELECT delivery_id, user_id, message_id, gate, attempts, max_attempts, mail_from, \
+                    dkim_domain, body, rcpt_addresses, agent_id, message_type, subject, \
+                    conversation_id, provider_message_id, to_recipients, cc, bcc \
+               FROM e2a_claim_mail_deliveries($1, $2, $3, $4)",
+        )
         .await?;
     let max = i32::try_from(max).unwrap_or(i32::MAX);
     let rows = c
