@@ -62,6 +62,11 @@ pub const CONTENT_TYPE: &str = "application/json";
 /// before it could be read (released or swept in between).
 const CLAIM_ROUNDS: usize = 3;
 
+/// First key of the transaction-scoped advisory lock a client key's claim
+/// takes (`pg_try_advisory_xact_lock(int4, int4)`): `"idem"` as big-endian
+/// bytes; the second key is `hashtext(user_id || '/' || key)`.
+const CLAIM_LOCK_CLASS: i32 = 0x6964_656d;
+
 /// A key as stored (`u:…` or `s:…`), with how long its answer is replayed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Key {
@@ -199,10 +204,15 @@ pub enum Claim {
 /// one → [`Claim::Replay`]. Of any number of concurrent claims of one key,
 /// exactly one is acquired.
 ///
-/// In the caller's transaction (see the module doc), a claim of a key
-/// another open transaction holds waits for that transaction to end. A
-/// claim that is not acquired leaves the row locked until the caller's
-/// transaction ends; end it before doing anything slow.
+/// In the caller's transaction (see the module doc), a claim of a
+/// **client** key that another open transaction holds does not wait: it is
+/// [`Claim::InFlight`] at once (spec §3.3's 409 — and a flood of
+/// duplicates cannot pin connections on a row lock), through a
+/// transaction-scoped advisory lock taken first (two keys whose 32-bit
+/// hashes collide may see a spurious 409 while both are in flight). A
+/// claim of a **server** key waits for that transaction to end, then
+/// replays its answer. A claim that is not acquired leaves the row locked
+/// until the caller's transaction ends; end it before doing anything slow.
 pub async fn claim(
     c: &impl GenericClient,
     user_id: &UserId,
@@ -233,6 +243,18 @@ pub async fn claim(
              FROM idempotency_keys WHERE user_id = $1 AND key = $2",
         )
         .await?;
+    if key.stored.starts_with("u:") {
+        let lock = c
+            .prepare_cached("SELECT pg_try_advisory_xact_lock($1, hashtext($2 || '/' || $3))")
+            .await?;
+        let locked: bool = c
+            .query_one(&lock, &[&CLAIM_LOCK_CLASS, user_id, &key.stored])
+            .await?
+            .get(0);
+        if !locked {
+            return Ok(Claim::InFlight);
+        }
+    }
     let stale = STALE_AFTER.as_seconds_f64();
     let window = key.replay_window.as_seconds_f64();
     for _ in 0..CLAIM_ROUNDS {

@@ -101,7 +101,8 @@ pub struct Enqueue<'a> {
     pub max_attempts: i32,
 }
 
-/// Enqueues `mail`, pending now. Returns the new delivery's id, or `None`
+/// Enqueues `mail`, pending now. Recipients keep the order given (their
+/// ids sort in it; the SMTP envelope follows it). Returns the new delivery's id, or `None`
 /// when the owner already has a delivery with this idempotency key (then
 /// nothing is left behind and the caller's transaction is **not** aborted:
 /// the conflict is an `ON CONFLICT DO NOTHING`, and the payload written
@@ -132,8 +133,8 @@ pub async fn enqueue(c: &impl GenericClient, mail: &Enqueue<'_>) -> Result<Optio
                ON CONFLICT (user_id, idempotency_key) DO NOTHING RETURNING delivery_id), \
              r AS ( \
                INSERT INTO mail_recipients (recipient_id, user_id, delivery_id, address, kind) \
-               SELECT gen_random_uuid()::text, $3, d.delivery_id, x.address, x.kind \
-                 FROM d, unnest($12::text[], $13::text[]) AS x(address, kind) \
+               SELECT d.delivery_id || '-' || lpad(x.n::text, 4, '0'), $3, d.delivery_id, x.address, x.kind \
+                 FROM d, unnest($12::text[], $13::text[]) WITH ORDINALITY AS x(address, kind, n) \
                ON CONFLICT (delivery_id, kind, address) DO NOTHING) \
              SELECT delivery_id FROM d",
         )

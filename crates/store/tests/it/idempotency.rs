@@ -375,3 +375,46 @@ async fn the_longest_client_key_fits_the_table() {
     let max = Key::client(&"k".repeat(idempotency::MAX_CLIENT_KEY_LEN)).unwrap();
     acquired(claim(&store, &alice, &max, "{}").await);
 }
+
+#[tokio::test]
+async fn in_transactions_a_client_key_duplicate_is_in_flight_at_once_then_replays() {
+    let (db, store) = super::store().await;
+    let alice = super::user(&store, "alice@example.com").await;
+    let key = Key::client("send-1").unwrap();
+
+    let mut first = store.client().await.unwrap();
+    let tx = first.transaction().await.unwrap();
+    let ticket = acquired(
+        idempotency::claim(&tx, &alice, &key, ROUTE, &hash("{}"))
+            .await
+            .unwrap(),
+    );
+    // While the first transaction is open, a duplicate does not wait.
+    let other = Store::new(&StoreConfig::new(db.url())).unwrap();
+    let mut c = other.client().await.unwrap();
+    let dup = c.transaction().await.unwrap();
+    assert_eq!(
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            idempotency::claim(&dup, &alice, &key, ROUTE, &hash("{}"))
+        )
+        .await
+        .expect("no waiting on a lock")
+        .unwrap(),
+        Claim::InFlight
+    );
+    dup.rollback().await.unwrap();
+    idempotency::complete(&tx, &ticket, 200, b"{\"n\":1}")
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    // After the commit it replays the answer.
+    let dup = c.transaction().await.unwrap();
+    let again = idempotency::claim(&dup, &alice, &key, ROUTE, &hash("{}"))
+        .await
+        .unwrap();
+    assert!(
+        matches!(&again, Claim::Replay(r) if r.body == b"{\"n\":1}"),
+        "{again:?}"
+    );
+}
