@@ -309,8 +309,9 @@ async fn in_transactions_a_duplicate_waits_for_the_first_and_replays_its_answer(
     );
 
     // A first request that rolls back takes its claim with it: the waiting
-    // duplicate runs instead.
-    let key = Key::client("rolled-back").unwrap();
+    // duplicate runs instead. (Server keys wait; a client key's duplicate is
+    // in flight at once, see the next test.)
+    let key = Key::server("replay:evt_b:", idempotency::TTL);
     let tx = first.transaction().await.unwrap();
     acquired(
         idempotency::claim(&tx, &alice, &key, ROUTE, &hash(""))
@@ -417,4 +418,17 @@ async fn in_transactions_a_client_key_duplicate_is_in_flight_at_once_then_replay
         matches!(&again, Claim::Replay(r) if r.body == b"{\"n\":1}"),
         "{again:?}"
     );
+
+    dup.rollback().await.unwrap();
+
+    // A first claim that rolls back frees the key at once.
+    let key = Key::client("send-2").unwrap();
+    let tx = first.transaction().await.unwrap();
+    acquired(
+        idempotency::claim(&tx, &alice, &key, ROUTE, &hash("{}"))
+            .await
+            .unwrap(),
+    );
+    tx.rollback().await.unwrap();
+    acquired(claim(&store, &alice, &key, "{}").await);
 }
