@@ -266,18 +266,7 @@ pub fn decide(
                     a.state = RecipientState::Pending;
                 }
             }
-            if last {
-                Outcome::DeadLetter {
-                    code: *code,
-                    error: format!("gave up after {attempt_no} attempts: {reason}"),
-                }
-            } else {
-                Outcome::Retry {
-                    at: OffsetDateTime::now_utc() + retry_delay(attempt_no),
-                    code: *code,
-                    error: reason.clone(),
-                }
-            }
+            retry_or_give_up(last, attempt_no, *code, reason)
         }
         // The server refused our credentials (or wants some): an operator's
         // configuration problem, not the message's. Retried, so fixing the
@@ -289,18 +278,7 @@ pub fn decide(
             for a in &mut answers {
                 a.state = RecipientState::Pending;
             }
-            if last {
-                Outcome::DeadLetter {
-                    code: *code,
-                    error: format!("gave up after {attempt_no} attempts: {reason}"),
-                }
-            } else {
-                Outcome::Retry {
-                    at: OffsetDateTime::now_utc() + retry_delay(attempt_no),
-                    code: *code,
-                    error: reason.clone(),
-                }
-            }
+            retry_or_give_up(last, attempt_no, *code, reason)
         }
         submit::Outcome::Permanent { code, reason } => {
             for a in &mut answers {
@@ -315,6 +293,23 @@ pub fn decide(
         }
     };
     (outcome, answers)
+}
+
+/// A temporary failure of attempt `attempt_no`: retried on the
+/// [`SCHEDULE`], or dead-lettered when it was the `last` attempt.
+fn retry_or_give_up(last: bool, attempt_no: i32, code: Option<u16>, reason: &str) -> Outcome {
+    if last {
+        Outcome::DeadLetter {
+            code,
+            error: format!("gave up after {attempt_no} attempts: {reason}"),
+        }
+    } else {
+        Outcome::Retry {
+            at: OffsetDateTime::now_utc() + retry_delay(attempt_no),
+            code,
+            error: reason.to_owned(),
+        }
+    }
 }
 
 impl Queue for MailQueue {
@@ -400,7 +395,173 @@ pub async fn sample_gauges(store: Store, every: Duration, shutdown: Cancellation
 
 #[cfg(test)]
 mod tests {
+    use e2a_store::ids::{MailDeliveryId, UserId};
+
     use super::*;
+
+    fn job(attempts: i32, recipients: &[&str]) -> ClaimedMail {
+        ClaimedMail {
+            delivery_id: MailDeliveryId::new(),
+            user_id: UserId::new(),
+            lease_token: "t".into(),
+            gate: Gate::Acquired,
+            attempts,
+            max_attempts: 3,
+            mail_from: "a@x.test".into(),
+            dkim_domain: String::new(),
+            body: Vec::new(),
+            recipients: recipients.iter().map(|r| (*r).to_owned()).collect(),
+            message: None,
+        }
+    }
+
+    fn rcpt(address: &str, status: submit::RecipientStatus) -> submit::RecipientResult {
+        submit::RecipientResult {
+            address: address.into(),
+            status,
+        }
+    }
+
+    fn submission(
+        recipients: Vec<submit::RecipientResult>,
+        outcome: submit::Outcome,
+    ) -> submit::Submission {
+        submit::Submission {
+            recipients,
+            data: None,
+            outcome,
+        }
+    }
+
+    fn states(answers: &[RecipientAnswer]) -> Vec<RecipientState> {
+        answers.iter().map(|a| a.state).collect()
+    }
+
+    #[test]
+    fn accepted_refused_and_busy_recipients_decide_the_attempt() {
+        use submit::RecipientStatus::{Accepted, Permanent, Temporary};
+        let sent = submit::Outcome::Sent {
+            code: 250,
+            reply: "ok".into(),
+            queue_id: None,
+        };
+        let mixed = || {
+            vec![
+                rcpt("a@y.test", Accepted),
+                rcpt(
+                    "b@y.test",
+                    Permanent {
+                        code: 550,
+                        text: "no".into(),
+                    },
+                ),
+                rcpt(
+                    "c@y.test",
+                    Temporary {
+                        code: 450,
+                        text: "busy".into(),
+                    },
+                ),
+            ]
+        };
+        // One busy: retry for it only; the accepted one is done.
+        let (o, a) = decide(
+            &job(0, &["a@y.test", "b@y.test", "c@y.test"]),
+            &submission(mixed(), sent.clone()),
+        );
+        assert!(matches!(o, Outcome::Retry { .. }), "{o:?}");
+        assert_eq!(
+            states(&a),
+            [
+                RecipientState::Sent,
+                RecipientState::Failed,
+                RecipientState::Pending
+            ]
+        );
+        assert_eq!(
+            a[0].code,
+            Some(250),
+            "the accepted copy records the final reply"
+        );
+        // The same on the last attempt: sent, the busy one given up.
+        let (o, a) = decide(
+            &job(2, &["a@y.test", "b@y.test", "c@y.test"]),
+            &submission(mixed(), sent),
+        );
+        assert!(matches!(o, Outcome::Sent { code: 250, .. }), "{o:?}");
+        assert_eq!(
+            states(&a),
+            [
+                RecipientState::Sent,
+                RecipientState::Failed,
+                RecipientState::Failed
+            ]
+        );
+    }
+
+    #[test]
+    fn temporary_permanent_and_credential_failures() {
+        let temporary = submit::Outcome::Temporary {
+            code: Some(421),
+            reason: "later".into(),
+        };
+        let (o, _) = decide(
+            &job(0, &["a@y.test"]),
+            &submission(vec![], temporary.clone()),
+        );
+        assert!(
+            matches!(
+                o,
+                Outcome::Retry {
+                    code: Some(421),
+                    ..
+                }
+            ),
+            "{o:?}"
+        );
+        let (o, _) = decide(&job(2, &["a@y.test"]), &submission(vec![], temporary));
+        assert!(
+            matches!(
+                o,
+                Outcome::DeadLetter {
+                    code: Some(421),
+                    ..
+                }
+            ),
+            "last attempt: {o:?}"
+        );
+        let refused = submit::Outcome::Permanent {
+            code: Some(554),
+            reason: "spam".into(),
+        };
+        let (o, a) = decide(&job(0, &["a@y.test"]), &submission(vec![], refused));
+        assert!(
+            matches!(
+                o,
+                Outcome::DeadLetter {
+                    code: Some(554),
+                    ..
+                }
+            ),
+            "{o:?}"
+        );
+        assert_eq!(states(&a), [RecipientState::Pending]);
+        let bad_password = submit::Outcome::Permanent {
+            code: Some(535),
+            reason: "auth".into(),
+        };
+        let (o, _) = decide(&job(0, &["a@y.test"]), &submission(vec![], bad_password));
+        assert!(
+            matches!(
+                o,
+                Outcome::Retry {
+                    code: Some(535),
+                    ..
+                }
+            ),
+            "an operator's mistake waits: {o:?}"
+        );
+    }
 
     #[test]
     fn the_schedule_grows_and_jitters_by_at_most_ten_percent() {

@@ -128,6 +128,17 @@ pub struct OutboundMail<'a> {
     pub hold: Option<Hold<'a>>,
 }
 
+impl OutboundMail<'_> {
+    /// `messages.recipient` of an outbound row: the first To, else the
+    /// first Cc.
+    fn first_recipient(&self) -> &str {
+        self.to
+            .first()
+            .or(self.cc.first())
+            .map_or("", String::as_str)
+    }
+}
+
 /// A message held for review (`pending_approval`): the parts a reviewer's
 /// decision needs to compose it again, kept on the message row until the
 /// decision.
@@ -274,12 +285,7 @@ pub async fn accept(c: &impl GenericClient, mail: &OutboundMail<'_>) -> Result<A
         ("sent", "loopback")
     };
     let now = OffsetDateTime::now_utc();
-    let first_to = mail
-        .to
-        .first()
-        .or(mail.cc.first())
-        .cloned()
-        .unwrap_or_default();
+    let first_to = mail.first_recipient();
     let stmt = c
         .prepare_cached(
             "INSERT INTO messages (id, user_id, agent_id, direction, status, recipient, subject, \
@@ -370,12 +376,7 @@ async fn accept_held(
     hold: &Hold<'_>,
 ) -> Result<Accepted> {
     let now = OffsetDateTime::now_utc();
-    let first_to = mail
-        .to
-        .first()
-        .or(mail.cc.first())
-        .cloned()
-        .unwrap_or_default();
+    let first_to = mail.first_recipient();
     let stmt = c
         .prepare_cached(
             "INSERT INTO messages (id, user_id, agent_id, direction, status, recipient, subject, \

@@ -382,8 +382,7 @@ pub async fn reply(
     if text.is_empty() && req.html_body.as_deref().is_none_or(str::is_empty) {
         return Err(invalid("body is required"));
     }
-    let parent = load_parent(&state, &caller, &agent, &id).await?;
-    let parsed = parse_parent(&parent.raw).await;
+    let (parent, parsed) = load_parent(&state, &caller, &agent, &id).await?;
     let subject = draft::reply_subject(&parent.subject);
     check_text(&subject, &text)?;
     let parent_from = parsed
@@ -443,8 +442,7 @@ pub async fn forward(
 ) -> Result<Response, ApiError> {
     let agent = load_agent(&state, &caller, &address).await?;
     let req: ForwardRequest = parse_body(&headers, &body)?;
-    let parent = load_parent(&state, &caller, &agent, &id).await?;
-    let parsed = parse_parent(&parent.raw).await;
+    let (parent, parsed) = load_parent(&state, &caller, &agent, &id).await?;
     let subject = draft::forward_subject(&parent.subject);
     let comment = req.body.unwrap_or_default();
     check_text(&subject, &comment)?;
@@ -547,24 +545,27 @@ async fn load_agent(state: &AppState, caller: &Caller, address: &str) -> Result<
     owned_agent(&client, caller, address).await
 }
 
+/// The inbound message a reply or forward answers, and its parse (off the
+/// executor when large); 404 for anything but an unexpired inbound
+/// message of this agent.
 async fn load_parent(
     state: &AppState,
     caller: &Caller,
     agent: &Agent,
     id: &str,
-) -> Result<outbound::Parent, ApiError> {
+) -> Result<(outbound::Parent, e2a_mail::ParsedMessage), ApiError> {
     let not_found = || ApiError::not_found("message");
     let id = MessageId::parse(id).ok_or_else(not_found)?;
     let client = state.store.client().await?;
-    match outbound::parent(&client, &caller.user_id, &agent.id, &id).await {
-        Ok(p) => Ok(p),
-        Err(StoreError::NotFound) => Err(not_found()),
-        Err(e) => Err(e.into()),
-    }
-}
-
-async fn parse_parent(raw: &[u8]) -> e2a_mail::ParsedMessage {
-    cpu::run_for(raw.len(), || e2a_mail::parse(raw)).await
+    let parent = match outbound::parent(&client, &caller.user_id, &agent.id, &id).await {
+        Ok(p) => p,
+        Err(StoreError::NotFound) => return Err(not_found()),
+        Err(e) => return Err(e.into()),
+    };
+    drop(client);
+    let raw = &parent.raw;
+    let parsed = cpu::run_for(raw.len(), || e2a_mail::parse(raw)).await;
+    Ok((parent, parsed))
 }
 
 /// A reply or forward belongs to its parent's conversation on every path
