@@ -19,6 +19,11 @@ const BENCHES: &[(&str, &str, &str)] = &[
         "webhook deliveries/s (50 webhooks, 8 workers) vs the same claim/record SQL; commit-to-receiver latency",
     ),
     (
+        "outbound",
+        "e2a-api",
+        "sends accepted/s through the API, then delivered/s with RSA-2048 DKIM to an SMTP sink, vs signing, the sink and the same SQL alone",
+    ),
+    (
         "smtp",
         "e2a-relay",
         "relay messages/s (20 sessions, 4 KB) vs the same store transaction alone; relay RSS",
@@ -28,7 +33,7 @@ const BENCHES: &[(&str, &str, &str)] = &[
 /// `cargo xtask bench` arguments.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Benchmark to run (`api`, `smtp`, `webhooks`); omit to list them.
+    /// Benchmark to run (`api`, `outbound`, `smtp`, `webhooks`); omit to list them.
     name: Option<String>,
     /// Extra arguments passed to the benchmark binary.
     #[arg(last = true)]
