@@ -55,6 +55,10 @@ pub fn run(args: Args) -> CmdResult {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
         .current_dir(workspace::root())
+        // cargo sets this for xtask itself; passed on, it changes the build
+        // environment and reruns build scripts (ring's) on every switch
+        // between `cargo xtask bench` and a plain `cargo bench`.
+        .env_remove("CARGO_MANIFEST_DIR")
         .args(["bench", "--quiet", "-p", package, "--bench", &name, "--"])
         .args(&args.rest)
         .status()?;

@@ -300,6 +300,55 @@ pub async fn claim(
     Ok(Claim::InFlight)
 }
 
+/// What a [`claim`] of `key` would decide right now, without claiming:
+/// `None` when it would be acquired, else [`Claim::InFlight`],
+/// [`Claim::Reuse`] or [`Claim::Replay`]. One read, no lock. For a caller
+/// that must answer replays before its own checks (rate limits, caps: the
+/// original's flaw 25) but runs those checks outside the transaction that
+/// claims: the claim stays the authority and may still decide otherwise.
+pub async fn peek(
+    c: &impl GenericClient,
+    user_id: &UserId,
+    key: &Key,
+    request_hash: &str,
+) -> Result<Option<Claim>> {
+    let stmt = c
+        .prepare_cached(
+            "SELECT status, request_body_hash, response_status, response_content_type, response_body, \
+                    created_at < now() - make_interval(secs => $3) AS stale, \
+                    created_at < now() - make_interval(secs => $4) AS expired \
+               FROM idempotency_keys WHERE user_id = $1 AND key = $2",
+        )
+        .await?;
+    let Some(row) = c
+        .query_opt(
+            &stmt,
+            &[
+                user_id,
+                &key.stored,
+                &STALE_AFTER.as_seconds_f64(),
+                &key.replay_window.as_seconds_f64(),
+            ],
+        )
+        .await?
+    else {
+        return Ok(None);
+    };
+    let status: &str = row.get(0);
+    let (stale, expired): (bool, bool) = (row.get(5), row.get(6));
+    Ok(match status {
+        "completed" if expired => None,
+        "completed" if row.get::<_, &str>(1) != request_hash => Some(Claim::Reuse),
+        "completed" => Some(Claim::Replay(Response {
+            status: u16::try_from(row.get::<_, i32>(2)).unwrap_or(200),
+            content_type: row.get(3),
+            body: row.get(4),
+        })),
+        _ if stale => None,
+        _ => Some(Claim::InFlight),
+    })
+}
+
 /// Stores the answer of the request `ticket` was acquired for (`status`
 /// 100–599, `body` JSON) and marks the key completed; from now on claims
 /// of it replay this answer. Guarded: returns `false` and changes nothing

@@ -425,14 +425,22 @@ pub async fn record(
     outcome: &Outcome,
     recipients: &[RecipientAnswer],
 ) -> Result<Recorded> {
-    store
+    let recorded = store
         .transaction(
             &(job, started_at, outcome, recipients),
             |tx, (job, started_at, outcome, recipients)| {
-                Box::pin(record_in(tx, job, *started_at, outcome, recipients))
+                Box::pin(async move {
+                    // The event's wake-up is sent after the commit, coalesced.
+                    crate::events::defer_notify(tx).await?;
+                    record_in(tx, job, *started_at, outcome, recipients).await
+                })
             },
         )
-        .await
+        .await?;
+    if matches!(recorded, Recorded::Done("sent" | "dead_lettered")) && job.message.is_some() {
+        crate::events::wake_deliverer(store);
+    }
+    Ok(recorded)
 }
 
 async fn record_in(

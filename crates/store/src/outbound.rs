@@ -169,13 +169,11 @@ pub struct Accepted {
 }
 
 impl Accepted {
-    /// After the commit: wakes the deliverer's fan-out for the events this
-    /// accept appended (their per-commit `NOTIFY` was deferred). The mail
-    /// outbox wakes the deliverer on its own (`mail_outbox_new`).
+    /// After the commit: wakes the deliverer (one coalesced `NOTIFY` for
+    /// the events and the outbox delivery this accept wrote; their
+    /// per-commit `NOTIFY`s were deferred, V11 and V24).
     pub fn wake(&self, store: &Store) {
-        if !self.loopback.is_empty() {
-            events::wake_deliverer(store);
-        }
+        events::wake_deliverer(store);
     }
 }
 
@@ -269,6 +267,9 @@ pub fn angle(id: &str) -> String {
 /// nothing is stored). A recipient both local and external is the caller's
 /// mistake ([`crate::StoreError::Invalid`]).
 pub async fn accept(c: &impl GenericClient, mail: &OutboundMail<'_>) -> Result<Accepted> {
+    // A NOTIFY in the committing transaction would serialise every send's
+    // commit; [`Accepted::wake`] sends one after it instead.
+    events::defer_notify(c).await?;
     if let Some(hold) = &mail.hold {
         return accept_held(c, mail, hold).await;
     }

@@ -16,11 +16,13 @@
 //!
 //! Order of checks (spec §7.1, with the original's flaw 25 fixed): the
 //! owned agent (404), the body (400), the parent inbound message for a
-//! reply or forward (404), then — in the transaction — the idempotency key
-//! (a replay answers here, before any limit), the send rate limit (429,
-//! shared by every replica), the agent's domain (403), the account caps
-//! (402), and the accept. Any refusal rolls the transaction back, which
-//! releases the key: failures are never cached.
+//! reply or forward (404), the idempotency key (a replay answers here,
+//! before any limit), the send rate limit (429, shared by every replica),
+//! the agent's domain (403), the account caps (402) — each a statement of
+//! its own, so no lock is held across them — and then, in one transaction,
+//! the idempotency claim, the accept and the key's completion. A failure
+//! rolls the transaction back, which releases the key: failures are never
+//! cached. A refused request still counts against the send limit.
 
 use std::collections::HashSet;
 
@@ -753,46 +755,20 @@ async fn accept(
         }),
     };
 
+    // Checks before the transaction, so that no lock is held across them:
+    // the send limit's row in particular, held to a commit, would make one
+    // agent's sends commit one after another. First the idempotency key (a
+    // replay is answered before any limit, flaw 25); the claim in the
+    // transaction below stays the authority.
     let mut client = state.store.client().await?;
-    let tx = client.transaction().await.map_err(StoreError::from)?;
-    let ticket = match &key {
-        None => None,
-        Some(key) => {
-            match idempotency::claim(&tx, &caller.user_id, key, &draft.route, &request_hash).await?
-            {
-                Claim::Acquired(ticket) => Some(ticket),
-                Claim::InFlight => {
-                    return Err(ApiError::new(
-                        StatusCode::CONFLICT,
-                        "idempotency_in_flight",
-                        "a request with this Idempotency-Key is still being processed; retry shortly",
-                    ));
-                }
-                Claim::Reuse => {
-                    return Err(ApiError::new(
-                        StatusCode::UNPROCESSABLE_ENTITY,
-                        "idempotency_key_reuse",
-                        "this Idempotency-Key was used for a different request",
-                    ));
-                }
-                Claim::Replay(stored) => {
-                    drop(tx);
-                    let status = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
-                    let mut response = (status, stored.body).into_response();
-                    response.headers_mut().insert(
-                        header::CONTENT_TYPE,
-                        header::HeaderValue::from_static(idempotency::CONTENT_TYPE),
-                    );
-                    response.headers_mut().insert(
-                        "idempotent-replayed",
-                        header::HeaderValue::from_static("true"),
-                    );
-                    return Ok(response);
-                }
-            }
-        }
-    };
-    let decision = rate_limits::hit(&tx, &format!("send:{}", agent.id), state.limits.send).await?;
+    if let Some(key) = &key
+        && let Some(decided) =
+            idempotency::peek(&client, &caller.user_id, key, &request_hash).await?
+    {
+        return idempotent_answer(decided);
+    }
+    let decision =
+        rate_limits::hit(&client, &format!("send:{}", agent.id), state.limits.send).await?;
     if !decision.allowed {
         return Err(ApiError::rate_limited(&decision));
     }
@@ -804,7 +780,7 @@ async fn accept(
         ));
     }
     if let Some((quota, limit)) =
-        outbound::over_quota(&tx, &caller.user_id, &state.default_limits).await?
+        outbound::over_quota(&client, &caller.user_id, &state.default_limits).await?
     {
         let what = match quota {
             agents::Quota::MonthlyMessages => "messages_month",
@@ -817,6 +793,21 @@ async fn accept(
         )
         .with_details(json!({ "resource": what, "limit": limit })));
     }
+
+    let tx = client.transaction().await.map_err(StoreError::from)?;
+    let ticket = match &key {
+        None => None,
+        Some(key) => {
+            match idempotency::claim(&tx, &caller.user_id, key, &draft.route, &request_hash).await?
+            {
+                Claim::Acquired(ticket) => Some(ticket),
+                decided => {
+                    drop(tx);
+                    return idempotent_answer(decided);
+                }
+            }
+        }
+    };
     let accepted = outbound::accept(&tx, &mail).await?;
     let (status, body) = if accepted.status == "pending_approval" {
         (
@@ -852,6 +843,37 @@ async fn accept(
         "outbound message accepted"
     );
     Ok(answer(status, &body))
+}
+
+/// The answer of an idempotency key that is not this request's to run:
+/// 409 while another request holds it, 422 for another request's key, or
+/// the stored answer (marked `Idempotent-Replayed`).
+fn idempotent_answer(decided: Claim) -> Result<Response, ApiError> {
+    match decided {
+        Claim::Replay(stored) => {
+            let status = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
+            let mut response = (status, stored.body).into_response();
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static(idempotency::CONTENT_TYPE),
+            );
+            response.headers_mut().insert(
+                "idempotent-replayed",
+                header::HeaderValue::from_static("true"),
+            );
+            Ok(response)
+        }
+        Claim::Reuse => Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "idempotency_key_reuse",
+            "this Idempotency-Key was used for a different request",
+        )),
+        Claim::InFlight | Claim::Acquired(_) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "idempotency_in_flight",
+            "a request with this Idempotency-Key is still being processed; retry shortly",
+        )),
+    }
 }
 
 /// One inbound copy per local recipient agent, its `X-E2A-Auth-*` headers
