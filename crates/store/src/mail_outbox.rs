@@ -429,11 +429,7 @@ pub async fn record(
         .transaction(
             &(job, started_at, outcome, recipients),
             |tx, (job, started_at, outcome, recipients)| {
-                Box::pin(async move {
-                    // The event's wake-up is sent after the commit, coalesced.
-                    crate::events::defer_notify(tx).await?;
-                    record_in(tx, job, *started_at, outcome, recipients).await
-                })
+                Box::pin(record_in(tx, job, *started_at, outcome, recipients))
             },
         )
         .await?;
@@ -442,6 +438,46 @@ pub async fn record(
     }
     Ok(recorded)
 }
+
+/// The main statement of [`record_in`]: V24's `defer_notify` (the event's
+/// wake-up is sent after the commit, coalesced), the delivery guarded by
+/// the lease token (`d`; nothing else happens without it), the attempt
+/// row, the send gate, the message's status and, for a dead letter, its
+/// `mail_dead_letters` row and the recipients still pending given up —
+/// one round trip. `$1` delivery, `$2` token, `$3` status, `$4` next
+/// attempt, `$5` error or reply text, `$6` owner, `$7` started, `$8`
+/// attempt outcome, `$9` SMTP code, `$10` error, `$11` reply, `$12` gate
+/// status, `$13` provider id, `$14` message id, `$15` message status.
+const RECORD_SQL: &str = "WITH quiet AS MATERIALIZED ( \
+       SELECT set_config('e2a.defer_notify', 'on', true) AS deferred), \
+     d AS ( \
+       UPDATE mail_deliveries SET status = $3, attempts = attempts + 1, \
+         next_attempt_at = $4, leased_until = NULL, lease_token = NULL, updated_at = now(), \
+         last_error = CASE WHEN $3 = 'sent' THEN '' ELSE $5 END, \
+         sent_at = CASE WHEN $3 = 'sent' THEN now() ELSE sent_at END, \
+         dead_lettered_at = CASE WHEN $3 = 'dead_lettered' THEN now() ELSE dead_lettered_at END \
+        FROM quiet \
+       WHERE quiet.deferred = 'on' AND delivery_id = $1 AND lease_token = $2 AND status = 'sending' \
+       RETURNING delivery_id), \
+     a AS ( \
+       INSERT INTO mail_attempts (attempt_id, user_id, delivery_id, attempt_no, started_at, \
+         finished_at, outcome, smtp_code, error, reply) \
+       SELECT gen_random_uuid()::text, $6, d.delivery_id, \
+              COALESCE((SELECT max(attempt_no) FROM mail_attempts WHERE delivery_id = $1), 0) + 1, \
+              $7, now(), $8, $9, $10, $11 \
+         FROM d), \
+     g AS ( \
+       UPDATE send_attempts SET status = $12, completed_at = now(), error = $10, \
+         method = 'smtp', provider_message_id = $13 \
+        WHERE delivery_id = $1 AND status IN ('attempting', 'sent') \
+          AND EXISTS (SELECT 1 FROM d)), \
+     m AS ( \
+       UPDATE messages SET status = $15 \
+        WHERE id = $14 AND user_id = $6 AND direction = 'outbound' AND EXISTS (SELECT 1 FROM d)), \
+     dl AS ( \
+       INSERT INTO mail_dead_letters (dead_letter_id, user_id, delivery_id, reason) \
+       SELECT gen_random_uuid()::text, $6, d.delivery_id, $5 FROM d WHERE $3 = 'dead_lettered') \
+     SELECT count(*) FROM d";
 
 async fn record_in(
     c: &impl GenericClient,
@@ -478,142 +514,102 @@ async fn record_in(
     } else {
         attempt_outcome
     };
-    let code = code.map(i32::from);
-    let stmt = c
-        .prepare_cached(
-            "UPDATE mail_deliveries SET status = $3, attempts = attempts + 1, \
-               next_attempt_at = $4, leased_until = NULL, lease_token = NULL, updated_at = now(), \
-               last_error = CASE WHEN $3 = 'sent' THEN '' ELSE $5 END, \
-               sent_at = CASE WHEN $3 = 'sent' THEN now() ELSE sent_at END, \
-               dead_lettered_at = CASE WHEN $3 = 'dead_lettered' THEN now() ELSE dead_lettered_at END \
-             WHERE delivery_id = $1 AND lease_token = $2 AND status = 'sending' \
-             RETURNING attempts",
-        )
-        .await?;
-    let Some(_) = c
-        .query_opt(
-            &stmt,
-            &[&job.delivery_id, &job.lease_token, &status, &next_at, &text],
-        )
-        .await?
-    else {
-        return Ok(Recorded::LeaseLost);
-    };
-
+    let smtp_code = code.map(i32::from);
     let (error, reply) = if status == "sent" {
         (String::new(), text.clone())
     } else {
         (text.clone(), String::new())
     };
-    let stmt = c
-        .prepare_cached(
-            "INSERT INTO mail_attempts (attempt_id, user_id, delivery_id, attempt_no, started_at, \
-               finished_at, outcome, smtp_code, error, reply) \
-             SELECT gen_random_uuid()::text, $2, $1, \
-                    COALESCE((SELECT max(attempt_no) FROM mail_attempts WHERE delivery_id = $1), 0) + 1, \
-                    $3, now(), $4, $5, $6, $7",
+    let gate_status = if status == "sent" { "sent" } else { "failed" };
+    let provider = job
+        .message
+        .as_ref()
+        .map(|m| crate::outbound::angle(&m.rfc_message_id))
+        .unwrap_or_default();
+    let message_id = job.message.as_ref().map(|m| m.message_id.as_str());
+    let message_status = match status {
+        "sent" => "sent",
+        "dead_lettered" => "failed",
+        _ => "queued",
+    };
+    let stmt = c.prepare_cached(RECORD_SQL).await?;
+    let recorded: i64 = c
+        .query_one(
+            &stmt,
+            &[
+                &job.delivery_id,
+                &job.lease_token,
+                &status,
+                &next_at,
+                &text,
+                &job.user_id,
+                &started_at,
+                &attempt_outcome,
+                &smtp_code,
+                &error,
+                &reply,
+                &gate_status,
+                &provider,
+                &message_id,
+                &message_status,
+            ],
         )
-        .await?;
-    c.execute(
-        &stmt,
-        &[
-            &job.delivery_id,
-            &job.user_id,
-            &started_at,
-            &attempt_outcome,
-            &code,
-            &error,
-            &reply,
-        ],
-    )
-    .await?;
+        .await?
+        .get(0);
+    if recorded == 0 {
+        return Ok(Recorded::LeaseLost);
+    }
 
-    if !recipients.is_empty() {
+    if !recipients.is_empty() || status == "dead_lettered" {
         let (mut addresses, mut states, mut codes, mut replies) = (vec![], vec![], vec![], vec![]);
         for r in recipients {
             addresses.push(r.address.as_str());
             states.push(match r.state {
                 RecipientState::Sent => "sent",
                 RecipientState::Failed => "failed",
+                // A dead letter gives up whoever is still pending.
+                RecipientState::Pending if status == "dead_lettered" => "failed",
                 RecipientState::Pending => "pending",
             });
             codes.push(r.code.map(i32::from));
             replies.push(bounded(&r.reply));
         }
+        // Each answer, then (for a dead letter) whatever is still pending
+        // given up with the delivery.
         let stmt = c
             .prepare_cached(
-                "UPDATE mail_recipients r SET status = x.status, smtp_code = x.code, reply = x.reply \
-                   FROM unnest($2::text[], $3::text[], $4::int4[], $5::text[]) AS x(address, status, code, reply) \
-                  WHERE r.delivery_id = $1 AND r.address = x.address AND r.status = 'pending'",
+                "WITH x AS ( \
+                   UPDATE mail_recipients r SET status = x.status, smtp_code = x.code, reply = x.reply \
+                     FROM unnest($2::text[], $3::text[], $4::int4[], $5::text[]) AS x(address, status, code, reply) \
+                    WHERE r.delivery_id = $1 AND r.address = x.address AND r.status = 'pending' \
+                   RETURNING r.recipient_id) \
+                 UPDATE mail_recipients r SET status = 'failed' \
+                  WHERE $6 AND r.delivery_id = $1 AND r.status = 'pending' \
+                    AND NOT EXISTS (SELECT 1 FROM x WHERE x.recipient_id = r.recipient_id)",
             )
             .await?;
         c.execute(
             &stmt,
-            &[&job.delivery_id, &addresses, &states, &codes, &replies],
+            &[
+                &job.delivery_id,
+                &addresses,
+                &states,
+                &codes,
+                &replies,
+                &(status == "dead_lettered"),
+            ],
         )
         .await?;
     }
-    if status == "dead_lettered" {
-        // Whatever was still pending is given up with the delivery.
-        let stmt = c
-            .prepare_cached(
-                "UPDATE mail_recipients SET status = 'failed' WHERE delivery_id = $1 AND status = 'pending'",
-            )
-            .await?;
-        c.execute(&stmt, &[&job.delivery_id]).await?;
-        let stmt = c
-            .prepare_cached(
-                "INSERT INTO mail_dead_letters (dead_letter_id, user_id, delivery_id, reason) \
-                 VALUES (gen_random_uuid()::text, $2, $1, $3)",
-            )
-            .await?;
-        c.execute(&stmt, &[&job.delivery_id, &job.user_id, &text])
-            .await?;
-    }
-
-    let (gate_status, gate_error) = if status == "sent" {
-        ("sent", String::new())
-    } else {
-        ("failed", text.clone())
-    };
-    let stmt = c
-        .prepare_cached(
-            "UPDATE send_attempts SET status = $2, completed_at = now(), error = $3, \
-               method = 'smtp', provider_message_id = $4 \
-             WHERE delivery_id = $1 AND status IN ('attempting', 'sent')",
-        )
-        .await?;
-    let provider = job
-        .message
-        .as_ref()
-        .map(|m| crate::outbound::angle(&m.rfc_message_id))
-        .unwrap_or_default();
-    c.execute(
-        &stmt,
-        &[&job.delivery_id, &gate_status, &gate_error, &provider],
-    )
-    .await?;
 
     if let Some(m) = &job.message {
-        let message_status = match status {
-            "sent" => "sent",
-            "dead_lettered" => "failed",
-            _ => "queued",
-        };
-        let stmt = c
-            .prepare_cached(
-                "UPDATE messages SET status = $3 WHERE id = $1 AND user_id = $2 AND direction = 'outbound'",
-            )
-            .await?;
-        c.execute(&stmt, &[&m.message_id, &job.user_id, &message_status])
-            .await?;
-        let refused: Vec<Value> = refused_recipients(c, &job.delivery_id).await?;
+        let any_refused = recipients.iter().any(|r| r.state == RecipientState::Failed);
         match outcome {
             Outcome::Sent { .. } => {
-                let extra = if refused.is_empty() {
-                    Value::Null
+                let extra = if any_refused {
+                    json!({ "failed_recipients": refused_recipients(c, &job.delivery_id).await? })
                 } else {
-                    json!({ "failed_recipients": refused })
+                    Value::Null
                 };
                 m.facts().append(c, &job.user_id, EMAIL_SENT, extra).await?;
             }
@@ -622,7 +618,7 @@ async fn record_in(
                     "error": text,
                     "smtp_code": code,
                     "attempts": job.attempts + 1,
-                    "failed_recipients": refused,
+                    "failed_recipients": refused_recipients(c, &job.delivery_id).await?,
                 });
                 m.facts()
                     .append(c, &job.user_id, EMAIL_FAILED, extra)
