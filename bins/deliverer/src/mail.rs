@@ -34,16 +34,17 @@ use e2a_store::{
     Store, domains,
     mail_outbox::{self, ClaimedMail, Gate, Outcome, RecipientAnswer, RecipientState, Recorded},
 };
+use e2a_webhook::RetrySchedule;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::queue::Queue;
 
-/// Waits after the 1st, 2nd, … failed attempt (each plus up to 10 %);
-/// past the end the last entry repeats. With the default 8 attempts a
-/// message is tried for about 15 hours before it is dead-lettered.
-pub const SCHEDULE: [Duration; 7] = [
+/// Base waits after the 1st, 2nd, … failed attempt; past the end the last
+/// entry repeats. With the default 8 attempts a message is tried for about
+/// 15 hours before it is dead-lettered.
+pub const DELAYS: [Duration; 7] = [
     Duration::from_secs(60),
     Duration::from_secs(5 * 60),
     Duration::from_secs(15 * 60),
@@ -53,25 +54,14 @@ pub const SCHEDULE: [Duration; 7] = [
     Duration::from_secs(8 * 3600),
 ];
 
-/// The wait after failed attempt number `failed` (1-based), with up to
-/// 10 % jitter so retries of a burst do not arrive together.
-pub fn retry_delay(failed: i32) -> Duration {
-    let i = usize::try_from(failed.max(1) - 1)
-        .unwrap_or(0)
-        .min(SCHEDULE.len() - 1);
-    let base = SCHEDULE[i];
-    let jitter_ms = u64::try_from(base.as_millis() / 10).unwrap_or(0);
-    base + Duration::from_millis(random_below(jitter_ms + 1))
-}
+/// The mail retry schedule: [`DELAYS`], each plus up to 10 % jitter so the
+/// retries of a burst do not arrive together (the same schedule type as
+/// the webhook queues').
+pub const SCHEDULE: RetrySchedule = RetrySchedule::new(&DELAYS, 10);
 
-fn random_below(n: u64) -> u64 {
-    let nanos = u64::from(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .subsec_nanos(),
-    );
-    if n == 0 { 0 } else { nanos % n }
+/// The wait after failed attempt number `failed` (1-based).
+pub fn retry_delay(failed: i32) -> Duration {
+    SCHEDULE.delay(u32::try_from(failed).unwrap_or(1), None)
 }
 
 /// Attempts at storing an outcome before giving up on it (the lease then
@@ -565,12 +555,12 @@ mod tests {
 
     #[test]
     fn the_schedule_grows_and_jitters_by_at_most_ten_percent() {
-        for (i, base) in SCHEDULE.iter().enumerate() {
+        for (i, base) in DELAYS.iter().enumerate() {
             let failed = i32::try_from(i + 1).unwrap();
             let d = retry_delay(failed);
             assert!(d >= *base && d <= *base + *base / 10, "{failed}: {d:?}");
         }
-        assert!(retry_delay(50) >= SCHEDULE[6]);
-        assert!(retry_delay(0) >= SCHEDULE[0]);
+        assert!(retry_delay(50) >= DELAYS[6]);
+        assert!(retry_delay(0) >= DELAYS[0]);
     }
 }

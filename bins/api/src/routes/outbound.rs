@@ -129,6 +129,25 @@ pub struct OutboundSettings {
     pub max_attempts: i32,
 }
 
+impl OutboundSettings {
+    /// The domain of `agent`'s envelope sender and of the test mail's
+    /// `From`: `E2A_OUTBOUND_FROM_DOMAIN`, else the agent's own domain.
+    fn domain_for<'a>(&'a self, agent: &'a Agent) -> &'a str {
+        if self.from_domain.is_empty() {
+            &agent.domain
+        } else {
+            &self.from_domain
+        }
+    }
+
+    /// `agent`'s envelope sender (`MAIL FROM`): its local part at
+    /// [`Self::domain_for`].
+    fn envelope_sender(&self, agent: &Agent) -> String {
+        let local = agent.id.split_once('@').map_or("", |(l, _)| l);
+        format!("{local}@{}", self.domain_for(agent))
+    }
+}
+
 /// A message ready to accept: everything validated and canonical.
 struct Draft {
     message_type: MessageType,
@@ -248,15 +267,12 @@ fn attachments(
 /// `invalid_recipient`.
 fn recipients(
     agent: &Agent,
-    from_domain: &str,
+    settings: &OutboundSettings,
     to: &[String],
     cc: &[String],
     bcc: &[String],
 ) -> Result<draft::Recipients, ApiError> {
-    let alias = format!(
-        "{}@{from_domain}",
-        agent.id.split_once('@').map_or("", |(l, _)| l)
-    );
+    let alias = settings.envelope_sender(agent);
     let parse = |field: &str, raw: &[String]| -> Result<Vec<String>, ApiError> {
         raw.iter()
             .enumerate()
@@ -342,7 +358,7 @@ pub async fn send(
     check_text(&subject, &text)?;
     let draft::Recipients { to, cc, bcc } = recipients(
         &agent,
-        &state.outbound.from_domain,
+        &state.outbound,
         req.to.as_deref().unwrap_or_default(),
         req.cc.as_deref().unwrap_or_default(),
         req.bcc.as_deref().unwrap_or_default(),
@@ -402,7 +418,7 @@ pub async fn reply(
     cc.extend(req.cc.unwrap_or_default());
     let draft::Recipients { to, cc, bcc } = recipients(
         &agent,
-        &state.outbound.from_domain,
+        &state.outbound,
         &to,
         &cc,
         req.bcc.as_deref().unwrap_or_default(),
@@ -450,7 +466,7 @@ pub async fn forward(
     check_text(&subject, &comment)?;
     let draft::Recipients { to, cc, bcc } = recipients(
         &agent,
-        &state.outbound.from_domain,
+        &state.outbound,
         req.to.as_deref().unwrap_or_default(),
         req.cc.as_deref().unwrap_or_default(),
         req.bcc.as_deref().unwrap_or_default(),
@@ -511,11 +527,7 @@ pub async fn test(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let agent = load_agent(&state, &caller, &address).await?;
-    let from_domain = if state.outbound.from_domain.is_empty() {
-        agent.domain.clone()
-    } else {
-        state.outbound.from_domain.clone()
-    };
+    let from_domain = state.outbound.domain_for(&agent);
     let draft = Draft {
         message_type: MessageType::Test,
         subject: "Test email from e2a".into(),
@@ -673,40 +685,15 @@ async fn accept(
             }
         }
     }
-    // The test mail's recipient is the agent itself.
-    if draft.message_type == MessageType::Test && !agent.hitl_enabled && local.is_empty() {
-        external.clear();
-        let client = state.store.client().await?;
-        let own = EmailAddress::parse(&agent.id).map_err(|_| ApiError::not_found("agent"))?;
-        match agents::resolve_recipient(&client, &own, &state.default_limits).await? {
-            Some(r) => local.push(r),
-            None => {
-                return Err(ApiError::new(
-                    StatusCode::FORBIDDEN,
-                    "domain_not_verified",
-                    "the agent's domain is not verified",
-                ));
-            }
-        }
-    }
-
-    let copies = loopback_copies(state, &local, &draft.from.address, &raw).await?;
-    let sha = inbound::body_sha256(&raw);
+    let sha = cpu::run_for(raw.len(), || inbound::body_sha256(&raw)).await;
+    let copies = loopback_copies(state, &local, &draft.from.address, &sha).await?;
     let refs: Vec<String> = draft
         .in_reply_to
         .iter()
         .chain(draft.references.iter())
         .cloned()
         .collect();
-    let from_domain = if state.outbound.from_domain.is_empty() {
-        agent.domain.as_str()
-    } else {
-        state.outbound.from_domain.as_str()
-    };
-    let mail_from = format!(
-        "{}@{from_domain}",
-        agent.id.split_once('@').map_or("", |(l, _)| l)
-    );
+    let mail_from = state.outbound.envelope_sender(agent);
     let message_id = MessageId::new();
     let hold_expires = OffsetDateTime::now_utc()
         + time::Duration::seconds(i64::from(agent.hitl_ttl_seconds.clamp(1, 604_800)));
@@ -883,12 +870,11 @@ async fn loopback_copies(
     state: &AppState,
     local: &[agents::Recipient],
     sender: &str,
-    raw: &[u8],
+    body_sha256: &str,
 ) -> Result<Vec<Delivery>, ApiError> {
     if local.is_empty() {
         return Ok(Vec::new());
     }
-    let sha = inbound::body_sha256(raw);
     let now = OffsetDateTime::now_utc();
     let mut client = state.store.client().await?;
     let mut seen = HashSet::new();
@@ -908,7 +894,7 @@ async fn loopback_copies(
             domain_check: "loopback=pass".into(),
             timestamp: now,
             message_id: message_id.as_str().to_owned(),
-            body_sha256: sha.clone(),
+            body_sha256: body_sha256.to_owned(),
             delegation: None,
         };
         let signed: serde_json::Map<String, Value> =
