@@ -285,38 +285,7 @@ pub async fn accept(c: &impl GenericClient, mail: &OutboundMail<'_>) -> Result<A
     } else {
         ("sent", "loopback")
     };
-    let now = OffsetDateTime::now_utc();
-    let first_to = mail.first_recipient();
-    let stmt = c
-        .prepare_cached(
-            "INSERT INTO messages (id, user_id, agent_id, direction, status, recipient, subject, \
-               email_message_id, provider_message_id, method, message_type, conversation_id, \
-               to_recipients, cc, bcc, created_at, expires_at) \
-             VALUES ($1, $2, $3, 'outbound', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
-        )
-        .await?;
-    c.execute(
-        &stmt,
-        &[
-            mail.message_id,
-            mail.user_id,
-            &mail.agent_id,
-            &status,
-            &first_to,
-            &mail.subject,
-            &mail.parent_email_message_id,
-            &mail.rfc_message_id,
-            &method,
-            &mail.message_type.as_str(),
-            &mail.conversation_id,
-            &mail.to,
-            &mail.cc,
-            &mail.bcc,
-            &now,
-            &(now + MESSAGE_TTL),
-        ],
-    )
-    .await?;
+    insert_message(c, mail, status, Some(method), None).await?;
 
     let delivery_id = if goes_out {
         let key = format!("{AGENT_MESSAGE_TEMPLATE}:{}", mail.message_id);
@@ -369,23 +338,30 @@ pub async fn accept(c: &impl GenericClient, mail: &OutboundMail<'_>) -> Result<A
     })
 }
 
-/// The held variant of [`accept`]: the message row `pending_approval` with
-/// its expiry and bodies, and `email.pending_approval` — nothing else.
-async fn accept_held(
+/// Inserts the outbound row of `mail` in `status`, sent by `method` (none
+/// while held), with the `hold`'s expiry and bodies when held. Returns its
+/// creation time. One statement.
+async fn insert_message(
     c: &impl GenericClient,
     mail: &OutboundMail<'_>,
-    hold: &Hold<'_>,
-) -> Result<Accepted> {
+    status: &str,
+    method: Option<&str>,
+    hold: Option<&Hold<'_>>,
+) -> Result<OffsetDateTime> {
     let now = OffsetDateTime::now_utc();
-    let first_to = mail.first_recipient();
+    let mut expires_at = now + MESSAGE_TTL;
+    if let Some(hold) = hold {
+        // Kept at least until the hold is decided.
+        expires_at = expires_at.max(hold.expires_at + time::Duration::days(1));
+    }
     let stmt = c
         .prepare_cached(
             "INSERT INTO messages (id, user_id, agent_id, direction, status, recipient, subject, \
-               email_message_id, provider_message_id, message_type, conversation_id, \
+               email_message_id, provider_message_id, method, message_type, conversation_id, \
                to_recipients, cc, bcc, created_at, expires_at, approval_expires_at, \
                body_text, body_html, attachments_json) \
-             VALUES ($1, $2, $3, 'outbound', 'pending_approval', $4, $5, $6, $7, $8, $9, $10, $11, \
-               $12, $13, $14, $15, $16, $17, $18)",
+             VALUES ($1, $2, $3, 'outbound', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, \
+               $16, $17, $18, $19, $20)",
         )
         .await?;
     c.execute(
@@ -394,25 +370,37 @@ async fn accept_held(
             mail.message_id,
             mail.user_id,
             &mail.agent_id,
-            &first_to,
+            &status,
+            &mail.first_recipient(),
             &mail.subject,
             &mail.parent_email_message_id,
             &mail.rfc_message_id,
+            &method,
             &mail.message_type.as_str(),
             &mail.conversation_id,
             &mail.to,
             &mail.cc,
             &mail.bcc,
             &now,
-            // Kept at least until the hold is decided.
-            &(now + MESSAGE_TTL).max(hold.expires_at + time::Duration::days(1)),
-            &hold.expires_at,
-            &hold.body_text,
-            &hold.body_html,
-            &hold.attachments_json,
+            &expires_at,
+            &hold.map(|h| h.expires_at),
+            &hold.map(|h| h.body_text),
+            &hold.and_then(|h| h.body_html),
+            &hold.and_then(|h| h.attachments_json),
         ],
     )
     .await?;
+    Ok(now)
+}
+
+/// The held variant of [`accept`]: the message row `pending_approval` with
+/// its expiry and bodies, and `email.pending_approval` — nothing else.
+async fn accept_held(
+    c: &impl GenericClient,
+    mail: &OutboundMail<'_>,
+    hold: &Hold<'_>,
+) -> Result<Accepted> {
+    let now = insert_message(c, mail, "pending_approval", None, Some(hold)).await?;
     let event_type = "email.pending_approval";
     let id = events::deterministic_id(&[mail.message_id.as_str(), event_type]);
     let data = json!({
