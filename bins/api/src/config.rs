@@ -32,7 +32,7 @@ pub struct Config {
     pub shared_domain: String,
 
     /// Public host name of the SMTP relay: the MX target and SPF include shown in a domain's DNS records and checked by domain verification in production.
-    #[arg(long, env = "E2A_SMTP_DOMAIN", default_value = "localhost", value_parser = parse_host)]
+    #[arg(long, env = "E2A_SMTP_DOMAIN", default_value = "localhost", value_parser = e2a_runtime::config::parse_host)]
     pub smtp_domain: String,
 
     /// Public base URL of this deployment (shown by /v1/info, used in links).
@@ -67,13 +67,9 @@ pub struct Config {
     #[allow(missing_docs)]
     pub rates: RateArgs,
 
-    /// Envelope-sender domain of outbound mail (MAIL FROM <agent-local-part>@this; SPF is checked on it) and the From domain of test mail. Empty: each agent's own domain. The From header is always the agent's own address, DKIM-signed by its domain.
-    #[arg(long, env = "E2A_OUTBOUND_FROM_DOMAIN", default_value = "", value_parser = parse_optional_host)]
-    pub outbound_from_domain: String,
-
-    /// Attempts an outbound message gets before it is dead-lettered (email.failed).
-    #[arg(long, env = "E2A_MAIL_MAX_ATTEMPTS", default_value_t = 8, value_parser = clap::value_parser!(i32).range(1..=50))]
-    pub mail_max_attempts: i32,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub outbound: e2a_runtime::config::OutboundArgs,
 
     /// Send requests (send, reply, forward; bodies up to 25 MiB) handled at once by this replica; more wait up to 5 s, then 503 with Retry-After. Bounds the memory large messages can take.
     #[arg(long, env = "E2A_HTTP_MAX_CONCURRENT_SENDS", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=10_000))]
@@ -106,26 +102,6 @@ pub struct RateArgs {
     /// Proxies whose X-Forwarded-For is believed: comma-separated addresses or CIDR blocks. Empty: the socket peer is the client.
     #[arg(long, env = "E2A_TRUSTED_PROXIES", default_value = "", value_parser = crate::ratelimit::parse_proxies)]
     pub trusted_proxies: std::vec::Vec<ipnet::IpNet>,
-}
-
-fn parse_optional_host(s: &str) -> Result<String, String> {
-    if s.trim().is_empty() {
-        return Ok(String::new());
-    }
-    parse_host(s)
-}
-
-fn parse_host(s: &str) -> Result<String, String> {
-    let s = s.trim().trim_end_matches('.');
-    if s.is_empty()
-        || s.len() > 253
-        || !s
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
-    {
-        return Err("must be a host name such as mx.example.com".into());
-    }
-    Ok(s.to_ascii_lowercase())
 }
 
 impl Service for Config {
@@ -164,8 +140,8 @@ impl Config {
     /// The send routes' settings.
     pub fn outbound_settings(&self) -> crate::routes::outbound::OutboundSettings {
         crate::routes::outbound::OutboundSettings {
-            from_domain: self.outbound_from_domain.clone(),
-            max_attempts: self.mail_max_attempts,
+            from_domain: self.outbound.outbound_from_domain.clone(),
+            max_attempts: self.outbound.mail_max_attempts,
         }
     }
 

@@ -10,7 +10,8 @@ use e2a_runtime::{Service, config::CommonArgs};
 pub const DEFAULT_OPS_PORT: u16 = 9093;
 
 /// One-line `--help` summary.
-const ABOUT: &str = "e2a janitor: periodic sweeps (expired messages and dashboard sessions).";
+const ABOUT: &str =
+    "e2a janitor: periodic sweeps (expired data) and the expiry of held outbound mail.";
 
 /// `--help` description: what this build sweeps and, plainly, what it does not yet.
 const LONG_ABOUT: &str = "\
@@ -25,7 +26,12 @@ claims left unverified for 7 days, idle API rate-limit keys, events older \
 than 30 days that were handled, webhook deliveries past their retention, \
 idempotency keys claimed more than 24 hours ago, and outbound mail \
 deliveries finished (sent or dead-lettered) more than 30 days ago, with \
-their payload, attempts and send gate (unfinished ones are never deleted). Several replicas may run \
+their payload, attempts and send gate (unfinished ones are never deleted). \
+Every E2A_HITL_EXPIRY_INTERVAL_SECS it also decides held outbound mail whose \
+approval window has passed, as the agent's hitl_expiration_action says: \
+reject (reason ttl_expired), or approve and enqueue it for the deliverer \
+(rejected instead when the agent's domain is not verified); each decision \
+commits with its email.approved or email.rejected event. Several replicas may run \
 at once (rows are claimed with SKIP LOCKED). A failed sweep (e.g. the database \
 is down) is logged and retried at the next interval.";
 
@@ -48,6 +54,22 @@ pub struct Config {
     /// Rows deleted per statement; a sweep repeats while full batches are deleted.
     #[arg(long, env = "E2A_JANITOR_BATCH", default_value_t = 1000, value_parser = clap::value_parser!(i64).range(1..=1_000_000))]
     pub janitor_batch: i64,
+
+    /// Seconds between passes over held messages whose approval window has passed (each is approved or rejected by its agent's hitl_expiration_action, with its event; the first pass runs at start).
+    #[arg(long, env = "E2A_HITL_EXPIRY_INTERVAL_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub hitl_expiry_interval_secs: u64,
+
+    /// Expired holds decided per transaction.
+    #[arg(long, env = "E2A_HITL_EXPIRY_BATCH", default_value_t = 100, value_parser = clap::value_parser!(i64).range(1..=10_000))]
+    pub hitl_expiry_batch: i64,
+
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub outbound: e2a_runtime::config::OutboundArgs,
+
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub limits: e2a_runtime::config::LimitsArgs,
 }
 
 impl Service for Config {
@@ -69,6 +91,19 @@ impl Config {
     /// Time between sweeps.
     pub fn interval(&self) -> Duration {
         Duration::from_secs(self.janitor_interval_secs)
+    }
+
+    /// Time between passes over expired holds.
+    pub fn hitl_expiry_interval(&self) -> Duration {
+        Duration::from_secs(self.hitl_expiry_interval_secs)
+    }
+
+    /// What an expired hold's approval needs to compose and enqueue it.
+    pub fn outbound_settings(&self) -> e2a_outbound::Settings {
+        e2a_outbound::Settings {
+            from_domain: self.outbound.outbound_from_domain.clone(),
+            max_attempts: self.outbound.mail_max_attempts,
+        }
     }
 
     /// Time between the fast sweeps.

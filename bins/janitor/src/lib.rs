@@ -9,12 +9,15 @@
 //! store error. Sweeps ([`sweep`]): messages past their TTL,
 //! expired/revoked sessions, expired pending domain claims, idle rate-limit
 //! keys, expired previous webhook secrets, handled events and deliveries
-//! past their retention, idempotency keys past 24 hours.
+//! past their retention, idempotency keys past 24 hours. On a third
+//! schedule (`E2A_HITL_EXPIRY_INTERVAL_SECS`, 60 s) it decides held
+//! outbound mail whose approval window has passed ([`expiry`]).
 //! `main.rs` only calls
 //! [`e2a_runtime::main`] with [`serve`]; tests call [`run`] or
 //! [`sweep_once`] directly.
 
 pub mod config;
+pub mod expiry;
 pub mod sweep;
 
 use std::time::Duration;
@@ -81,9 +84,51 @@ pub async fn run(
             config.janitor_batch,
             &shutdown
         ),
+        expiry_loop(&store, &config, &shutdown),
     );
     ops.stop(&shutdown).await?;
     Ok(())
+}
+
+/// Decides expired holds now and every `E2A_HITL_EXPIRY_INTERVAL_SECS`
+/// until cancelled, surviving errors.
+async fn expiry_loop(store: &Store, config: &Config, shutdown: &CancellationToken) {
+    let settings = config.outbound_settings();
+    let defaults = config.limits.limits();
+    let interval = config.hitl_expiry_interval();
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            _ = ticks.tick() => {}
+        }
+        match expiry::expire_once(
+            store,
+            &settings,
+            &defaults,
+            config.hitl_expiry_batch,
+            shutdown,
+        )
+        .await
+        {
+            Ok(report) => {
+                if report != expiry::ExpiryReport::default() {
+                    tracing::info!(
+                        approved = report.approved,
+                        rejected = report.rejected,
+                        "expired holds decided"
+                    );
+                }
+            }
+            Err(e) => {
+                metrics::counter!("e2a_janitor_sweeps_total", "outcome" => "error").increment(1);
+                let chain = e2a_runtime::error_chain(&e);
+                tracing::warn!(error = %chain, retry_in_secs = interval.as_secs(), "hold expiry failed; retrying at the next interval");
+            }
+        }
+    }
 }
 
 /// Runs the sweeps of `schedule` now and every `interval` until cancelled,

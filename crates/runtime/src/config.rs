@@ -321,6 +321,51 @@ mod tests {
     }
 }
 
+/// What every producer of an agent's outbound mail needs: the API's send
+/// routes and approvals, and the janitor's approval of an expired hold.
+#[derive(Debug, Clone, clap::Args)]
+pub struct OutboundArgs {
+    /// Envelope-sender domain of outbound mail (MAIL FROM <agent-local-part>@this; SPF is checked on it) and the From domain of test mail. Empty: each agent's own domain. The From header is always the agent's own address, DKIM-signed by its domain.
+    #[arg(long, env = "E2A_OUTBOUND_FROM_DOMAIN", default_value = "", value_parser = parse_optional_host)]
+    pub outbound_from_domain: String,
+
+    /// Attempts an outbound message gets before it is dead-lettered (email.failed).
+    #[arg(long, env = "E2A_MAIL_MAX_ATTEMPTS", default_value_t = 8, value_parser = clap::value_parser!(i32).range(1..=50))]
+    pub mail_max_attempts: i32,
+}
+
+impl Default for OutboundArgs {
+    fn default() -> Self {
+        Self {
+            outbound_from_domain: String::new(),
+            mail_max_attempts: 8,
+        }
+    }
+}
+
+/// An empty string, or a host name (lower-cased, trailing dot dropped).
+pub fn parse_optional_host(s: &str) -> Result<String, String> {
+    if s.trim().is_empty() {
+        return Ok(String::new());
+    }
+    parse_host(s)
+}
+
+/// A host name such as `mx.example.com` (lower-cased, trailing dot
+/// dropped).
+pub fn parse_host(s: &str) -> Result<String, String> {
+    let s = s.trim().trim_end_matches('.');
+    if s.is_empty()
+        || s.len() > 253
+        || !s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+    {
+        return Err("must be a host name such as mx.example.com".into());
+    }
+    Ok(s.to_ascii_lowercase())
+}
+
 /// The caps of accounts without an `account_limits` row (`E2A_LIMITS_*`),
 /// shared by every service that enforces them (the API on sends and
 /// registrations, the relay at RCPT).

@@ -20,6 +20,7 @@ pub mod domains;
 pub mod error;
 pub mod events;
 pub mod fanout;
+pub mod hitl;
 pub mod idempotency;
 pub mod ids;
 pub mod inbound;

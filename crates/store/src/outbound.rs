@@ -128,14 +128,30 @@ pub struct OutboundMail<'a> {
     pub hold: Option<Hold<'a>>,
 }
 
-impl OutboundMail<'_> {
+impl<'a> OutboundMail<'a> {
     /// `messages.recipient` of an outbound row: the first To, else the
     /// first Cc.
-    fn first_recipient(&self) -> &str {
+    pub(crate) fn first_recipient(&self) -> &str {
         self.to
             .first()
             .or(self.cc.first())
             .map_or("", String::as_str)
+    }
+
+    /// The facts of its `email.sent` / `email.failed` / `email.approved`.
+    pub(crate) fn facts(&self, method: &'a str) -> MessageFacts<'_> {
+        MessageFacts {
+            message_id: self.message_id.as_str(),
+            agent_id: self.agent_id,
+            rfc_message_id: self.rfc_message_id,
+            method,
+            to: self.to,
+            cc: self.cc,
+            bcc: self.bcc,
+            subject: self.subject,
+            message_type: self.message_type.as_str(),
+            conversation_id: self.conversation_id,
+        }
     }
 }
 
@@ -152,6 +168,9 @@ pub struct Hold<'a> {
     pub body_html: Option<&'a str>,
     /// `[{filename, content_type, data(base64)}]`, or `None`.
     pub attachments_json: Option<&'a Value>,
+    /// The References chain the message threads with (its In-Reply-To is
+    /// the parent's Message-ID, `parent_email_message_id`).
+    pub thread_refs: &'a [String],
 }
 
 /// What [`accept`] stored.
@@ -273,20 +292,38 @@ pub async fn accept(c: &impl GenericClient, mail: &OutboundMail<'_>) -> Result<A
     if let Some(hold) = &mail.hold {
         return accept_held(c, mail, hold).await;
     }
+    let (status, method) = route(mail)?;
+    insert_message(c, mail, status, Some(method), None).await?;
+    dispatch(c, mail, method).await
+}
+
+/// How `mail` leaves: `queued` by SMTP when some recipient is outside the
+/// gateway, else `sent` by loopback. Invalid without any recipient.
+pub(crate) fn route(mail: &OutboundMail<'_>) -> Result<(&'static str, &'static str)> {
     let copies = mail.loopback.as_ref().map_or(0, |l| l.copies.len());
     if mail.external.is_empty() && copies == 0 {
         return Err(crate::StoreError::Invalid(
             "an outbound message needs at least one recipient".into(),
         ));
     }
-    let goes_out = !mail.external.is_empty();
-    let (status, method) = if goes_out {
-        ("queued", "smtp")
-    } else {
+    Ok(if mail.external.is_empty() {
         ("sent", "loopback")
-    };
-    insert_message(c, mail, status, Some(method), None).await?;
+    } else {
+        ("queued", "smtp")
+    })
+}
 
+/// Everything after the message row, for a message that goes out now (a
+/// direct send, or a held one a reviewer or the expiry released): its
+/// mail-outbox delivery for recipients outside the gateway, the inbound
+/// copies of local recipients, and `email.sent` when nothing leaves the
+/// gateway. In the caller's transaction.
+pub(crate) async fn dispatch(
+    c: &impl GenericClient,
+    mail: &OutboundMail<'_>,
+    method: &'static str,
+) -> Result<Accepted> {
+    let goes_out = !mail.external.is_empty();
     let delivery_id = if goes_out {
         let key = format!("{AGENT_MESSAGE_TEMPLATE}:{}", mail.message_id);
         mail_outbox::enqueue(
@@ -314,24 +351,12 @@ pub async fn accept(c: &impl GenericClient, mail: &OutboundMail<'_>) -> Result<A
         None => Vec::new(),
     };
     if !goes_out {
-        let facts = MessageFacts {
-            message_id: mail.message_id.as_str(),
-            agent_id: mail.agent_id,
-            rfc_message_id: mail.rfc_message_id,
-            method,
-            to: mail.to,
-            cc: mail.cc,
-            bcc: mail.bcc,
-            subject: mail.subject,
-            message_type: mail.message_type.as_str(),
-            conversation_id: mail.conversation_id,
-        };
-        facts
+        mail.facts(method)
             .append(c, mail.user_id, EMAIL_SENT, Value::Null)
             .await?;
     }
     Ok(Accepted {
-        status,
+        status: if goes_out { "queued" } else { "sent" },
         method,
         delivery_id,
         loopback,
@@ -359,9 +384,9 @@ async fn insert_message(
             "INSERT INTO messages (id, user_id, agent_id, direction, status, recipient, subject, \
                email_message_id, provider_message_id, method, message_type, conversation_id, \
                to_recipients, cc, bcc, created_at, expires_at, approval_expires_at, \
-               body_text, body_html, attachments_json) \
+               body_text, body_html, attachments_json, thread_refs) \
              VALUES ($1, $2, $3, 'outbound', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, \
-               $16, $17, $18, $19, $20)",
+               $16, $17, $18, $19, $20, $21)",
         )
         .await?;
     c.execute(
@@ -387,6 +412,7 @@ async fn insert_message(
             &hold.map(|h| h.body_text),
             &hold.and_then(|h| h.body_html),
             &hold.and_then(|h| h.attachments_json),
+            &hold.map(|h| h.thread_refs),
         ],
     )
     .await?;

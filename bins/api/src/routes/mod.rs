@@ -7,6 +7,7 @@ pub mod cursor;
 pub mod domains;
 pub mod events;
 pub mod health;
+pub mod hitl;
 pub mod info;
 pub mod messages;
 pub mod outbound;
@@ -102,6 +103,11 @@ fn sending(state: AppState) -> Router<AppState> {
             post(outbound::forward),
         )
         .route("/v1/agents/{address}/test", post(outbound::test))
+        // An approval may carry edited bodies and attachments.
+        .route(
+            "/v1/agents/{address}/messages/{id}/approve",
+            post(hitl::approve),
+        )
         .layer(DefaultBodyLimit::disable())
         .layer(RequestBodyLimitLayer::new(outbound::MAX_SEND_BODY_BYTES))
         .layer(from_fn_with_state(state, crate::middleware::send_slot))
@@ -144,6 +150,10 @@ fn poll_limited(state: AppState) -> Router<AppState> {
         .route(
             "/api/v1/agents/{address}/messages/{id}",
             patch(messages::update_labels),
+        )
+        .route(
+            "/v1/agents/{address}/messages/{id}/reject",
+            post(hitl::reject),
         )
 }
 

@@ -24,8 +24,6 @@
 //! rolls the transaction back, which releases the key: failures are never
 //! cached. A refused request still counts against the send limit.
 
-use std::collections::HashSet;
-
 use axum::{
     Json,
     body::Bytes,
@@ -35,8 +33,8 @@ use axum::{
 };
 use base64::{Engine, engine::general_purpose::STANDARD};
 use e2a_mail::{
-    compose::{self, Attachment, Mailbox, OutgoingMessage},
-    cpu, draft, headers,
+    compose::{self, Attachment},
+    cpu, draft,
 };
 use e2a_store::{
     StoreError,
@@ -44,10 +42,9 @@ use e2a_store::{
     agents::{self, Agent},
     idempotency::{self, Claim, Key},
     ids::MessageId,
-    inbound::{self, Delivery, InboundMail},
-    mail_outbox::RecipientKind,
-    outbound::{self, Hold, Loopback, MessageType, OutboundMail},
-    rate_limits, signing_secrets,
+    inbound,
+    outbound::{self, MessageType},
+    rate_limits,
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -119,64 +116,22 @@ pub struct ForwardRequest {
     attachments: Option<Vec<AttachmentIn>>,
 }
 
-/// Deployment facts the send routes need.
-#[derive(Debug, Clone, Default)]
-pub struct OutboundSettings {
-    /// `E2A_OUTBOUND_FROM_DOMAIN`: the envelope sender's domain (and the
-    /// test mail's `From`); empty = the agent's own domain.
-    pub from_domain: String,
-    /// Attempts before a delivery is dead-lettered.
-    pub max_attempts: i32,
-}
+pub use e2a_outbound::Settings as OutboundSettings;
 
-impl OutboundSettings {
-    /// The domain of `agent`'s envelope sender and of the test mail's
-    /// `From`: `E2A_OUTBOUND_FROM_DOMAIN`, else the agent's own domain.
-    fn domain_for<'a>(&'a self, agent: &'a Agent) -> &'a str {
-        if self.from_domain.is_empty() {
-            &agent.domain
-        } else {
-            &self.from_domain
-        }
-    }
-
-    /// `agent`'s envelope sender (`MAIL FROM`): its local part at
-    /// [`Self::domain_for`].
-    fn envelope_sender(&self, agent: &Agent) -> String {
-        let local = agent.id.split_once('@').map_or("", |(l, _)| l);
-        format!("{local}@{}", self.domain_for(agent))
-    }
-}
-
-/// A message ready to accept: everything validated and canonical.
+/// The draft the send routes build, plus its idempotency fingerprint.
 struct Draft {
-    message_type: MessageType,
-    subject: String,
-    to: Vec<String>,
-    cc: Vec<String>,
-    bcc: Vec<String>,
-    text: String,
-    html: Option<String>,
-    attachments: Vec<Attachment>,
-    attachments_json: Option<Value>,
-    /// Decided conversation (caller's, parent's or minted).
-    conversation_id: String,
-    in_reply_to: Option<String>,
-    references: Vec<String>,
-    parent_email_message_id: String,
-    /// The `From` mailbox (the agent, or `noreply@…` for a test).
-    from: Mailbox,
+    inner: e2a_outbound::Draft,
     /// Fingerprint route for the idempotency record.
     route: String,
 }
 
-fn invalid(message: impl Into<String>) -> ApiError {
+pub(crate) fn invalid(message: impl Into<String>) -> ApiError {
     ApiError::bad_request("invalid_request", message)
 }
 
 /// Parses a JSON body of a send route (any content type the contract
 /// lists: JSON, or the raw body as `application/octet-stream`).
-fn parse_body<T: serde::de::DeserializeOwned>(
+pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<T, ApiError> {
@@ -203,7 +158,7 @@ fn parse_body<T: serde::de::DeserializeOwned>(
 }
 
 /// No CR, LF or other control character in a header-bound value.
-fn header_safe(field: &str, value: &str) -> Result<(), ApiError> {
+pub(crate) fn header_safe(field: &str, value: &str) -> Result<(), ApiError> {
     if value.chars().any(char::is_control) {
         return Err(invalid(format!(
             "{field} must not contain line breaks or control characters"
@@ -225,7 +180,7 @@ fn conversation_id(raw: Option<&str>) -> Result<Option<String>, ApiError> {
     Ok(Some(id.to_owned()))
 }
 
-fn attachments(
+pub(crate) fn attachments(
     list: Option<Vec<AttachmentIn>>,
 ) -> Result<(Vec<Attachment>, Option<Value>), ApiError> {
     let list = list.unwrap_or_default();
@@ -265,7 +220,7 @@ fn attachments(
 /// duplicates dropped; Cc minus To, Bcc minus To and Cc. To + Cc empty is
 /// 400 (`no valid recipients`); an address that does not parse is 400
 /// `invalid_recipient`.
-fn recipients(
+pub(crate) fn recipients(
     agent: &Agent,
     settings: &OutboundSettings,
     to: &[String],
@@ -308,14 +263,7 @@ fn recipients(
     Ok(recipients)
 }
 
-fn agent_mailbox(agent: &Agent) -> Mailbox {
-    Mailbox {
-        name: (!agent.name.trim().is_empty()).then(|| agent.name.clone()),
-        address: agent.id.clone(),
-    }
-}
-
-fn check_text(subject: &str, text: &str) -> Result<(), ApiError> {
+pub(crate) fn check_text(subject: &str, text: &str) -> Result<(), ApiError> {
     header_safe("subject", subject)?;
     if subject.chars().count() > MAX_SUBJECT_CHARS {
         return Err(invalid(format!(
@@ -367,20 +315,22 @@ pub async fn send(
     let conversation_id = conversation_id(req.conversation_id.as_deref())?
         .unwrap_or_else(inbound::mint_conversation_id);
     let draft = Draft {
-        message_type: MessageType::Send,
-        subject,
-        to,
-        cc,
-        bcc,
-        text,
-        html: req.html_body.filter(|h| !h.is_empty()),
-        attachments,
-        attachments_json,
-        conversation_id,
-        in_reply_to: None,
-        references: Vec::new(),
-        parent_email_message_id: String::new(),
-        from: agent_mailbox(&agent),
+        inner: e2a_outbound::Draft {
+            message_type: MessageType::Send,
+            subject,
+            to,
+            cc,
+            bcc,
+            text,
+            html: req.html_body.filter(|h| !h.is_empty()),
+            attachments,
+            attachments_json,
+            conversation_id,
+            in_reply_to: None,
+            references: Vec::new(),
+            parent_email_message_id: String::new(),
+            from: e2a_outbound::agent_mailbox(&agent),
+        },
         route: format!("/v1/agents/{}/messages", agent.id),
     };
     accept(&state, &caller, &agent, draft, &headers, &body).await
@@ -431,20 +381,22 @@ pub async fn reply(
         &parsed.in_reply_to,
     );
     let draft = Draft {
-        message_type: MessageType::Reply,
-        subject,
-        to,
-        cc,
-        bcc,
-        text,
-        html: req.html_body.filter(|h| !h.is_empty()),
-        attachments,
-        attachments_json,
-        conversation_id: conversation,
-        in_reply_to,
-        references,
-        parent_email_message_id: parent.email_message_id.clone(),
-        from: agent_mailbox(&agent),
+        inner: e2a_outbound::Draft {
+            message_type: MessageType::Reply,
+            subject,
+            to,
+            cc,
+            bcc,
+            text,
+            html: req.html_body.filter(|h| !h.is_empty()),
+            attachments,
+            attachments_json,
+            conversation_id: conversation,
+            in_reply_to,
+            references,
+            parent_email_message_id: parent.email_message_id.clone(),
+            from: e2a_outbound::agent_mailbox(&agent),
+        },
         route: format!("/v1/reply/{id}"),
     };
     accept(&state, &caller, &agent, draft, &headers, &body).await
@@ -497,20 +449,22 @@ pub async fn forward(
     // every path — the original's flaw 21), but keeps the agent's own
     // conversation with the message it forwards.
     let draft = Draft {
-        message_type: MessageType::Forward,
-        subject,
-        to,
-        cc,
-        bcc,
-        text,
-        html,
-        attachments,
-        attachments_json,
-        conversation_id: conversation,
-        in_reply_to: None,
-        references: Vec::new(),
-        parent_email_message_id: parent.email_message_id.clone(),
-        from: agent_mailbox(&agent),
+        inner: e2a_outbound::Draft {
+            message_type: MessageType::Forward,
+            subject,
+            to,
+            cc,
+            bcc,
+            text,
+            html,
+            attachments,
+            attachments_json,
+            conversation_id: conversation,
+            in_reply_to: None,
+            references: Vec::new(),
+            parent_email_message_id: parent.email_message_id.clone(),
+            from: e2a_outbound::agent_mailbox(&agent),
+        },
         route: format!("/v1/forward/{id}"),
     };
     accept(&state, &caller, &agent, draft, &headers, &body).await
@@ -527,34 +481,36 @@ pub async fn test(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let agent = load_agent(&state, &caller, &address).await?;
-    let from_domain = state.outbound.domain_for(&agent);
     let draft = Draft {
-        message_type: MessageType::Test,
-        subject: "Test email from e2a".into(),
-        to: vec![agent.id.clone()],
-        cc: Vec::new(),
-        bcc: Vec::new(),
-        text: format!(
-            "This is a test message from e2a to {}.\r\n\r\nIf your agent received it, inbound delivery works.\r\n",
-            agent.id
-        ),
-        html: None,
-        attachments: Vec::new(),
-        attachments_json: None,
-        conversation_id: inbound::mint_conversation_id(),
-        in_reply_to: None,
-        references: Vec::new(),
-        parent_email_message_id: String::new(),
-        from: Mailbox {
-            name: Some("e2a".into()),
-            address: format!("noreply@{from_domain}"),
+        inner: e2a_outbound::Draft {
+            message_type: MessageType::Test,
+            subject: "Test email from e2a".into(),
+            to: vec![agent.id.clone()],
+            cc: Vec::new(),
+            bcc: Vec::new(),
+            text: format!(
+                "This is a test message from e2a to {}.\r\n\r\nIf your agent received it, inbound delivery works.\r\n",
+                agent.id
+            ),
+            html: None,
+            attachments: Vec::new(),
+            attachments_json: None,
+            conversation_id: inbound::mint_conversation_id(),
+            in_reply_to: None,
+            references: Vec::new(),
+            parent_email_message_id: String::new(),
+            from: state.outbound.test_sender(&agent),
         },
         route: format!("/v1/agents/{}/test", agent.id),
     };
     accept(&state, &caller, &agent, draft, &headers, b"").await
 }
 
-async fn load_agent(state: &AppState, caller: &Caller, address: &str) -> Result<Agent, ApiError> {
+pub(crate) async fn load_agent(
+    state: &AppState,
+    caller: &Caller,
+    address: &str,
+) -> Result<Agent, ApiError> {
     let client = state.store.client().await?;
     owned_agent(&client, caller, address).await
 }
@@ -603,7 +559,7 @@ fn joined_conversation(
 }
 
 /// The response of an accepted message (also what a replay answers).
-fn answer(status: StatusCode, body: &Value) -> Response {
+pub(crate) fn answer(status: StatusCode, body: &Value) -> Response {
     (status, Json(body)).into_response()
 }
 
@@ -617,130 +573,31 @@ async fn accept(
     headers: &HeaderMap,
     raw_body: &[u8],
 ) -> Result<Response, ApiError> {
-    let key = match headers.get("idempotency-key") {
-        None => None,
-        Some(v) => {
-            let v = v.to_str().map_err(|_| {
-                ApiError::bad_request("invalid_request", "Idempotency-Key must be visible ASCII")
-            })?;
-            Some(
-                Key::client(v)
-                    .map_err(|e| ApiError::bad_request("invalid_request", e.to_string()))?,
-            )
-        }
-    };
+    let key = idempotency_key(headers)?;
     let request_hash = idempotency::request_hash(&draft.route, raw_body);
 
     let rfc_message_id = compose::mint_message_id(&agent.domain);
-    let message = OutgoingMessage {
-        from: draft.from.clone(),
-        reply_to: Vec::new(),
-        to: draft.to.clone(),
-        cc: draft.cc.clone(),
-        subject: draft.subject.clone(),
-        message_id: rfc_message_id.clone(),
-        date: OffsetDateTime::now_utc(),
-        in_reply_to: draft.in_reply_to.clone(),
-        references: draft.references.clone(),
-        conversation_id: Some(draft.conversation_id.clone()),
-        text: draft.text.clone(),
-        html: draft.html.clone(),
-        attachments: draft.attachments,
-    };
-    let size: usize = message.text.len()
-        + message.html.as_ref().map_or(0, String::len)
-        + message
-            .attachments
-            .iter()
-            .map(|a| a.data.len())
-            .sum::<usize>();
-    let raw = cpu::run_for(size, || compose::compose(&message))
-        .await
-        .map_err(|e| invalid(e.to_string()))?;
-
-    // Local recipients (agents of this gateway) get their copy in the
-    // transaction; everyone else goes through the outbox. An agent whose
-    // owner is over quota is treated like any outside address: the relay
-    // refuses it when it comes back through MX, exactly as for a stranger.
-    let mut local = Vec::new();
-    let mut external = Vec::new();
-    if !agent.hitl_enabled {
-        let client = state.store.client().await?;
-        for (kind, list) in [
-            (RecipientKind::To, &draft.to),
-            (RecipientKind::Cc, &draft.cc),
-            (RecipientKind::Bcc, &draft.bcc),
-        ] {
-            for address in list {
-                let parsed = EmailAddress::parse(address).map_err(|_| {
-                    ApiError::bad_request(
-                        "invalid_recipient",
-                        format!("{address} is not an address"),
-                    )
-                })?;
-                match agents::resolve_recipient(&client, &parsed, &state.default_limits).await? {
-                    Some(r) if r.over_quota.is_none() => local.push(r),
-                    _ => external.push((address.clone(), kind)),
-                }
-            }
-        }
-    }
-    let sha = cpu::run_for(raw.len(), || inbound::body_sha256(&raw)).await;
-    let copies = loopback_copies(state, &local, &draft.from.address, &sha).await?;
-    let refs: Vec<String> = draft
-        .in_reply_to
-        .iter()
-        .chain(draft.references.iter())
-        .cloned()
-        .collect();
-    let mail_from = state.outbound.envelope_sender(agent);
+    let route = draft.route;
+    let prepared = e2a_outbound::prepare(
+        &state.store,
+        &state.outbound,
+        &state.default_limits,
+        agent,
+        draft.inner,
+        rfc_message_id,
+        agent.hitl_enabled,
+    )
+    .await
+    .map_err(prepare_error)?;
     let message_id = MessageId::new();
     let hold_expires = OffsetDateTime::now_utc()
         + time::Duration::seconds(i64::from(agent.hitl_ttl_seconds.clamp(1, 604_800)));
-    let empty: Vec<String> = Vec::new();
-    let loopback_mail = InboundMail {
-        raw: &raw,
-        body_sha256: &sha,
-        email_message_id: &rfc_message_id,
-        sender: &draft.from.address,
-        subject: &draft.subject,
-        to: &draft.to,
-        cc: &draft.cc,
-        reply_to: &empty,
-        thread_refs: &refs,
-        trusted_conversation_id: None,
-        spf: "none",
-        dkim: "none",
-        dmarc: "none",
-    };
-    let mail = OutboundMail {
-        message_id: &message_id,
-        user_id: &caller.user_id,
-        agent_id: &agent.id,
-        message_type: draft.message_type,
-        rfc_message_id: &rfc_message_id,
-        parent_email_message_id: &draft.parent_email_message_id,
-        subject: &draft.subject,
-        to: &draft.to,
-        cc: &draft.cc,
-        bcc: &draft.bcc,
-        conversation_id: &draft.conversation_id,
-        raw: &raw,
-        mail_from: &mail_from,
-        dkim_domain: &agent.domain,
-        external: &external,
-        loopback: (!copies.is_empty()).then(|| Loopback {
-            mail: loopback_mail,
-            copies: &copies,
-        }),
-        max_attempts: state.outbound.max_attempts,
-        hold: agent.hitl_enabled.then(|| Hold {
-            expires_at: hold_expires,
-            body_text: &draft.text,
-            body_html: draft.html.as_deref(),
-            attachments_json: draft.attachments_json.as_ref(),
-        }),
-    };
+    let mail = prepared.mail(
+        &message_id,
+        &caller.user_id,
+        &agent.id,
+        agent.hitl_enabled.then(|| prepared.hold(hold_expires)),
+    );
 
     // Checks before the transaction, so that no lock is held across them:
     // the send limit's row in particular, held to a commit, would make one
@@ -785,8 +642,7 @@ async fn accept(
     let ticket = match &key {
         None => None,
         Some(key) => {
-            match idempotency::claim(&tx, &caller.user_id, key, &draft.route, &request_hash).await?
-            {
+            match idempotency::claim(&tx, &caller.user_id, key, &route, &request_hash).await? {
                 Claim::Acquired(ticket) => Some(ticket),
                 decided => {
                     drop(tx);
@@ -810,7 +666,7 @@ async fn accept(
             StatusCode::OK,
             json!({
                 "status": accepted.status,
-                "message_id": outbound::angle(&rfc_message_id),
+                "message_id": outbound::angle(&prepared.rfc_message_id),
                 "method": accepted.method,
             }),
         )
@@ -825,17 +681,31 @@ async fn accept(
         message.id = %message_id,
         agent = %agent.id,
         status = accepted.status,
-        external = external.len(),
-        loopback = copies.len(),
+        external = prepared.external.len(),
+        loopback = prepared.copies.len(),
         "outbound message accepted"
     );
     Ok(answer(status, &body))
 }
 
+/// The request's `Idempotency-Key`, if any: 1–255 visible ASCII
+/// characters, else 400.
+pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<Option<Key>, ApiError> {
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let v = v.to_str().map_err(|_| {
+        ApiError::bad_request("invalid_request", "Idempotency-Key must be visible ASCII")
+    })?;
+    Key::client(v)
+        .map(Some)
+        .map_err(|e| ApiError::bad_request("invalid_request", e.to_string()))
+}
+
 /// The answer of an idempotency key that is not this request's to run:
 /// 409 while another request holds it, 422 for another request's key, or
 /// the stored answer (marked `Idempotent-Replayed`).
-fn idempotent_answer(decided: Claim) -> Result<Response, ApiError> {
+pub(crate) fn idempotent_answer(decided: Claim) -> Result<Response, ApiError> {
     match decided {
         Claim::Replay(stored) => {
             let status = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
@@ -863,57 +733,14 @@ fn idempotent_answer(decided: Claim) -> Result<Response, ApiError> {
     }
 }
 
-/// One inbound copy per local recipient agent, its `X-E2A-Auth-*` headers
-/// signed with the recipient owner's newest signing secret: verified (the
-/// gateway authenticated the sender by its API key), entity `agent`.
-async fn loopback_copies(
-    state: &AppState,
-    local: &[agents::Recipient],
-    sender: &str,
-    body_sha256: &str,
-) -> Result<Vec<Delivery>, ApiError> {
-    if local.is_empty() {
-        return Ok(Vec::new());
-    }
-    let now = OffsetDateTime::now_utc();
-    let mut client = state.store.client().await?;
-    let mut seen = HashSet::new();
-    let mut copies = Vec::new();
-    for r in local {
-        if !seen.insert(r.agent_id.clone()) {
-            continue;
+/// The answer to a draft that [`e2a_outbound::prepare`] refused.
+pub(crate) fn prepare_error(e: e2a_outbound::Error) -> ApiError {
+    match e {
+        e2a_outbound::Error::Compose(msg) => invalid(msg),
+        e2a_outbound::Error::Recipient(address) => {
+            ApiError::bad_request("invalid_recipient", format!("{address} is not an address"))
         }
-        let secret = match &r.signing_secret {
-            Some(s) => s.clone(),
-            None => signing_secrets::newest_or_create(&mut client, &r.user_id).await?,
-        };
-        let message_id = MessageId::new();
-        let input = headers::AuthHeaderInput {
-            verified: true,
-            sender: sender.to_owned(),
-            domain_check: "loopback=pass".into(),
-            timestamp: now,
-            message_id: message_id.as_str().to_owned(),
-            body_sha256: body_sha256.to_owned(),
-            delegation: None,
-        };
-        let signed: serde_json::Map<String, Value> =
-            headers::sign(&input, secret.secret.as_bytes())
-                .into_iter()
-                .map(|(k, v)| (k, Value::String(v)))
-                .collect();
-        copies.push(Delivery {
-            message_id,
-            agent_id: r.agent_id.clone(),
-            agent_domain: r
-                .agent_id
-                .split_once('@')
-                .map(|(_, d)| d.to_owned())
-                .unwrap_or_default(),
-            user_id: r.user_id.clone(),
-            auth_headers: Value::Object(signed),
-            legacy_push: r.legacy_push,
-        });
+        e @ e2a_outbound::Error::StoredAttachments => ApiError::internal(&e),
+        e2a_outbound::Error::Store(e) => e.into(),
     }
-    Ok(copies)
 }
