@@ -362,7 +362,7 @@ pub async fn reject(c: &impl GenericClient, r: &Rejection<'_>) -> Result<Decided
                   AND status = 'pending_approval' \
                   AND CASE WHEN $6 = 'expiry' THEN approval_expires_at <= now() \
                            ELSE approval_expires_at > now() END \
-               RETURNING id, user_id, agent_id, conversation_id, COALESCE(message_type, 'send')), \
+               RETURNING id, user_id, agent_id, conversation_id, COALESCE(message_type, 'send') AS message_type), \
              t AS ( \
                UPDATE approval_tokens a SET used_at = now() FROM m \
                 WHERE a.message_id = m.id AND a.user_id = m.user_id AND a.used_at IS NULL) \

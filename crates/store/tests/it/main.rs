@@ -12,6 +12,7 @@ mod delivery_log;
 mod domains;
 mod events;
 mod fanout;
+mod hitl;
 mod idempotency;
 mod inbound;
 mod legacy_deliveries;
