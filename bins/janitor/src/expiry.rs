@@ -12,9 +12,10 @@
 //! * `reject` → `expired_rejected`, reason `ttl_expired`, `email.rejected`;
 //! * `approve` → composed as it was held and `expired_approved` with its
 //!   mail-outbox delivery (or `sent` by loopback) and `email.approved`;
-//!   rejected instead with [`hitl::REASON_DOMAIN_NOT_VERIFIED`] when the
-//!   agent's domain is not verified, or with `auto-approve failed: …` when
-//!   the held message can no longer be composed.
+//!   rejected instead with `auto-approve failed: …` when the held message
+//!   can no longer be composed, or with [`hitl::REASON_DOMAIN_NOT_VERIFIED`]
+//!   when the agent's domain is not verified (the spec's rule; in this
+//!   schema a defence only, as agents reference verified domains).
 //!
 //! The batch commits together; a database error rolls it back and the next
 //! pass tries again. Passes repeat while batches come back full.
