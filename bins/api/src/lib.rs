@@ -14,6 +14,7 @@ pub mod config;
 pub mod dns;
 pub mod error;
 pub mod extract;
+pub mod magic_pages;
 mod middleware;
 pub mod ratelimit;
 pub mod routes;

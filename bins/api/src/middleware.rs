@@ -155,15 +155,20 @@ pub fn overloaded(headers: &HeaderMap) -> Response {
 
 /// Gives framework-generated errors (body limit 413, panic 500, unmatched
 /// method 405, …) the contract's JSON error body; a `503` gets
-/// `Retry-After` from [`ApiError`] unless it named its own.
+/// `Retry-After` from [`ApiError`] unless it named its own. An error a
+/// handler rendered as an HTML page (the magic-link refusals of
+/// [`crate::magic_pages`]: 400, 404, 409, 410) is kept as it is — the
+/// framework never answers `text/html`.
 fn json_errors(response: Response) -> Response {
     let status = response.status();
-    let is_json = response
+    let content_type = response
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/json"));
-    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        .unwrap_or("");
+    let rendered =
+        content_type.starts_with("application/json") || content_type.starts_with("text/html");
+    if !(status.is_client_error() || status.is_server_error()) || rendered {
         return response;
     }
     let message = status
@@ -206,5 +211,32 @@ pub async fn send_slot(State(state): State<crate::AppState>, req: Request, next:
             )
             .into_response()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn html_error_pages_are_kept_and_other_errors_become_json() {
+        let page = crate::magic_pages::used();
+        let kept = json_errors(page);
+        assert_eq!(kept.status(), StatusCode::GONE);
+        assert_eq!(
+            kept.headers()[header::CONTENT_TYPE],
+            "text/html; charset=utf-8"
+        );
+        assert_eq!(kept.headers()[header::REFERRER_POLICY], "no-referrer");
+
+        let plain = (StatusCode::PAYLOAD_TOO_LARGE, "too big").into_response();
+        let replaced = json_errors(plain);
+        assert_eq!(replaced.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(
+            replaced.headers()[header::CONTENT_TYPE]
+                .to_str()
+                .unwrap()
+                .starts_with("application/json")
+        );
     }
 }

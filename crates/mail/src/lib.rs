@@ -22,6 +22,9 @@
 //!   parsed once per domain.
 //! - [`draft`]: the reply and forward rules: subjects, threading headers,
 //!   recipients, the quoted forward body.
+//! - [`notification`]: the reviewer's notification of a message held for
+//!   human-in-the-loop review (no body; approve, reject and dashboard
+//!   links), with everything the agent controls made one line and escaped.
 //! - [`submit`](mod@submit): SMTP submission of a composed message to the
 //!   outbound relay, bounded in time, with every reply classified (sent,
 //!   temporary, permanent; per recipient too).
@@ -34,6 +37,7 @@ pub mod dkim_keys;
 pub mod dkim_sign;
 pub mod draft;
 pub mod headers;
+pub mod notification;
 pub mod parse;
 pub mod submit;
 

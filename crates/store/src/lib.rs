@@ -14,6 +14,7 @@ pub mod account_limits;
 pub mod address;
 pub mod agents;
 pub mod api_keys;
+pub mod approval_tokens;
 pub mod conversations;
 pub mod deliveries;
 pub mod domains;

@@ -5,6 +5,7 @@
 mod account_limits;
 mod agents;
 mod api_keys;
+mod approval_tokens;
 mod bounded;
 mod conversations;
 mod deliveries;
