@@ -29,6 +29,7 @@ pub mod messages;
 pub mod migrate;
 pub mod outbound;
 pub mod rate_limits;
+pub mod reviews;
 pub mod secret;
 pub mod sessions;
 pub mod signing_secrets;

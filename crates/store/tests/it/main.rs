@@ -19,6 +19,7 @@ mod mail_outbox;
 mod messages;
 mod migrate;
 mod rate_limits;
+mod reviews;
 mod sessions;
 mod signing_secrets;
 mod store;
