@@ -154,7 +154,10 @@ pub fn run(args: Args) -> CmdResult {
             {
                 Ok(()) => println!("{delivery_id}: pending again; the deliverer sends it now"),
                 Err(
-                    e @ (ResendError::NotFound | ResendError::AlreadySent | ResendError::Sending),
+                    e @ (ResendError::NotFound
+                    | ResendError::AlreadySent
+                    | ResendError::Sending
+                    | ResendError::Scrubbed),
                 ) => {
                     return Err(format!("{delivery_id}: {e}").into());
                 }

@@ -5,7 +5,8 @@
 //! moved by moving the due time, never slept); a 5xx is dead-lettered;
 //! `email.sent` / `email.failed` exist once each; two deliverer processes
 //! racing on 1,000 messages submit each once; a deliverer killed between
-//! claim and submission leads to exactly one submission after takeover.
+//! claim and submission leads to exactly one submission after takeover; a
+//! shutdown finishes and records the submission in flight (flaw 13).
 
 use std::time::Duration;
 
@@ -480,6 +481,67 @@ async fn a_deliverer_killed_between_claim_and_submission_leads_to_one_submission
     assert_eq!(sink.data_attempts(&format!("<{rfc}>")), 1);
     assert_eq!(stalled.count(), 0, "the dead deliverer never submitted");
     survivor.stop().await;
+}
+
+#[tokio::test]
+async fn a_shutdown_finishes_the_submission_in_flight_and_records_it() {
+    // Flaw 13: the original sent notifications in detached goroutines that
+    // a shutdown dropped. Here a submission in flight when the token is
+    // cancelled is finished and recorded before the deliverer returns.
+    let h = Harness::new().await;
+    // The sink holds its answer to the end of DATA for a while: the whole
+    // message is on the wire, the outcome is not.
+    let sink = SmtpSink::start(Script::new().delay_before(
+        e2a_testkit::smtp_sink::Stage::DataEnd,
+        Duration::from_secs(2),
+    ))
+    .await
+    .unwrap();
+    let deliverer = h.deliverer(&sink);
+    let (message_id, rfc) = h.queue(&["bob@example.net"], 8).await;
+    let deadline = std::time::Instant::now() + PROMPT;
+    while sink.data_attempts(&format!("<{rfc}>")) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the message never reached the end of DATA"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(sink.count(), 0, "the sink has not answered yet");
+
+    deliverer.shutdown.cancel();
+    tokio::time::timeout(PROMPT, deliverer.task)
+        .await
+        .expect("the deliverer stops once the submission is done")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        sink.count(),
+        1,
+        "the deliverer returned only after the server accepted the message"
+    );
+    assert_eq!(
+        h.one(&format!(
+            "SELECT count(*) FROM mail_deliveries d JOIN messages m ON m.id = d.message_id \
+              WHERE m.id = '{message_id}' AND d.status = 'sent' AND m.status = 'sent' \
+                AND d.leased_until IS NULL"
+        ))
+        .await,
+        1,
+        "recorded sent, not left sending"
+    );
+    assert_eq!(
+        h.one("SELECT count(*) FROM send_attempts WHERE status = 'sent'")
+            .await,
+        1
+    );
+    assert_eq!(
+        h.one(&format!(
+            "SELECT count(*) FROM webhook_events WHERE type = 'email.sent' AND message_id = '{message_id}'"
+        ))
+        .await,
+        1
+    );
 }
 
 #[tokio::test]

@@ -31,6 +31,7 @@ pub mod messages;
 pub mod migrate;
 pub mod outbound;
 pub mod rate_limits;
+pub mod reviews;
 pub mod secret;
 pub mod sessions;
 pub mod signing_secrets;

@@ -22,6 +22,16 @@
 //!   delivery, the gate, the message's status and its event
 //!   (`email.sent` / `email.failed`) commit together or not at all.
 //!
+//! **Payloads that carry secrets do not outlive their delivery.** A
+//! reviewer notification ([`HITL_NOTIFICATION_TEMPLATE`]) holds single-use
+//! magic-link tokens in its body. When such a delivery becomes `sent` or
+//! `dead_lettered`, the same statement of [`record`] that finishes it
+//! replaces its `mail_payloads.body` by an empty bytea (subject, recipients
+//! and attempts stay, for operators). While it is `pending`, `retrying` or
+//! `sending` the body is kept: a retry needs it. [`resend`] refuses a
+//! delivery whose body was scrubbed ([`ResendError::Scrubbed`]) rather than
+//! submit an empty mail; a fresh notification has to be produced instead.
+//!
 //! **The gate** (`send_attempts`, spec §3.2, keyed by delivery since V23)
 //! is what makes a submission happen at most once even when two deliverers
 //! race or one dies: the claim takes it (`attempting`) in the same
@@ -51,6 +61,18 @@ use crate::{
 /// Attempts a delivery gets before it is dead-lettered (the column
 /// default).
 pub const DEFAULT_MAX_ATTEMPTS: i32 = 8;
+
+/// The template of a reviewer notification (HITL): idempotency key
+/// `hitl_notification:<msg_id>`, no `message_id`. Its body carries
+/// single-use magic-link tokens, so it is scrubbed once the delivery is
+/// finished (see [`SCRUBBED_TEMPLATES`]).
+pub const HITL_NOTIFICATION_TEMPLATE: &str = "hitl_notification";
+
+/// Templates whose payload body [`record`] replaces by an empty one when
+/// their delivery becomes `sent` or `dead_lettered`: mail that carries
+/// secrets (magic-link tokens) which must not outlive the delivery in the
+/// database. Such a delivery cannot be re-sent ([`ResendError::Scrubbed`]).
+pub const SCRUBBED_TEMPLATES: &[&str] = &[HITL_NOTIFICATION_TEMPLATE];
 
 /// Where a recipient appears.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -417,7 +439,10 @@ fn bounded(s: &str) -> String {
 /// send gate (`sent`, or `failed` so the next attempt may take it), the
 /// message's status, and `email.sent` (on [`Outcome::Sent`]) or
 /// `email.failed` (on [`Outcome::DeadLetter`], with a `mail_dead_letters`
-/// row). Retries the transaction on a serialization failure or deadlock.
+/// row). A delivery of a template in [`SCRUBBED_TEMPLATES`] that ends
+/// `sent` or `dead_lettered` has its payload body emptied in the same
+/// statement, so no committed state has it finished with its secrets still
+/// stored. Retries the transaction on a serialization failure or deadlock.
 pub async fn record(
     store: &crate::Store,
     job: &ClaimedMail,
@@ -443,11 +468,13 @@ pub async fn record(
 /// wake-up is sent after the commit, coalesced), the delivery guarded by
 /// the lease token (`d`; nothing else happens without it), the attempt
 /// row, the send gate, the message's status and, for a dead letter, its
-/// `mail_dead_letters` row and the recipients still pending given up —
-/// one round trip. `$1` delivery, `$2` token, `$3` status, `$4` next
-/// attempt, `$5` error or reply text, `$6` owner, `$7` started, `$8`
-/// attempt outcome, `$9` SMTP code, `$10` error, `$11` reply, `$12` gate
-/// status, `$13` provider id, `$14` message id, `$15` message status.
+/// `mail_dead_letters` row and the recipients still pending given up, and
+/// (`s`) the payload body of a finished delivery of a template in
+/// [`SCRUBBED_TEMPLATES`] replaced by an empty one — one round trip. `$1`
+/// delivery, `$2` token, `$3` status, `$4` next attempt, `$5` error or
+/// reply text, `$6` owner, `$7` started, `$8` attempt outcome, `$9` SMTP
+/// code, `$10` error, `$11` reply, `$12` gate status, `$13` provider id,
+/// `$14` message id, `$15` message status, `$16` the scrubbed templates.
 const RECORD_SQL: &str = "WITH quiet AS MATERIALIZED ( \
        SELECT set_config('e2a.defer_notify', 'on', true) AS deferred), \
      d AS ( \
@@ -458,7 +485,11 @@ const RECORD_SQL: &str = "WITH quiet AS MATERIALIZED ( \
          dead_lettered_at = CASE WHEN $3 = 'dead_lettered' THEN now() ELSE dead_lettered_at END \
         FROM quiet \
        WHERE quiet.deferred = 'on' AND delivery_id = $1 AND lease_token = $2 AND status = 'sending' \
-       RETURNING delivery_id), \
+       RETURNING delivery_id, payload_id, template_id), \
+     s AS ( \
+       UPDATE mail_payloads p SET body = ''::bytea FROM d \
+        WHERE p.payload_id = d.payload_id AND d.template_id = ANY($16::text[]) \
+          AND $3 IN ('sent', 'dead_lettered')), \
      a AS ( \
        INSERT INTO mail_attempts (attempt_id, user_id, delivery_id, attempt_no, started_at, \
          finished_at, outcome, smtp_code, error, reply) \
@@ -552,6 +583,7 @@ async fn record_in(
                 &provider,
                 &message_id,
                 &message_status,
+                &SCRUBBED_TEMPLATES,
             ],
         )
         .await?
@@ -881,6 +913,15 @@ pub enum ResendError {
     /// A deliverer is working on it right now.
     #[error("the delivery is being sent right now")]
     Sending,
+    /// Its payload body was scrubbed when it finished (a template in
+    /// [`SCRUBBED_TEMPLATES`], e.g. a reviewer notification whose
+    /// magic-link tokens must not stay stored): there is nothing left to
+    /// send.
+    #[error(
+        "the delivery's body was scrubbed when it finished (it carried single-use links); \
+         it cannot be re-sent, a fresh notification must be produced instead"
+    )]
+    Scrubbed,
     /// The database failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -891,14 +932,18 @@ pub enum ResendError {
 /// cycle of attempts (`attempts = 0`); its recipients refused for good are
 /// pending again; its message is `queued` again; the dead-letter rows stay
 /// as history. Refused for a `sent` delivery (the gate would refuse to
-/// send it anyway) and one `sending` right now. One transaction; the
-/// update NOTIFYs the deliverer.
+/// send it anyway), one `sending` right now, and one whose payload body is
+/// empty (scrubbed when it finished, see [`SCRUBBED_TEMPLATES`]: sending
+/// it would submit an empty mail). One transaction; the update NOTIFYs the
+/// deliverer.
 pub async fn resend(store: &crate::Store, delivery_id: &str) -> Result<(), ResendError> {
     let mut client = store.client().await?;
     let tx = client.transaction().await.map_err(StoreError::from)?;
     let stmt = tx
         .prepare_cached(
-            "SELECT status, message_id, user_id FROM mail_deliveries WHERE delivery_id = $1 FOR UPDATE",
+            "SELECT d.status, d.message_id, d.user_id, octet_length(p.body) = 0 \
+               FROM mail_deliveries d JOIN mail_payloads p ON p.payload_id = d.payload_id \
+              WHERE d.delivery_id = $1 FOR UPDATE OF d",
         )
         .await
         .map_err(StoreError::from)?;
@@ -911,6 +956,7 @@ pub async fn resend(store: &crate::Store, delivery_id: &str) -> Result<(), Resen
     match status {
         "sent" => return Err(ResendError::AlreadySent),
         "sending" => return Err(ResendError::Sending),
+        _ if row.get::<_, bool>(3) => return Err(ResendError::Scrubbed),
         _ => {}
     }
     let message_id: Option<String> = row.get(1);

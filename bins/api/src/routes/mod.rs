@@ -11,6 +11,7 @@ pub mod hitl;
 pub mod info;
 pub mod messages;
 pub mod outbound;
+pub mod reviews;
 pub mod signing_secrets;
 pub mod webhook_deliveries;
 pub mod webhooks;
@@ -119,8 +120,17 @@ fn sending(state: AppState) -> Router<AppState> {
 /// original.) The
 /// label update and the webhook writes share those paths but are not
 /// polls, so they are routed around the limit.
+///
+/// The reviewer's views (`GET /api/v1/pending`, `GET /api/v1/messages/{id}`)
+/// are limited too, although the original did not limit them: they are
+/// polled the same way (a review screen refreshing, an agent waiting for
+/// its draft's decision), and they are the most expensive reads there are
+/// — a page of up to 100 drafts, a detail with up to 25 MiB of held body
+/// and attachments. They share the caller's one poll budget.
 fn poll_limited(state: AppState) -> Router<AppState> {
     Router::new()
+        .route("/api/v1/pending", get(reviews::pending))
+        .route("/api/v1/messages/{id}", get(reviews::get))
         .route("/v1/agents/{address}/messages", get(messages::list))
         .route("/v1/agents/{address}/messages/{id}", get(messages::get))
         .route(

@@ -611,3 +611,144 @@ async fn the_retention_sweep_deletes_finished_deliveries_only() {
         "messages follow their own TTL"
     );
 }
+
+/// The stored payload body of a delivery.
+async fn payload_body(store: &Store, delivery_id: &str) -> Vec<u8> {
+    store
+        .client()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT p.body FROM mail_payloads p JOIN mail_deliveries d ON d.payload_id = p.payload_id \
+              WHERE d.delivery_id = $1",
+            &[&delivery_id],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn finished_reviewer_notifications_lose_their_body_and_agent_mail_keeps_it() {
+    let (_db, store) = super::store().await;
+    let alice = mailbox(&store, "alice").await;
+    let body: &[u8] =
+        b"Subject: review\r\n\r\nApprove: https://e2a.example/api/v1/approve?t=single-use-token\r\n";
+    let rcpt = vec![("alice@example.com".to_owned(), RecipientKind::To)];
+    let c = store.client().await.unwrap();
+    let mut notifications = Vec::new();
+    for key in ["hitl_notification:msg_a", "hitl_notification:msg_b"] {
+        let notification = mail_outbox::Enqueue {
+            user_id: &alice.user,
+            message_id: None,
+            template_id: mail_outbox::HITL_NOTIFICATION_TEMPLATE,
+            idempotency_key: key,
+            subject: "review",
+            body,
+            mail_from: "hitl-noreply@agents.localhost",
+            dkim_domain: "",
+            recipients: &rcpt,
+            max_attempts: 2,
+        };
+        let id = mail_outbox::enqueue(&c, &notification)
+            .await
+            .unwrap()
+            .unwrap();
+        notifications.push(id.as_str().to_owned());
+    }
+    let agent_mail = send(&store, &alice, &["bob@example.net"], &[]).await;
+
+    let jobs = claim(&store).await;
+    assert_eq!(jobs.len(), 3);
+    let job_of = |id: &str| {
+        jobs.iter()
+            .find(|j| j.delivery_id.as_str() == id)
+            .unwrap()
+            .clone()
+    };
+    let (sent, retried) = (job_of(&notifications[0]), job_of(&notifications[1]));
+    let agent = jobs.iter().find(|j| j.message.is_some()).unwrap().clone();
+    let ok = Outcome::Sent {
+        code: 250,
+        reply: "ok".into(),
+    };
+
+    // Sent: the body (and its tokens) is gone in the same commit; the
+    // subject and the history stay for operators.
+    let answers = all(&sent, RecipientState::Sent, 250);
+    assert_eq!(
+        mail_outbox::record(&store, &sent, OffsetDateTime::now_utc(), &ok, &answers)
+            .await
+            .unwrap(),
+        Recorded::Done("sent")
+    );
+    assert!(payload_body(&store, &notifications[0]).await.is_empty());
+    let detail = mail_outbox::show(&c, &notifications[0]).await.unwrap();
+    assert_eq!(detail.delivery.subject, "review");
+    assert_eq!(detail.attempts.len(), 1);
+
+    // A temporary failure keeps the body: the retry needs it.
+    let retry = Outcome::Retry {
+        at: OffsetDateTime::now_utc() - time::Duration::seconds(1),
+        code: Some(450),
+        error: "450 busy".into(),
+    };
+    let answers = all(&retried, RecipientState::Pending, 450);
+    assert_eq!(
+        mail_outbox::record(
+            &store,
+            &retried,
+            OffsetDateTime::now_utc(),
+            &retry,
+            &answers
+        )
+        .await
+        .unwrap(),
+        Recorded::Done("retrying")
+    );
+    assert_eq!(payload_body(&store, &notifications[1]).await, body);
+
+    // Agent mail keeps its body when sent.
+    let answers = all(&agent, RecipientState::Sent, 250);
+    mail_outbox::record(&store, &agent, OffsetDateTime::now_utc(), &ok, &answers)
+        .await
+        .unwrap();
+    let kept = payload_body(&store, agent.delivery_id.as_str()).await;
+    assert!(String::from_utf8_lossy(&kept).contains(&agent_mail.rfc));
+
+    // The retry is claimed with its body intact, then dead-lettered: the
+    // body goes too, and the operator's re-send refuses to send nothing.
+    let again = claim(&store).await.remove(0);
+    assert_eq!(again.delivery_id.as_str(), notifications[1]);
+    assert_eq!(again.body, body);
+    let dead = Outcome::DeadLetter {
+        code: Some(550),
+        error: "550 no such user".into(),
+    };
+    let answers = all(&again, RecipientState::Failed, 550);
+    assert_eq!(
+        mail_outbox::record(&store, &again, OffsetDateTime::now_utc(), &dead, &answers)
+            .await
+            .unwrap(),
+        Recorded::Done("dead_lettered")
+    );
+    assert!(payload_body(&store, &notifications[1]).await.is_empty());
+    assert!(matches!(
+        mail_outbox::resend(&store, &notifications[1]).await,
+        Err(ResendError::Scrubbed)
+    ));
+    assert_eq!(
+        one(
+            &store,
+            "SELECT count(*) FROM mail_deliveries WHERE delivery_id = $1 AND status = 'dead_lettered'",
+            &[&notifications[1]],
+        )
+        .await,
+        1,
+        "the refused re-send changed nothing"
+    );
+    assert!(matches!(
+        mail_outbox::resend(&store, &notifications[0]).await,
+        Err(ResendError::AlreadySent)
+    ));
+}

@@ -21,6 +21,7 @@ mod mail_outbox;
 mod messages;
 mod migrate;
 mod rate_limits;
+mod reviews;
 mod sessions;
 mod signing_secrets;
 mod store;
