@@ -55,6 +55,9 @@ pub struct AppState {
     pub outbound: Arc<routes::outbound::OutboundSettings>,
     /// Bounds the send requests (bodies up to 25 MiB) in progress at once.
     pub send_slots: Arc<Semaphore>,
+    /// Reviewers' notification mail, when `E2A_PUBLIC_URL` and
+    /// `E2A_OUTBOUND_FROM_DOMAIN` are both set.
+    pub notifications: Option<Arc<routes::hitl::Notifications>>,
 }
 
 impl AppState {
@@ -75,6 +78,11 @@ impl AppState {
             limits: Arc::new(config.rate_limits()),
             outbound: Arc::new(config.outbound_settings()),
             send_slots: Arc::new(Semaphore::new(config.max_concurrent_sends as usize)),
+            notifications: routes::hitl::Notifications::new(
+                config.public_url.as_deref(),
+                &config.outbound.outbound_from_domain,
+            )
+            .map(Arc::new),
         }
     }
 }

@@ -12,8 +12,9 @@
 //! secrets past their 24 h rotation grace (signing already ignores them;
 //! this only removes dead keys), events past their 30 days that are no
 //! longer pending, subscriber deliveries past their 90 days, legacy
-//! pushes past their 72 hours, and idempotency keys claimed more than
-//! 24 hours ago (`idempotency::TTL`; completed or abandoned).
+//! pushes past their 72 hours, idempotency keys claimed more than
+//! 24 hours ago (`idempotency::TTL`; completed or abandoned), and
+//! magic-link tokens a day past their expiry (counted with the keys).
 
 use e2a_store::{
     Store, StoreError, deliveries, domains, events, idempotency, messages, rate_limits, sessions,
@@ -77,11 +78,13 @@ pub enum Job {
     /// Finished (sent or dead-lettered) mail-outbox deliveries past their
     /// retention, with their payload, recipients, attempts and send gate.
     MailDeliveries,
+    /// Magic-link tokens a day past their expiry (used or not).
+    ApprovalTokens,
 }
 
 impl Job {
     /// Every sweep, in the order a pass runs them.
-    pub const ALL: [Job; 10] = [
+    pub const ALL: [Job; 11] = [
         Job::Messages,
         Job::Sessions,
         Job::DomainClaims,
@@ -92,6 +95,7 @@ impl Job {
         Job::LegacyDeliveries,
         Job::IdempotencyKeys,
         Job::MailDeliveries,
+        Job::ApprovalTokens,
     ];
 
     /// The `kind` label of its metrics.
@@ -107,6 +111,7 @@ impl Job {
             Job::LegacyDeliveries => "legacy_deliveries",
             Job::IdempotencyKeys => "idempotency_keys",
             Job::MailDeliveries => "mail_deliveries",
+            Job::ApprovalTokens => "approval_tokens",
         }
     }
 
@@ -131,6 +136,9 @@ impl Job {
             Job::LegacyDeliveries => deliveries::delete_expired_legacy(c, batch).await,
             Job::IdempotencyKeys => idempotency::sweep(c, batch).await,
             Job::MailDeliveries => e2a_store::mail_outbox::delete_expired(c, batch).await,
+            Job::ApprovalTokens => {
+                e2a_store::approval_tokens::delete_expired(c, APPROVAL_TOKEN_KEEP, batch).await
+            }
         }
     }
 
@@ -146,10 +154,14 @@ impl Job {
             Job::Deliveries | Job::LegacyDeliveries | Job::MailDeliveries => {
                 &mut report.deliveries_deleted
             }
-            Job::IdempotencyKeys => &mut report.idempotency_keys_deleted,
+            Job::IdempotencyKeys | Job::ApprovalTokens => &mut report.idempotency_keys_deleted,
         }
     }
 }
+
+/// How long a magic-link token is kept past its expiry, so that a late
+/// click says "expired" rather than "unknown link".
+const APPROVAL_TOKEN_KEEP: time::Duration = time::Duration::days(1);
 
 /// Runs every sweep until its queue is empty ("run until the queue is
 /// empty": tests and operators get a deterministic end state).

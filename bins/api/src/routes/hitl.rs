@@ -374,3 +374,123 @@ pub(crate) async fn decide_rejection(
         Decided::NotPending { status } => Err(not_pending(&status)),
     }
 }
+
+/// Where reviewers' notification mail links to and comes from: on only
+/// when `E2A_PUBLIC_URL` and `E2A_OUTBOUND_FROM_DOMAIN` are both set.
+#[derive(Debug, Clone)]
+pub struct Notifications {
+    /// `E2A_PUBLIC_URL`, without a trailing slash.
+    pub public_url: String,
+    /// `E2A_OUTBOUND_FROM_DOMAIN`: the notification comes from
+    /// `hitl-noreply@` it (DKIM-signed when the domain has a key).
+    pub from_domain: String,
+}
+
+impl Notifications {
+    /// The settings `public_url` and `from_domain` make, or `None` when
+    /// either is unset.
+    pub fn new(public_url: Option<&str>, from_domain: &str) -> Option<Self> {
+        let public_url = public_url.map(str::trim).filter(|u| !u.is_empty())?;
+        (!from_domain.is_empty()).then(|| Notifications {
+            public_url: public_url.trim_end_matches('/').to_owned(),
+            from_domain: from_domain.to_owned(),
+        })
+    }
+}
+
+/// What the reviewer's notification says about a held message.
+pub(crate) struct HeldFacts<'a> {
+    pub message_id: &'a MessageId,
+    pub user_id: &'a UserId,
+    pub agent: &'a Agent,
+    pub message_type: &'a str,
+    pub subject: &'a str,
+    pub to: &'a [String],
+    pub cc: &'a [String],
+    pub bcc: &'a [String],
+    pub expires_at: OffsetDateTime,
+}
+
+/// In the hold's transaction `tx`: mints the message's approve and reject
+/// links (only their hashes are stored) and enqueues the notification
+/// mail to the owner through the mail outbox, keyed
+/// `hitl_notification:<msg_id>`. Nothing when notifications are off. The
+/// tokens exist only in the composed mail, which the deliverer empties
+/// once it is sent or given up.
+pub(crate) async fn enqueue_notification(
+    state: &AppState,
+    tx: &impl e2a_store::GenericClient,
+    held: &HeldFacts<'_>,
+) -> Result<(), ApiError> {
+    use e2a_mail::notification;
+    use e2a_store::{approval_tokens, mail_outbox, users};
+
+    let Some(n) = state.notifications.as_deref() else {
+        return Ok(());
+    };
+    let owner = users::get(tx, held.user_id).await?;
+    let until = approval_tokens::expiry_for(held.expires_at);
+    let approve = approval_tokens::mint(
+        tx,
+        held.user_id,
+        held.message_id,
+        approval_tokens::Action::Approve,
+        until,
+    )
+    .await?;
+    let reject = approval_tokens::mint(
+        tx,
+        held.user_id,
+        held.message_id,
+        approval_tokens::Action::Reject,
+        until,
+    )
+    .await?;
+    let approve_url = format!("{}/api/v1/approve?t={approve}", n.public_url);
+    let reject_url = format!("{}/api/v1/reject?t={reject}", n.public_url);
+    let dashboard_url = format!("{}/dashboard/pending/{}", n.public_url, held.message_id);
+    let facts = notification::ReviewFacts {
+        agent_address: &held.agent.id,
+        agent_name: &held.agent.name,
+        subject: held.subject,
+        to: held.to,
+        cc: held.cc,
+        bcc: held.bcc,
+        message_type: held.message_type,
+        approval_expires_at: held.expires_at,
+        approve_url: &approve_url,
+        reject_url: &reject_url,
+        dashboard_url: &dashboard_url,
+        owner_address: owner.email.as_str(),
+        from_domain: &n.from_domain,
+    };
+    let message = notification::review_notification(&facts, OffsetDateTime::now_utc())
+        .map_err(|e| ApiError::internal(&e))?;
+    let raw = e2a_mail::compose::compose(&message).map_err(|e| ApiError::internal(&e))?;
+    let key = format!(
+        "{}:{}",
+        mail_outbox::HITL_NOTIFICATION_TEMPLATE,
+        held.message_id
+    );
+    let recipients = [(
+        owner.email.as_str().to_owned(),
+        mail_outbox::RecipientKind::To,
+    )];
+    mail_outbox::enqueue(
+        tx,
+        &mail_outbox::Enqueue {
+            user_id: held.user_id,
+            message_id: None,
+            template_id: mail_outbox::HITL_NOTIFICATION_TEMPLATE,
+            idempotency_key: &key,
+            subject: &message.subject,
+            body: &raw,
+            mail_from: &notification::sender_address(&n.from_domain),
+            dkim_domain: &n.from_domain,
+            recipients: &recipients,
+            max_attempts: state.outbound.max_attempts,
+        },
+    )
+    .await?;
+    Ok(())
+}

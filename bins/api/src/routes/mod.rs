@@ -9,6 +9,7 @@ pub mod events;
 pub mod health;
 pub mod hitl;
 pub mod info;
+pub mod magic;
 pub mod messages;
 pub mod outbound;
 pub mod reviews;
@@ -33,6 +34,15 @@ pub fn router(state: AppState, config: &Config) -> Router {
     Router::new()
         .route("/api/health", get(health::health).head(health::health))
         .route("/v1/info", get(info::get_info))
+        // The notification mail's links: GET shows, POST acts.
+        .route(
+            "/api/v1/approve",
+            get(magic::approve_page).post(magic::approve),
+        )
+        .route(
+            "/api/v1/reject",
+            get(magic::reject_page).post(magic::reject),
+        )
         .route("/v1/account", get(account::get_account))
         .route("/v1/domains", get(domains::list).post(domains::create))
         .route(

@@ -652,6 +652,21 @@ async fn accept(
         }
     };
     let accepted = outbound::accept(&tx, &mail).await?;
+    if accepted.status == "pending_approval" {
+        let draft = &prepared.draft;
+        let held = crate::routes::hitl::HeldFacts {
+            message_id: &message_id,
+            user_id: &caller.user_id,
+            agent,
+            message_type: draft.message_type.as_str(),
+            subject: &draft.subject,
+            to: &draft.to,
+            cc: &draft.cc,
+            bcc: &draft.bcc,
+            expires_at: hold_expires,
+        };
+        crate::routes::hitl::enqueue_notification(state, &tx, &held).await?;
+    }
     let (status, body) = if accepted.status == "pending_approval" {
         (
             StatusCode::ACCEPTED,

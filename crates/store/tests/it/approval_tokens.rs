@@ -43,6 +43,7 @@ async fn held(store: &Store, from: &Mailbox) -> MessageId {
             body_text: "hi",
             body_html: None,
             attachments_json: None,
+            thread_refs: &[],
         }),
     };
     let accepted = store
