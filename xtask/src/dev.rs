@@ -57,6 +57,9 @@ const DEV_ENV: &[(&str, &str)] = &[
     ("E2A_SHARED_DOMAIN", "agents.localhost"),
     ("E2A_SMTP_DOMAIN", "agents.localhost"),
     ("E2A_PUBLIC_URL", "http://localhost:8080"),
+    // With the public URL, turns on reviewers' notification mail (its
+    // magic links land in the dev mail catcher like any other mail).
+    ("E2A_OUTBOUND_FROM_DOMAIN", "agents.localhost"),
     ("E2A_MIGRATION_MODE", "verify"),
     // No outside DNS on a dev machine: skip SPF/DKIM/DMARC lookups instead
     // of waiting for them to time out on every message.
