@@ -96,18 +96,12 @@ async fn expiry_loop(store: &Store, config: &Config, shutdown: &CancellationToke
     let settings = config.outbound_settings();
     let defaults = config.limits.limits();
     let interval = config.hitl_expiry_interval();
-    let mut ticks = tokio::time::interval(interval);
-    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            biased;
-            () = shutdown.cancelled() => break,
-            _ = ticks.tick() => {}
-        }
+    let (settings, defaults) = (&settings, &defaults);
+    every(interval, shutdown, || async move {
         match expiry::expire_once(
             store,
-            &settings,
-            &defaults,
+            settings,
+            defaults,
             config.hitl_expiry_batch,
             shutdown,
         )
@@ -128,7 +122,8 @@ async fn expiry_loop(store: &Store, config: &Config, shutdown: &CancellationToke
                 tracing::warn!(error = %chain, retry_in_secs = interval.as_secs(), "hold expiry failed; retrying at the next interval");
             }
         }
-    }
+    })
+    .await;
 }
 
 /// Runs the sweeps of `schedule` now and every `interval` until cancelled,
@@ -140,14 +135,7 @@ async fn sweep_loop(
     batch: i64,
     shutdown: &CancellationToken,
 ) {
-    let mut ticks = tokio::time::interval(interval);
-    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            biased;
-            () = shutdown.cancelled() => break,
-            _ = ticks.tick() => {}
-        }
+    every(interval, shutdown, || async {
         let started = tokio::time::Instant::now();
         match sweep::sweep_scheduled(store, batch, shutdown, schedule).await {
             Ok(report) => {
@@ -172,5 +160,25 @@ async fn sweep_loop(
                 tracing::warn!(error = %chain, retry_in_secs = interval.as_secs(), "sweep failed; retrying at the next interval");
             }
         }
+    })
+    .await;
+}
+
+/// Runs `pass` now and then every `interval` (a late pass delays the next
+/// one rather than bunching them) until `shutdown` is cancelled.
+async fn every<F, Fut>(interval: Duration, shutdown: &CancellationToken, mut pass: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            _ = ticks.tick() => {}
+        }
+        pass().await;
     }
 }

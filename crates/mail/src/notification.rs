@@ -194,22 +194,7 @@ pub fn one_line(value: &str) -> String {
     out
 }
 
-/// `value` with `&`, `<`, `>`, `"` and `'` written as character
-/// references: safe in HTML text and in a quoted attribute value.
-pub fn escape_html(value: &str) -> String {
-    let mut out = String::with_capacity(value.len() + value.len() / 8);
-    for c in value.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
+pub use crate::draft::escape_html;
 
 /// An absolute http(s) URL that can stand between quotes or on a line of
 /// its own: no whitespace, control characters, quotes or angle brackets.

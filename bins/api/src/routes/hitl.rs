@@ -31,7 +31,7 @@ use e2a_store::{
     StoreError,
     agents::Agent,
     hitl::{self, Approval, Decided, Held, Rejection, Via},
-    idempotency::{self, Claim},
+    idempotency,
     ids::{MessageId, UserId},
     outbound, rate_limits,
 };
@@ -45,8 +45,8 @@ use crate::{
     error::ApiError,
     extract::ApiPath,
     routes::outbound::{
-        AttachmentIn, answer, attachments, check_text, header_safe, idempotency_key,
-        idempotent_answer, invalid, load_agent, parse_body, prepare_error, recipients,
+        AttachmentIn, answer, attachments, check_text, claim_key, header_safe, idempotency_key,
+        idempotent_answer, invalid, load_agent, parse_optional_body, prepare_error, recipients,
     },
 };
 
@@ -173,11 +173,7 @@ pub async fn approve(
 ) -> Result<Response, ApiError> {
     let agent = load_agent(&state, &caller, &address).await?;
     let id = MessageId::parse(&id).ok_or_else(message_not_found)?;
-    let edits: ApproveRequest = if body.iter().all(u8::is_ascii_whitespace) {
-        ApproveRequest::default()
-    } else {
-        parse_body(&headers, &body)?
-    };
+    let edits: ApproveRequest = parse_optional_body(&headers, &body)?;
     let key = idempotency_key(&headers)?;
     let route = format!("/v1/approve/{id}");
     let request_hash = idempotency::request_hash(&route, &body);
@@ -211,17 +207,9 @@ pub async fn approve(
 
     let mut client = state.store.client().await?;
     let tx = client.transaction().await.map_err(StoreError::from)?;
-    let ticket = match &key {
-        None => None,
-        Some(key) => {
-            match idempotency::claim(&tx, &caller.user_id, key, &route, &request_hash).await? {
-                Claim::Acquired(ticket) => Some(ticket),
-                decided => {
-                    drop(tx);
-                    return idempotent_answer(decided);
-                }
-            }
-        }
+    let ticket = match claim_key(&tx, &caller.user_id, key.as_ref(), &route, &request_hash).await {
+        Ok(ticket) => ticket,
+        Err(answer) => return answer,
     };
     let (status, body) = decide_approval(
         &state,
@@ -301,11 +289,7 @@ pub async fn reject(
 ) -> Result<Response, ApiError> {
     let agent = load_agent(&state, &caller, &address).await?;
     let id = MessageId::parse(&id).ok_or_else(message_not_found)?;
-    let req: RejectRequest = if body.iter().all(u8::is_ascii_whitespace) {
-        RejectRequest::default()
-    } else {
-        parse_body(&headers, &body)?
-    };
+    let req: RejectRequest = parse_optional_body(&headers, &body)?;
     let reason = checked_reason(req.reason.as_deref())?;
     pending(&state, &caller.user_id, Some(&agent.id), &id).await?;
     let mut client = state.store.client().await?;

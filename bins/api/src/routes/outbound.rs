@@ -639,17 +639,9 @@ async fn accept(
     }
 
     let tx = client.transaction().await.map_err(StoreError::from)?;
-    let ticket = match &key {
-        None => None,
-        Some(key) => {
-            match idempotency::claim(&tx, &caller.user_id, key, &route, &request_hash).await? {
-                Claim::Acquired(ticket) => Some(ticket),
-                decided => {
-                    drop(tx);
-                    return idempotent_answer(decided);
-                }
-            }
-        }
+    let ticket = match claim_key(&tx, &caller.user_id, key.as_ref(), &route, &request_hash).await {
+        Ok(ticket) => ticket,
+        Err(answer) => return answer,
     };
     let accepted = outbound::accept(&tx, &mail).await?;
     if accepted.status == "pending_approval" {
@@ -715,6 +707,39 @@ pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<Option<Key>, ApiErr
     Key::client(v)
         .map(Some)
         .map_err(|e| ApiError::bad_request("invalid_request", e.to_string()))
+}
+
+/// In the request's transaction `tx`: claims `key` (if any) for this
+/// request. `Err` holds the answer when the key is not this request's to
+/// run — the stored answer, 409 or 422 ([`idempotent_answer`]) — or a
+/// database error.
+pub(crate) async fn claim_key(
+    tx: &impl e2a_store::GenericClient,
+    user_id: &e2a_store::ids::UserId,
+    key: Option<&Key>,
+    route: &str,
+    request_hash: &str,
+) -> Result<Option<idempotency::Ticket>, Result<Response, ApiError>> {
+    let Some(key) = key else {
+        return Ok(None);
+    };
+    match idempotency::claim(tx, user_id, key, route, request_hash).await {
+        Ok(Claim::Acquired(ticket)) => Ok(Some(ticket)),
+        Ok(decided) => Err(idempotent_answer(decided)),
+        Err(e) => Err(Err(e.into())),
+    }
+}
+
+/// A JSON body that may also be empty (then `T::default()`).
+pub(crate) fn parse_optional_body<T: serde::de::DeserializeOwned + Default>(
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        Ok(T::default())
+    } else {
+        parse_body(headers, body)
+    }
 }
 
 /// The answer of an idempotency key that is not this request's to run:
