@@ -426,6 +426,8 @@ async fn reviewer_edits_are_validated_like_a_new_send_before_anything_is_stored(
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "payload_too_large", "{body}");
     assert_eq!(h.status(&id).await, "pending_approval");
     assert_eq!(h.deliveries(&id).await, 0);
     assert_eq!(h.events(&id, "email.approved").await, 0);
