@@ -352,7 +352,8 @@ async fn an_approve_replayed_with_its_key_answers_the_same_and_sends_once() {
 async fn a_hold_past_its_time_can_no_longer_be_decided_by_a_human() {
     let h = Harness::new(1).await;
     let id = h.hold("bob@example.net").await;
-    tokio::time::sleep(Duration::from_millis(1300)).await;
+    // A 1 s hold ends within 2 s (its expiry is rounded up to a second).
+    tokio::time::sleep(Duration::from_millis(2100)).await;
     for action in ["approve", "reject"] {
         let (s, body) = h.decide(&id, action, None).await;
         assert_error(s, &body, StatusCode::CONFLICT, "message_not_pending");

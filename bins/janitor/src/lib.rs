@@ -60,7 +60,8 @@ pub async fn run(
         interval_secs = config.janitor_interval_secs,
         fast_interval_secs = config.janitor_fast_interval_secs,
         batch = config.janitor_batch,
-        "janitor started (sweeps: expired messages, sessions, domain claims, idle rate-limit keys, webhook previous secrets, events, deliveries, idempotency keys, finished mail deliveries)"
+        hitl_expiry_interval_secs = config.hitl_expiry_interval_secs,
+        "janitor started (sweeps: expired messages, sessions, domain claims, idle rate-limit keys, webhook previous secrets, events, deliveries, idempotency keys, finished mail deliveries, magic-link tokens; expiry of held mail every E2A_HITL_EXPIRY_INTERVAL_SECS)"
     );
     let ops = e2a_runtime::ops::OpsServer::spawn(
         listeners.ops,

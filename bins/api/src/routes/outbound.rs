@@ -590,8 +590,11 @@ async fn accept(
     .await
     .map_err(prepare_error)?;
     let message_id = MessageId::new();
+    // Rounded up to a whole second, so the stored expiry is exactly the
+    // one answered (RFC 3339 in seconds) and never earlier than the TTL.
     let hold_expires = OffsetDateTime::now_utc()
-        + time::Duration::seconds(i64::from(agent.hitl_ttl_seconds.clamp(1, 604_800)));
+        + time::Duration::seconds(i64::from(agent.hitl_ttl_seconds.clamp(1, 604_800)) + 1);
+    let hold_expires = hold_expires.replace_nanosecond(0).unwrap_or(hold_expires);
     let mail = prepared.mail(
         &message_id,
         &caller.user_id,
