@@ -21,7 +21,7 @@
 
 use std::{
     collections::HashMap,
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -39,7 +39,7 @@ use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use crate::queue::Queue;
+use crate::{queue::Queue, recorder::Recorder};
 
 /// Base waits after the 1st, 2nd, … failed attempt; past the end the last
 /// entry repeats. With the default 8 attempts a message is tried for about
@@ -78,17 +78,20 @@ pub struct MailQueue {
     smtp: Option<SmtpConfig>,
     lease: Duration,
     keys: Mutex<HashMap<String, CachedKey>>,
+    recorder: Recorder,
 }
 
 /// A domain's key as loaded at an instant (`None`: it has none).
-type CachedKey = (Instant, Option<std::sync::Arc<DkimKey>>);
+type CachedKey = (Instant, Option<Arc<DkimKey>>);
 
 impl MailQueue {
     /// A queue submitting to `smtp` (`None`: mail waits until an SMTP
     /// server is configured), leasing for `lease` (also the send gate's
-    /// stale window).
+    /// stale window). Starts its [`Recorder`] (call inside a Tokio
+    /// runtime).
     pub fn new(store: Store, smtp: Option<SmtpConfig>, lease: Duration) -> Self {
         Self {
+            recorder: Recorder::spawn(store.clone()),
             store,
             smtp,
             lease,
@@ -98,7 +101,7 @@ impl MailQueue {
 
     /// The DKIM key of `domain` (cached for [`KEY_TTL`]); `None` when the
     /// domain has none (the mail goes out unsigned).
-    async fn key(&self, domain: &str) -> Option<std::sync::Arc<DkimKey>> {
+    async fn key(&self, domain: &str) -> Option<Arc<DkimKey>> {
         if domain.is_empty() {
             return None;
         }
@@ -118,7 +121,7 @@ impl MailQueue {
         .await;
         let key = match loaded {
             Ok(Some((selector, der))) => match DkimKey::new(domain, &selector, &der) {
-                Ok(k) => Some(std::sync::Arc::new(k)),
+                Ok(k) => Some(Arc::new(k)),
                 Err(e) => {
                     tracing::warn!(domain, error = %e, "the domain's DKIM key is unusable; sending unsigned");
                     None
@@ -154,16 +157,22 @@ impl MailQueue {
         }
     }
 
-    /// Stores the attempt's outcome, retrying a failed database call.
+    /// Stores the attempt's outcome (through the [`Recorder`], sharing a
+    /// commit with other workers' outcomes), retrying a failed database
+    /// call.
     async fn record(
         &self,
-        job: &ClaimedMail,
+        job: &Arc<ClaimedMail>,
         started: OffsetDateTime,
-        outcome: &Outcome,
-        answers: &[RecipientAnswer],
+        outcome: Outcome,
+        answers: Vec<RecipientAnswer>,
     ) {
         for try_no in 1..=RECORD_TRIES {
-            match mail_outbox::record(&self.store, job, started, outcome, answers).await {
+            let recorded = self
+                .recorder
+                .record(job.clone(), started, outcome.clone(), answers.clone())
+                .await;
+            match recorded {
                 Ok(Recorded::Done(status)) => {
                     metrics::counter!("e2a_mail_attempts_total", "outcome" => status).increment(1);
                     tracing::info!(status, "mail attempt recorded");
@@ -328,12 +337,13 @@ impl Queue for MailQueue {
         );
         async {
             let started = OffsetDateTime::now_utc();
+            let job = Arc::new(job);
             if job.gate == Gate::AlreadySent {
                 let outcome = Outcome::Sent {
                     code: 250,
                     reply: "already submitted (send gate)".into(),
                 };
-                self.record(&job, started, &outcome, &[]).await;
+                self.record(&job, started, outcome, Vec::new()).await;
                 return;
             }
             let Some(smtp) = &self.smtp else {
@@ -348,7 +358,7 @@ impl Queue for MailQueue {
             let submission = submit::submit(smtp, &envelope, &message).await;
             metrics::histogram!("e2a_mail_submit_seconds").record(clock.elapsed().as_secs_f64());
             let (outcome, answers) = decide(&job, &submission);
-            self.record(&job, started, &outcome, &answers).await;
+            self.record(&job, started, outcome, answers).await;
         }
         .instrument(span)
         .await;

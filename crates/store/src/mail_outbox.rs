@@ -464,6 +464,50 @@ pub async fn record(
     Ok(recorded)
 }
 
+/// One outcome for [`record_batch`].
+#[derive(Debug, Clone, Copy)]
+pub struct RecordItem<'a> {
+    /// The claimed delivery.
+    pub job: &'a ClaimedMail,
+    /// When the attempt started.
+    pub started_at: OffsetDateTime,
+    /// What happened.
+    pub outcome: &'a Outcome,
+    /// Each recipient's answer.
+    pub recipients: &'a [RecipientAnswer],
+}
+
+/// [`record`] for several attempts in **one** transaction (their
+/// statements pipelined on one connection, one commit for all): what a
+/// deliverer with many workers finishing at once spends one durable commit
+/// on instead of one each. Each item is guarded by its own lease token
+/// exactly as in [`record`] (a lost lease is [`Recorded::LeaseLost`] for
+/// that item and writes nothing for it). All or nothing: an error rolls
+/// every item back (serialization failures and deadlocks are retried
+/// whole); the caller may then record the items one by one to isolate a
+/// failing one. Results are in the items' order.
+pub async fn record_batch(store: &crate::Store, items: &[RecordItem<'_>]) -> Result<Vec<Recorded>> {
+    let recorded = store
+        .transaction(items, |tx, items| {
+            Box::pin(async move {
+                futures::future::try_join_all(
+                    items
+                        .iter()
+                        .map(|i| record_in(tx, i.job, i.started_at, i.outcome, i.recipients)),
+                )
+                .await
+            })
+        })
+        .await?;
+    let woke = items.iter().zip(&recorded).any(|(i, r)| {
+        matches!(r, Recorded::Done("sent" | "dead_lettered")) && i.job.message.is_some()
+    });
+    if woke {
+        crate::events::wake_deliverer(store);
+    }
+    Ok(recorded)
+}
+
 /// The main statement of [`record_in`]: V24's `defer_notify` (the event's
 /// wake-up is sent after the commit, coalesced), the delivery guarded by
 /// the lease token (`d`; nothing else happens without it), the attempt

@@ -752,3 +752,73 @@ async fn finished_reviewer_notifications_lose_their_body_and_agent_mail_keeps_it
         Err(ResendError::AlreadySent)
     ));
 }
+
+/// Outcomes recorded together share one commit, yet each is guarded by
+/// its own lease: a lost lease writes nothing for its delivery and does
+/// not stop the others.
+#[tokio::test]
+async fn a_batch_records_each_outcome_under_its_own_lease() {
+    let (_db, store) = super::store().await;
+    let alice = mailbox(&store, "alice").await;
+    let kept = send(&store, &alice, &["x@example.net"], &[]).await;
+    let lost = send(&store, &alice, &["y@example.net"], &[]).await;
+    let mut jobs = claim(&store).await;
+    assert_eq!(jobs.len(), 2);
+    let lost_at = jobs
+        .iter()
+        .position(|j| {
+            j.message.as_ref().map(|m| m.message_id.as_str()) == Some(lost.message_id.as_str())
+        })
+        .unwrap();
+    jobs[lost_at].lease_token = "taken-over-by-another-worker".into();
+    let sent = Outcome::Sent {
+        code: 250,
+        reply: "2.0.0 ok".into(),
+    };
+    let answers: Vec<Vec<RecipientAnswer>> = jobs
+        .iter()
+        .map(|j| all(j, RecipientState::Sent, 250))
+        .collect();
+    let now = OffsetDateTime::now_utc();
+    let items: Vec<mail_outbox::RecordItem<'_>> = jobs
+        .iter()
+        .zip(&answers)
+        .map(|(job, recipients)| mail_outbox::RecordItem {
+            job,
+            started_at: now,
+            outcome: &sent,
+            recipients,
+        })
+        .collect();
+    let recorded = mail_outbox::record_batch(&store, &items).await.unwrap();
+    for (i, r) in recorded.iter().enumerate() {
+        let want = if i == lost_at {
+            Recorded::LeaseLost
+        } else {
+            Recorded::Done("sent")
+        };
+        assert_eq!(*r, want);
+    }
+    assert_eq!(message_status(&store, &kept.message_id).await, "sent");
+    assert_eq!(message_status(&store, &lost.message_id).await, "sending");
+    assert_eq!(
+        one(
+            &store,
+            "SELECT count(*) FROM webhook_events WHERE type = 'email.sent' AND message_id = $1",
+            &[&kept.message_id.as_str()],
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        one(
+            &store,
+            "SELECT count(*) FROM mail_attempts a JOIN mail_deliveries d USING (delivery_id) \
+              WHERE d.message_id = $1",
+            &[&lost.message_id.as_str()],
+        )
+        .await,
+        0,
+        "nothing written under a lost lease"
+    );
+}
