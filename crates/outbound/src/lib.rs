@@ -274,7 +274,14 @@ pub async fn prepare(
             }
         }
     }
-    let sha = cpu::run_for(raw.len(), || inbound::body_sha256(&raw)).await;
+    // Only loopback copies need the body's hash (their dedupe key and
+    // signed headers): most messages have none, and the hash of a large
+    // one is not free.
+    let sha = if local.is_empty() {
+        String::new()
+    } else {
+        cpu::run_for(raw.len(), || inbound::body_sha256(&raw)).await
+    };
     let copies = loopback_copies(store, &local, &draft.from.address, &sha).await?;
     let thread_refs = draft
         .in_reply_to
