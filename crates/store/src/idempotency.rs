@@ -283,17 +283,7 @@ pub async fn claim(
         let Some(row) = c.query_opt(&read, &[user_id, &key.stored]).await? else {
             continue;
         };
-        let status: &str = row.get(0);
-        let hash: &str = row.get(1);
-        return Ok(match status {
-            "completed" if hash != request_hash => Claim::Reuse,
-            "completed" => Claim::Replay(Response {
-                status: u16::try_from(row.get::<_, i32>(2)).unwrap_or(200),
-                content_type: row.get(3),
-                body: row.get(4),
-            }),
-            _ => Claim::InFlight,
-        });
+        return Ok(held_elsewhere(&row, request_hash));
     }
     // The key kept appearing and disappearing under us: some claim of it
     // is active right now.
@@ -334,19 +324,29 @@ pub async fn peek(
     else {
         return Ok(None);
     };
-    let status: &str = row.get(0);
+    let completed = row.get::<_, &str>(0) == "completed";
     let (stale, expired): (bool, bool) = (row.get(5), row.get(6));
-    Ok(match status {
-        "completed" if expired => None,
-        "completed" if row.get::<_, &str>(1) != request_hash => Some(Claim::Reuse),
-        "completed" => Some(Claim::Replay(Response {
+    Ok(match (completed, stale, expired) {
+        // A claim would take these over.
+        (true, _, true) | (false, true, _) => None,
+        _ => Some(held_elsewhere(&row, request_hash)),
+    })
+}
+
+/// What a key's row (columns: status, request hash, response status,
+/// content type, body) means for a request with `request_hash` that cannot
+/// take it over: [`Claim::Reuse`] or [`Claim::Replay`] for a completed
+/// key, else [`Claim::InFlight`].
+fn held_elsewhere(row: &tokio_postgres::Row, request_hash: &str) -> Claim {
+    match row.get::<_, &str>(0) {
+        "completed" if row.get::<_, &str>(1) != request_hash => Claim::Reuse,
+        "completed" => Claim::Replay(Response {
             status: u16::try_from(row.get::<_, i32>(2)).unwrap_or(200),
             content_type: row.get(3),
             body: row.get(4),
-        })),
-        _ if stale => None,
-        _ => Some(Claim::InFlight),
-    })
+        }),
+        _ => Claim::InFlight,
+    }
 }
 
 /// Stores the answer of the request `ticket` was acquired for (`status`
