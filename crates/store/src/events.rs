@@ -97,6 +97,53 @@ pub async fn append(c: &impl GenericClient, event: &NewEvent<'_>) -> Result<bool
     Ok(n == 1)
 }
 
+/// An event about one message of one agent (`email.sent`,
+/// `email.pending_approval`, `email.approved`, …).
+#[derive(Debug, Clone, Copy)]
+pub struct MessageEvent<'a> {
+    /// The owner.
+    pub user_id: &'a UserId,
+    /// The message (`msg_…`).
+    pub message_id: &'a str,
+    /// Its agent.
+    pub agent_id: &'a str,
+    /// Its conversation (empty: none).
+    pub conversation_id: &'a str,
+    /// One of [`CATALOG`].
+    pub event_type: &'static str,
+}
+
+impl MessageEvent<'_> {
+    /// Appends it with `data`, its envelope dated `created_at`: the id is
+    /// [`deterministic_id`] of (message, type), so appending it twice is a
+    /// no-op (returns `false`); routed by agent, conversation (when not
+    /// empty) and message. Run it in the transaction of the change it
+    /// announces.
+    pub async fn append(
+        &self,
+        c: &impl GenericClient,
+        created_at: OffsetDateTime,
+        data: Value,
+    ) -> Result<bool> {
+        let id = deterministic_id(&[self.message_id, self.event_type]);
+        let envelope = envelope(self.event_type, &id, created_at, data);
+        append(
+            c,
+            &NewEvent {
+                id: &id,
+                user_id: self.user_id,
+                event_type: self.event_type,
+                envelope: &envelope,
+                agent_id: Some(self.agent_id),
+                conversation_id: Some(self.conversation_id).filter(|c| !c.is_empty()),
+                message_id: Some(self.message_id),
+                labels: &[],
+            },
+        )
+        .await
+    }
+}
+
 /// How long a deferred wake-up may wait for more commits to share it.
 pub const WAKE_WINDOW: std::time::Duration = std::time::Duration::from_millis(5);
 

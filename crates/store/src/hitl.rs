@@ -294,21 +294,14 @@ pub async fn approve(c: &impl GenericClient, approval: &Approval<'_>) -> Result<
     };
     let edited: bool = row.get(0);
     let accepted = outbound::dispatch(c, mail, method).await?;
-    let data = mail.facts(method).data(json!({
+    let decision = json!({
         "edited": edited,
         "reviewed_by_user_id": approval.reviewer,
         "decided_via": approval.via.as_str(),
-    }));
-    append(
-        c,
-        mail.user_id,
-        mail.message_id,
-        mail.agent_id,
-        mail.conversation_id,
-        EMAIL_APPROVED,
-        data,
-    )
-    .await?;
+    });
+    mail.facts(method)
+        .append(c, mail.user_id, EMAIL_APPROVED, decision)
+        .await?;
     Ok(Decided::Done(Approved {
         status,
         edited,
@@ -396,49 +389,19 @@ pub async fn reject(c: &impl GenericClient, r: &Rejection<'_>) -> Result<Decided
         "from": agent_id,
         "conversation_id": conversation_id,
     });
-    append(
-        c,
-        r.user_id,
-        r.message_id,
-        &agent_id,
-        &conversation_id,
-        EMAIL_REJECTED,
-        data,
-    )
+    events::MessageEvent {
+        user_id: r.user_id,
+        message_id: r.message_id.as_str(),
+        agent_id: &agent_id,
+        conversation_id: &conversation_id,
+        event_type: EMAIL_REJECTED,
+    }
+    .append(c, OffsetDateTime::now_utc(), data)
     .await?;
     Ok(Decided::Done(Rejected {
         status,
         reason: reason.map(str::to_owned),
     }))
-}
-
-/// Appends a decision's event (deterministic id: message, type — a message
-/// is decided once, so it is never a duplicate).
-async fn append(
-    c: &impl GenericClient,
-    user_id: &UserId,
-    message_id: &MessageId,
-    agent_id: &str,
-    conversation_id: &str,
-    event_type: &'static str,
-    data: Value,
-) -> Result<bool> {
-    let id = events::deterministic_id(&[message_id.as_str(), event_type]);
-    let envelope = events::envelope(event_type, &id, OffsetDateTime::now_utc(), data);
-    events::append(
-        c,
-        &events::NewEvent {
-            id: &id,
-            user_id,
-            event_type,
-            envelope: &envelope,
-            agent_id: Some(agent_id),
-            conversation_id: Some(conversation_id).filter(|c| !c.is_empty()),
-            message_id: Some(message_id.as_str()),
-            labels: &[],
-        },
-    )
-    .await
 }
 
 /// An expired hold the janitor decides, with what its agent says.

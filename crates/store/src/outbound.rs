@@ -243,7 +243,7 @@ impl MessageFacts<'_> {
         data
     }
 
-    /// Appends `event_type` (`email.sent` or `email.failed`) for this
+    /// Appends `event_type` (`email.sent`, `email.failed`, `email.approved`) for this
     /// message, with a deterministic id (message id, type): appending it
     /// twice is a no-op.
     pub async fn append(
@@ -253,22 +253,14 @@ impl MessageFacts<'_> {
         event_type: &'static str,
         extra: Value,
     ) -> Result<bool> {
-        let id = events::deterministic_id(&[self.message_id, event_type]);
-        let envelope =
-            events::envelope(event_type, &id, OffsetDateTime::now_utc(), self.data(extra));
-        events::append(
-            c,
-            &events::NewEvent {
-                id: &id,
-                user_id,
-                event_type,
-                envelope: &envelope,
-                agent_id: Some(self.agent_id),
-                conversation_id: Some(self.conversation_id).filter(|c| !c.is_empty()),
-                message_id: Some(self.message_id),
-                labels: &[],
-            },
-        )
+        events::MessageEvent {
+            user_id,
+            message_id: self.message_id,
+            agent_id: self.agent_id,
+            conversation_id: self.conversation_id,
+            event_type,
+        }
+        .append(c, OffsetDateTime::now_utc(), self.data(extra))
         .await
     }
 }
@@ -427,8 +419,6 @@ async fn accept_held(
     hold: &Hold<'_>,
 ) -> Result<Accepted> {
     let now = insert_message(c, mail, "pending_approval", None, Some(hold)).await?;
-    let event_type = "email.pending_approval";
-    let id = events::deterministic_id(&[mail.message_id.as_str(), event_type]);
     let data = json!({
         "message_id": mail.message_id,
         "from": mail.agent_id,
@@ -443,20 +433,14 @@ async fn accept_held(
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default(),
     });
-    let envelope = events::envelope(event_type, &id, now, data);
-    events::append(
-        c,
-        &events::NewEvent {
-            id: &id,
-            user_id: mail.user_id,
-            event_type,
-            envelope: &envelope,
-            agent_id: Some(mail.agent_id),
-            conversation_id: Some(mail.conversation_id),
-            message_id: Some(mail.message_id.as_str()),
-            labels: &[],
-        },
-    )
+    events::MessageEvent {
+        user_id: mail.user_id,
+        message_id: mail.message_id.as_str(),
+        agent_id: mail.agent_id,
+        conversation_id: mail.conversation_id,
+        event_type: "email.pending_approval",
+    }
+    .append(c, now, data)
     .await?;
     Ok(Accepted {
         status: "pending_approval",
