@@ -130,6 +130,25 @@ pub struct Held {
     pub edited: bool,
 }
 
+impl Held {
+    /// Why a reviewer may not decide it now: its status when it is not
+    /// pending, `expired` when the hold's time has passed (the janitor
+    /// decides it); `None` when a reviewer may. The decision's guarded
+    /// UPDATE checks the same and stays the authority.
+    pub fn undecidable(&self) -> Option<&str> {
+        if self.status != "pending_approval" {
+            Some(&self.status)
+        } else if self
+            .approval_expires_at
+            .is_some_and(|at| at <= OffsetDateTime::now_utc())
+        {
+            Some("expired")
+        } else {
+            None
+        }
+    }
+}
+
 /// The columns of a [`Held`], of `messages m`.
 const HELD_COLUMNS: &str = "m.id, m.user_id, m.agent_id, m.status, COALESCE(m.message_type, 'send'), \
      m.subject, COALESCE(m.to_recipients, '{}'), COALESCE(m.cc, '{}'), COALESCE(m.bcc, '{}'), \

@@ -45,8 +45,9 @@ use crate::{
     error::ApiError,
     extract::ApiPath,
     routes::outbound::{
-        AttachmentIn, answer, attachments, check_text, claim_key, header_safe, idempotency_key,
-        idempotent_answer, invalid, load_agent, parse_optional_body, prepare_error, recipients,
+        AttachmentIn, answer, attachments, can_send_from, check_text, claim_key, header_safe,
+        idempotency_key, idempotent_answer, invalid, load_agent, parse_optional_body,
+        prepare_error, recipients,
     },
 };
 
@@ -101,14 +102,8 @@ pub(crate) async fn pending(
         Err(StoreError::NotFound) => return Err(message_not_found()),
         Err(e) => return Err(e.into()),
     };
-    if held.status != "pending_approval" {
-        return Err(not_pending(&held.status));
-    }
-    if held
-        .approval_expires_at
-        .is_some_and(|at| at <= OffsetDateTime::now_utc())
-    {
-        return Err(not_pending("expired"));
+    if let Some(status) = held.undecidable() {
+        return Err(not_pending(status));
     }
     Ok(held)
 }
@@ -194,13 +189,7 @@ pub async fn approve(
         return Err(ApiError::rate_limited(&decision));
     }
     let held = pending(&state, &caller.user_id, Some(&agent.id), &id).await?;
-    if !agent.domain_verified {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "domain_not_verified",
-            "the agent's domain is not verified; verify it before sending",
-        ));
-    }
+    can_send_from(&agent)?;
     let mut draft =
         e2a_outbound::draft_from_held(&held, &agent, &state.outbound).map_err(prepare_error)?;
     let edited = apply_edits(&state, &agent, &mut draft, edits)?;
@@ -211,17 +200,8 @@ pub async fn approve(
         Ok(ticket) => ticket,
         Err(answer) => return answer,
     };
-    let (status, body) = decide_approval(
-        &state,
-        &tx,
-        &agent,
-        &held,
-        draft,
-        edited,
-        &caller.user_id,
-        Via::Api,
-    )
-    .await?;
+    let (status, body) =
+        decide_approval(&state, &tx, &agent, &held, draft, edited, Via::Api).await?;
     if let Some(ticket) = &ticket {
         let bytes = serde_json::to_vec(&body).unwrap_or_default();
         idempotency::complete(&tx, ticket, status.as_u16(), &bytes).await?;
@@ -233,9 +213,9 @@ pub async fn approve(
 }
 
 /// Prepares `draft` (the held message, maybe edited) and approves it in
-/// `tx` as `reviewer`: the answer's status and body, or 409 when the
-/// message was decided meanwhile. Shared by the API and the magic link.
-#[allow(clippy::too_many_arguments)]
+/// `tx`, its owner recorded as the reviewer: the answer's status and body,
+/// or 409 when the message was decided meanwhile. Shared by the API and
+/// the magic link.
 pub(crate) async fn decide_approval(
     state: &AppState,
     tx: &impl e2a_store::GenericClient,
@@ -243,7 +223,6 @@ pub(crate) async fn decide_approval(
     held: &Held,
     draft: Draft,
     edited: bool,
-    reviewer: &UserId,
     via: Via,
 ) -> Result<(StatusCode, Value), ApiError> {
     let prepared = e2a_outbound::prepare(
@@ -260,7 +239,7 @@ pub(crate) async fn decide_approval(
     let mail = prepared.mail(&held.id, &held.user_id, &agent.id, None);
     let approval = Approval {
         mail: &mail,
-        reviewer: Some(reviewer),
+        reviewer: Some(&held.user_id),
         via,
         edited,
     };
@@ -294,15 +273,7 @@ pub async fn reject(
     pending(&state, &caller.user_id, Some(&agent.id), &id).await?;
     let mut client = state.store.client().await?;
     let tx = client.transaction().await.map_err(StoreError::from)?;
-    let body = decide_rejection(
-        &tx,
-        &caller.user_id,
-        &id,
-        &caller.user_id,
-        &reason,
-        Via::Api,
-    )
-    .await?;
+    let body = decide_rejection(&tx, &caller.user_id, &id, &reason, Via::Api).await?;
     tx.commit().await.map_err(StoreError::from)?;
     e2a_store::events::wake_deliverer(&state.store);
     tracing::info!(message.id = %id, agent = %agent.id, "held message rejected");
@@ -332,20 +303,20 @@ pub(crate) fn checked_reason(reason: Option<&str>) -> Result<String, ApiError> {
     Ok(reason.to_owned())
 }
 
-/// Rejects `id` in `tx` as `reviewer`: the answer's body, or 409 when it
-/// was decided meanwhile. Shared by the API and the magic link.
+/// Rejects `user_id`'s message `id` in `tx`, its owner recorded as the
+/// reviewer: the answer's body, or 409 when it was decided meanwhile.
+/// Shared by the API and the magic link.
 pub(crate) async fn decide_rejection(
     tx: &impl e2a_store::GenericClient,
     user_id: &UserId,
     id: &MessageId,
-    reviewer: &UserId,
     reason: &str,
     via: Via,
 ) -> Result<Value, ApiError> {
     let rejection = Rejection {
         user_id,
         message_id: id,
-        reviewer: Some(reviewer),
+        reviewer: Some(user_id),
         via,
         reason,
     };

@@ -34,7 +34,10 @@ use crate::{
     error::ApiError,
     extract::query_pairs,
     magic_pages::{self, REASON_FIELD, ReviewFacts, TOKEN_FIELD},
-    routes::hitl::{checked_reason, decide_approval, decide_rejection},
+    routes::{
+        hitl::{checked_reason, decide_approval, decide_rejection},
+        outbound::can_send_from,
+    },
 };
 
 /// `GET /api/v1/approve`.
@@ -94,16 +97,10 @@ fn store_failure(e: StoreError) -> Response {
 
 /// The held message behind a token, when it can still be decided.
 fn decidable(held: &Held) -> Option<Response> {
-    if held.status != "pending_approval" {
-        return Some(magic_pages::not_pending());
+    match held.undecidable()? {
+        "expired" => Some(magic_pages::expired()),
+        _ => Some(magic_pages::not_pending()),
     }
-    if held
-        .approval_expires_at
-        .is_some_and(|at| at <= OffsetDateTime::now_utc())
-    {
-        return Some(magic_pages::expired());
-    }
-    None
 }
 
 async fn page(state: &AppState, action: Action, query: Option<&str>) -> Response {
@@ -224,7 +221,6 @@ async fn act(state: &AppState, action: Action, headers: &HeaderMap, body: &[u8])
             &tx,
             &used.user_id,
             &used.message_id,
-            &used.user_id,
             &reason,
             Via::MagicLink,
         )
@@ -249,27 +245,12 @@ async fn approve_in(
     held: &Held,
 ) -> Result<(), ApiError> {
     let agent = agents::get(tx, &held.user_id, &held.agent_id).await?;
-    if !agent.domain_verified {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "domain_not_verified",
-            "the agent's domain is not verified; verify it before sending",
-        ));
-    }
+    can_send_from(&agent)?;
     let draft = e2a_outbound::draft_from_held(held, &agent, &state.outbound)
         .map_err(crate::routes::outbound::prepare_error)?;
-    decide_approval(
-        state,
-        tx,
-        &agent,
-        held,
-        draft,
-        false,
-        &held.user_id,
-        Via::MagicLink,
-    )
-    .await
-    .map(drop)
+    decide_approval(state, tx, &agent, held, draft, false, Via::MagicLink)
+        .await
+        .map(drop)
 }
 
 /// Counts an approval against its agent's send limit; the refusal page

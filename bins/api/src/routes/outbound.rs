@@ -619,13 +619,7 @@ async fn accept(
     if !decision.allowed {
         return Err(ApiError::rate_limited(&decision));
     }
-    if !agent.domain_verified {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "domain_not_verified",
-            "the agent's domain is not verified; verify it before sending",
-        ));
-    }
+    can_send_from(agent)?;
     if let Some((quota, limit)) =
         outbound::over_quota(&client, &caller.user_id, &state.default_limits).await?
     {
@@ -731,6 +725,19 @@ pub(crate) async fn claim_key(
         Ok(decided) => Err(idempotent_answer(decided)),
         Err(e) => Err(Err(e.into())),
     }
+}
+
+/// 403 `domain_not_verified` unless `agent` may send (its domain is
+/// verified): checked before a send and an approval alike.
+pub(crate) fn can_send_from(agent: &Agent) -> Result<(), ApiError> {
+    if agent.domain_verified {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        "domain_not_verified",
+        "the agent's domain is not verified; verify it before sending",
+    ))
 }
 
 /// A JSON body that may also be empty (then `T::default()`).
