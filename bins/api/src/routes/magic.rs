@@ -186,13 +186,6 @@ async fn act(state: &AppState, action: Action, headers: &HeaderMap, body: &[u8])
         Ok(r) => r,
         Err(e) => return failure(e),
     };
-    // The send limit counts approvals (spec §5.3); it needs the agent,
-    // so the token is read (not used) first.
-    if action == Action::Approve
-        && let Err(page) = within_send_limit(state, token).await
-    {
-        return page;
-    }
     let mut client = match state.store.client().await {
         Ok(c) => c,
         Err(e) => return store_failure(e),
@@ -214,6 +207,13 @@ async fn act(state: &AppState, action: Action, headers: &HeaderMap, body: &[u8])
     };
     if let Some(refusal) = decidable(&held) {
         return refusal;
+    }
+    // The send limit counts approvals (spec §5.3). A refusal drops the
+    // transaction: the link stays usable.
+    if action == Action::Approve
+        && let Err(page) = within_send_limit(state, &held.agent_id).await
+    {
+        return page;
     }
     let decided = match action {
         Action::Approve => approve_in(state, &tx, &held).await,
@@ -253,29 +253,14 @@ async fn approve_in(
         .map(drop)
 }
 
-/// Counts an approval against its agent's send limit; the refusal page
-/// when the limit is reached. A token that is not valid passes here and
-/// is refused by the transaction.
-async fn within_send_limit(state: &AppState, token: &str) -> Result<(), Response> {
+/// Counts an approval against `agent_id`'s send limit (on a connection of
+/// its own: the count stands whatever the decision's transaction does);
+/// the refusal page when the limit is reached.
+async fn within_send_limit(state: &AppState, agent_id: &str) -> Result<(), Response> {
     let client = state.store.client().await.map_err(store_failure)?;
-    let Ok(TokenState::Valid {
-        user_id,
-        message_id,
-        ..
-    }) = approval_tokens::peek(&client, token).await
-    else {
-        return Ok(());
-    };
-    let Ok(held) = hitl::held(&client, &user_id, None, &message_id).await else {
-        return Ok(());
-    };
-    let decision = rate_limits::hit(
-        &client,
-        &format!("send:{}", held.agent_id),
-        state.limits.send,
-    )
-    .await
-    .map_err(store_failure)?;
+    let decision = rate_limits::hit(&client, &format!("send:{agent_id}"), state.limits.send)
+        .await
+        .map_err(store_failure)?;
     if decision.allowed {
         Ok(())
     } else {
