@@ -89,21 +89,21 @@ async fn decide(
         return Ok(false);
     }
     let agent = agents::get(tx, &held.user_id, &held.agent_id).await?;
-    let prepared = match draft_from_held(held, &agent, settings) {
-        Ok(draft) => {
-            prepare(
-                store,
-                settings,
-                defaults,
-                &agent,
-                draft,
-                held.rfc_message_id.clone(),
-                false,
-            )
-            .await
-        }
-        Err(e) => Err(e),
-    };
+    let prepared = async {
+        let draft = draft_from_held(held, &agent, settings)?;
+        let rfc_message_id = held.rfc_message_id.clone();
+        prepare(
+            store,
+            settings,
+            defaults,
+            &agent,
+            draft,
+            rfc_message_id,
+            false,
+        )
+        .await
+    }
+    .await;
     let prepared = match prepared {
         Ok(p) => p,
         Err(e2a_outbound::Error::Store(e)) => return Err(e),
