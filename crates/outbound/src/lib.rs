@@ -194,7 +194,8 @@ pub fn draft_from_held(held: &Held, agent: &Agent, settings: &Settings) -> Resul
 /// lends the store.
 #[derive(Debug)]
 pub struct Prepared {
-    /// The draft it was made from.
+    /// The draft it was made from; its decoded `attachments` are moved
+    /// into [`Self::raw`] (the stored form, `attachments_json`, stays).
     pub draft: Draft,
     /// The Message-ID, bare.
     pub rfc_message_id: String,
@@ -224,7 +225,7 @@ pub async fn prepare(
     settings: &Settings,
     defaults: &Limits,
     agent: &Agent,
-    draft: Draft,
+    mut draft: Draft,
     rfc_message_id: String,
     hold: bool,
 ) -> Result<Prepared, Error> {
@@ -241,7 +242,9 @@ pub async fn prepare(
         conversation_id: Some(draft.conversation_id.clone()),
         text: draft.text.clone(),
         html: draft.html.clone(),
-        attachments: draft.attachments.clone(),
+        // Moved, not copied: up to 25 MiB, and nothing after the
+        // composition reads them (a hold keeps `attachments_json`).
+        attachments: std::mem::take(&mut draft.attachments),
     };
     let size: usize = message.text.len()
         + message.html.as_ref().map_or(0, String::len)
