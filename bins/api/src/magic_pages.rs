@@ -23,12 +23,12 @@ use axum::{
     http::{HeaderName, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
-use e2a_mail::notification::{escape_html, one_line};
+use e2a_mail::notification::{agent_text, escape_html, expiry_text, list_text, one_line};
 use e2a_store::{
     approval_tokens::{Action, ConsumeError, TokenState},
     ids::MessageId,
 };
-use time::{OffsetDateTime, UtcOffset, macros::format_description};
+use time::OffsetDateTime;
 
 /// Name of the form field holding the token (as in the link's query).
 pub const TOKEN_FIELD: &str = "t";
@@ -97,7 +97,7 @@ pub fn confirm(action: Action, facts: &ReviewFacts<'_>, token: &str) -> Response
     let mut rows = String::new();
     for (label, value) in [
         ("Message", facts.message_id.to_string()),
-        ("From", agent_text(facts)),
+        ("From", agent_text(facts.agent_name, facts.agent_address)),
         ("To", list_text(facts.to)),
         ("Cc", list_text(facts.cc)),
         ("Bcc", list_text(facts.bcc)),
@@ -262,33 +262,6 @@ fn or_none(value: String, none: &str) -> String {
     } else {
         value
     }
-}
-
-fn agent_text(facts: &ReviewFacts<'_>) -> String {
-    let name = one_line(facts.agent_name);
-    let address = one_line(facts.agent_address);
-    if name.is_empty() {
-        address
-    } else {
-        format!("{name} <{address}>")
-    }
-}
-
-fn list_text(list: &[String]) -> String {
-    let joined = list
-        .iter()
-        .map(|a| one_line(a))
-        .collect::<Vec<_>>()
-        .join(", ");
-    or_none(joined, "(none)")
-}
-
-fn expiry_text(at: OffsetDateTime) -> String {
-    at.to_offset(UtcOffset::UTC)
-        .format(format_description!(
-            "[year]-[month]-[day] [hour]:[minute]:[second] UTC"
-        ))
-        .unwrap_or_else(|_| at.unix_timestamp().to_string())
 }
 
 #[cfg(test)]

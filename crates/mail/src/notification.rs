@@ -211,7 +211,7 @@ fn is_http_url(url: &str) -> bool {
 }
 
 /// The hold's expiry as `YYYY-MM-DD HH:MM:SS UTC`.
-fn expiry_text(at: OffsetDateTime) -> String {
+pub fn expiry_text(at: OffsetDateTime) -> String {
     at.to_offset(UtcOffset::UTC)
         .format(format_description!(
             "[year]-[month]-[day] [hour]:[minute]:[second] UTC"
@@ -219,10 +219,10 @@ fn expiry_text(at: OffsetDateTime) -> String {
         .unwrap_or_else(|_| at.unix_timestamp().to_string())
 }
 
-/// The agent as shown: `Name <address>`, or the bare address.
-fn agent_text(facts: &ReviewFacts<'_>) -> String {
-    let name = one_line(facts.agent_name);
-    let address = one_line(facts.agent_address);
+/// The agent as shown: `Name <address>`, or the bare address; one line.
+pub fn agent_text(agent_name: &str, agent_address: &str) -> String {
+    let name = one_line(agent_name);
+    let address = one_line(agent_address);
     if name.is_empty() {
         address
     } else {
@@ -231,7 +231,7 @@ fn agent_text(facts: &ReviewFacts<'_>) -> String {
 }
 
 /// A recipient list on one line, `(none)` when empty.
-fn list_text(list: &[String]) -> String {
+pub fn list_text(list: &[String]) -> String {
     if list.is_empty() {
         return "(none)".to_owned();
     }
@@ -246,7 +246,7 @@ fn fields(facts: &ReviewFacts<'_>) -> [(&'static str, String); 7] {
     let subject = one_line(facts.subject);
     [
         ("Type", one_line(facts.message_type)),
-        ("From", agent_text(facts)),
+        ("From", agent_text(facts.agent_name, facts.agent_address)),
         ("To", list_text(facts.to)),
         ("Cc", list_text(facts.cc)),
         ("Bcc", list_text(facts.bcc)),
