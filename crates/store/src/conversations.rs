@@ -106,7 +106,7 @@ fn list_query<'a>(
     agent_id: &'a &'a str,
     since: &'a Option<OffsetDateTime>,
     until: &'a Option<OffsetDateTime>,
-    limit: &'a i64,
+    limit: i64,
 ) -> (String, Vec<&'a (dyn ToSql + Sync)>) {
     let mut params: Vec<&'a (dyn ToSql + Sync)> = vec![agent_id, user_id];
     let mut window = String::new();
@@ -118,8 +118,8 @@ fn list_query<'a>(
         params.push(until);
         window.push_str(&format!(" AND c.last_message_at < ${}", params.len()));
     }
-    params.push(limit);
-    let limit_param = params.len();
+    // The limit is a literal (a computed integer, never client text): a
+    // `LIMIT $n` makes Postgres re-plan the statement on every execution.
     // The live aggregate runs only for a summary with an expired member
     // (its gating qual is false otherwise) and then wins over the stored
     // values; HAVING drops its row when nothing is visible.
@@ -135,7 +135,7 @@ fn list_query<'a>(
                   c.latest_subject, c.latest_sender, c.min_expires_at \
            FROM conversation_summaries c \
            WHERE c.agent_id = $1 AND c.user_id = $2 AND c.max_expires_at > now(){window} \
-           ORDER BY c.last_message_at DESC, c.conversation_id DESC LIMIT ${limit_param}) s \
+           ORDER BY c.last_message_at DESC, c.conversation_id DESC LIMIT {limit}) s \
          LEFT JOIN LATERAL ( \
            SELECT min(created_at) AS first_at, max(created_at) AS last_at, count(*) AS n, \
                   count(*) FILTER (WHERE direction = 'inbound') AS n_in, \
@@ -173,7 +173,7 @@ pub async fn list(
     limit: i64,
 ) -> Result<Vec<ConversationSummary>> {
     let limit = limit.clamp(1, MAX_LIST);
-    let (sql, params) = list_query(user_id, &agent_id, &since, &until, &limit);
+    let (sql, params) = list_query(user_id, &agent_id, &since, &until, limit);
     let stmt = c.prepare_cached(&sql).await?;
     let rows = c.query(&stmt, &params).await?;
     Ok(rows.iter().map(summary_from_row).collect())
@@ -190,7 +190,7 @@ pub async fn explain_list(
     limit: i64,
 ) -> Result<serde_json::Value> {
     let limit = limit.clamp(1, MAX_LIST);
-    let (sql, params) = list_query(user_id, &agent_id, &since, &until, &limit);
+    let (sql, params) = list_query(user_id, &agent_id, &since, &until, limit);
     let row = c
         .query_one(
             &format!("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {sql}"),
@@ -245,15 +245,12 @@ pub async fn get(
     let members = format!(
         "SELECT {} FROM messages m \
          WHERE m.agent_id = $1 AND m.user_id = $2 AND m.conversation_id = $3 AND m.expires_at > now() \
-         ORDER BY m.created_at, m.id LIMIT $4",
+         ORDER BY m.created_at, m.id LIMIT {MAX_DETAIL_MESSAGES}",
         messages::SUMMARY_COLUMNS
     );
     let stmt = c.prepare_cached(&members).await?;
     let rows = c
-        .query(
-            &stmt,
-            &[&agent_id, user_id, &conversation_id, &MAX_DETAIL_MESSAGES],
-        )
+        .query(&stmt, &[&agent_id, user_id, &conversation_id])
         .await?;
     Ok(ConversationDetail {
         summary,

@@ -418,8 +418,8 @@ fn list_query<'a>(
     webhook_id: &'a WebhookId,
     status: Option<Status>,
     after: Option<&'a Position>,
-    fetch: &'a i64,
-    budget: &'a i64,
+    fetch: i64,
+    budget: i64,
 ) -> (String, Vec<&'a (dyn ToSql + Sync)>) {
     let mut params: Vec<&'a (dyn ToSql + Sync)> = vec![webhook_id];
     let mut scope = String::from("s.webhook_id = $1");
@@ -429,34 +429,27 @@ fn list_query<'a>(
         scope.push_str(" AND s.created_at <= $2 AND (s.created_at, s.id) < ($2, $3)");
     }
     let order = "ORDER BY s.created_at DESC, s.id DESC";
-    let n = params.len();
+    // The limits are literals (computed integers, never client text): a
+    // `LIMIT $n` makes Postgres re-plan the statement on every execution.
     match status {
-        None => {
-            params.push(fetch);
-            (
-                format!(
-                    "SELECT {DELIVERY_COLUMNS}, true AS hit, 0::int8 AS rn \
-                     FROM webhook_subscriber_deliveries s WHERE {scope} {order} LIMIT ${}",
-                    n + 1
-                ),
-                params,
-            )
-        }
+        None => (
+            format!(
+                "SELECT {DELIVERY_COLUMNS}, true AS hit, 0::int8 AS rn \
+                 FROM webhook_subscriber_deliveries s WHERE {scope} {order} LIMIT {fetch}"
+            ),
+            params,
+        ),
         Some(status) => {
-            params.push(budget);
-            params.push(fetch);
             let outer = DELIVERY_COLUMNS.replace("s.", "w.");
             (
                 format!(
                     "SELECT {outer}, w.hit, w.rn FROM ( \
                        SELECT {DELIVERY_COLUMNS}, s.status = '{}' AS hit, \
                               row_number() OVER ({order}) AS rn \
-                       FROM webhook_subscriber_deliveries s WHERE {scope} {order} LIMIT ${b}) w \
-                     WHERE w.hit OR w.rn = ${b} \
-                     ORDER BY w.created_at DESC, w.id DESC LIMIT ${f}",
+                       FROM webhook_subscriber_deliveries s WHERE {scope} {order} LIMIT {budget}) w \
+                     WHERE w.hit OR w.rn = {budget} \
+                     ORDER BY w.created_at DESC, w.id DESC LIMIT {fetch}",
                     status.as_str(),
-                    b = n + 1,
-                    f = n + 2,
                 ),
                 params,
             )
@@ -497,7 +490,7 @@ pub async fn list(
     }
     let limit = limit.clamp(1, MAX_PAGE);
     let (fetch, budget) = (limit + 1, SCAN_BUDGET);
-    let (sql, params) = list_query(&webhook_id, status, after, &fetch, &budget);
+    let (sql, params) = list_query(&webhook_id, status, after, fetch, budget);
     let rows = c.query(&c.prepare_cached(&sql).await?, &params).await?;
     let mut items = Vec::with_capacity(rows.len());
     let mut stopped_at = None;
@@ -535,7 +528,7 @@ pub async fn explain_list(
     limit: i64,
 ) -> Result<Value> {
     let (fetch, budget) = (limit.clamp(1, MAX_PAGE) + 1, SCAN_BUDGET);
-    let (sql, params) = list_query(webhook_id, status, after, &fetch, &budget);
+    let (sql, params) = list_query(webhook_id, status, after, fetch, budget);
     let sql = format!("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {sql}");
     Ok(c.query_one(&sql, &params).await?.get(0))
 }

@@ -463,6 +463,8 @@ struct ListArgs<'a> {
     user_id: &'a UserId,
     filter: &'a ListFilter,
     after: Option<&'a Position>,
+    /// `budget` and `fetch` go into the SQL as literals (see
+    /// `messages::ListArgs`: a `LIMIT $n` is re-planned on every execution).
     budget: i64,
     fetch: i64,
 }
@@ -565,19 +567,12 @@ impl<'a> ListArgs<'a> {
                FROM webhook_events e WHERE {scope} \
                ORDER BY e.created_at DESC, e.id DESC"
         );
-        bind(&mut sql, &mut params, " LIMIT $?", &self.budget);
-        bind(
-            &mut sql,
-            &mut params,
-            ") w WHERE w.hit OR w.rn = $?",
-            &self.budget,
-        );
-        bind(
-            &mut sql,
-            &mut params,
-            " ORDER BY w.created_at DESC, w.id DESC LIMIT $?",
-            &self.fetch,
-        );
+        sql.push_str(&format!(
+            " LIMIT {budget}) w WHERE w.hit OR w.rn = {budget} \
+             ORDER BY w.created_at DESC, w.id DESC LIMIT {fetch}",
+            budget = self.budget,
+            fetch = self.fetch,
+        ));
         ListQuery { sql, params }
     }
 }

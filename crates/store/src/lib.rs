@@ -41,5 +41,7 @@ pub mod webhooks;
 
 pub use deadpool_postgres::{Client, GenericClient, Transaction};
 pub use error::{Result, StoreError};
-pub use store::{ConfigError, PoolStatus, Store, StoreConfig, TX_MAX_ATTEMPTS, TxFuture};
+pub use store::{
+    ConfigError, MAX_CACHED_STATEMENTS, PoolStatus, Store, StoreConfig, TX_MAX_ATTEMPTS, TxFuture,
+};
 pub use tokio_postgres::IsolationLevel;

@@ -305,6 +305,9 @@ struct ListArgs<'a> {
     after: Option<&'a Position>,
     from_pattern: Option<String>,
     subject_pattern: Option<String>,
+    /// `budget` and `fetch` go into the SQL as literals (integers computed
+    /// here, never client text): with `LIMIT $n` Postgres's generic plan
+    /// looks costlier than a custom one, and it re-plans every execution.
     budget: i64,
     fetch: i64,
 }
@@ -404,7 +407,7 @@ impl<'a> ListArgs<'a> {
                 "SELECT {SUMMARY_COLUMNS}, true AS hit, 0::bigint AS rn \
                  FROM messages m WHERE {scope} ORDER BY m.created_at {order}, m.id {order}"
             );
-            bind(&mut sql, &mut params, " LIMIT $?", &self.fetch);
+            sql.push_str(&format!(" LIMIT {}", self.fetch));
             return ListQuery { sql, params };
         }
         let hit = format!("COALESCE({}, false)", hit.join(" AND "));
@@ -421,19 +424,11 @@ impl<'a> ListArgs<'a> {
                FROM messages m WHERE {scope} \
                ORDER BY {m_order_by}"
         );
-        bind(&mut sql, &mut params, " LIMIT $?", &self.budget);
-        bind(
-            &mut sql,
-            &mut params,
-            ") w WHERE w.hit OR w.rn = $?",
-            &self.budget,
-        );
-        bind(
-            &mut sql,
-            &mut params,
-            &format!(" ORDER BY w.{order_by} LIMIT $?"),
-            &self.fetch,
-        );
+        sql.push_str(&format!(
+            " LIMIT {budget}) w WHERE w.hit OR w.rn = {budget} ORDER BY w.{order_by} LIMIT {fetch}",
+            budget = self.budget,
+            fetch = self.fetch,
+        ));
         ListQuery { sql, params }
     }
 }

@@ -94,6 +94,11 @@ pub type TxFuture<'t, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 't>>;
 /// failures or deadlocks.
 pub const TX_MAX_ATTEMPTS: u32 = 5;
 
+/// Prepared statements one pooled connection keeps before its cache is
+/// emptied at the next checkout (statements are re-prepared on next use).
+/// The fixed statements of all services together are well below this.
+pub const MAX_CACHED_STATEMENTS: usize = 512;
+
 /// The shared database handle. Cheap to clone; every clone uses the same pool.
 #[derive(Clone)]
 pub struct Store {
@@ -153,7 +158,15 @@ impl Store {
     /// A pooled client. [`StoreError::Unavailable`] when none can be had
     /// within the acquire timeout or the server refuses connections.
     pub async fn client(&self) -> Result<deadpool_postgres::Client> {
-        Ok(self.pool.get().await?)
+        let client = self.pool.get().await?;
+        // Each connection caches its prepared statements (and the server
+        // its plans). Most statements are fixed text, but list queries are
+        // assembled per filter combination and page size, so a client could
+        // otherwise grow one connection's cache without bound.
+        if client.statement_cache.size() > MAX_CACHED_STATEMENTS {
+            client.statement_cache.clear();
+        }
+        Ok(client)
     }
 
     /// Readiness probe: `SELECT 1` on a pooled connection, bounded by `timeout`.

@@ -833,3 +833,83 @@ async fn deleting_a_user_deletes_its_events() {
     assert_eq!(events(&alice.user).await, 0);
     assert_eq!(events(&bob.user).await, 1);
 }
+
+/// The page statement is planned once per connection, not per call: its
+/// limits are literals, so after Postgres's five custom plans the cached
+/// generic plan is used (a `LIMIT $n` looked costlier as a generic plan and
+/// was re-planned on every execution — a third of the database's time on
+/// `GET …/messages`).
+#[tokio::test]
+async fn list_statements_reuse_their_generic_plan() {
+    let (_db, store) = super::store().await;
+    let mb = mailbox(&store, "plans").await;
+    for i in 0..30 {
+        let id = format!("plan{i}@example.net");
+        deliver(
+            &store,
+            &mb,
+            Mail {
+                message_id: &id,
+                subject: "s",
+                ..Mail::default()
+            },
+        )
+        .await;
+    }
+    // Enough rows that a generic plan's guess at `LIMIT $n` (a tenth of
+    // the rows) costs visibly more than a custom plan for `LIMIT 6`:
+    // copies of the 30 with new ids and message ids.
+    let c = store.client().await.unwrap();
+    c.batch_execute(
+        "CREATE TEMP TABLE copies AS SELECT m.* FROM messages m, generate_series(1, 100); \
+         UPDATE copies SET id = 'msg_' || md5(random()::text), \
+                           email_message_id = md5(random()::text), \
+                           created_at = created_at - random() * interval '1 day'; \
+         DO $$ DECLARE cols text; BEGIN \
+           SELECT string_agg(quote_ident(attname), ',') INTO cols FROM pg_attribute \
+            WHERE attrelid = 'messages'::regclass AND attnum > 0 AND NOT attisdropped \
+              AND attgenerated = ''; \
+           EXECUTE format('INSERT INTO messages (%s) SELECT %s FROM copies', cols, cols); \
+         END $$; \
+         ANALYZE messages",
+    )
+    .await
+    .unwrap();
+    // The three statement forms: the default inbox view, the whole
+    // listing, and a row-by-row filter (the budgeted window).
+    let inbox = ListFilter {
+        direction: Some(Direction::Inbound),
+        inbox_status: Some(InboxStatus::Unread),
+        ..ListFilter::default()
+    };
+    let by_sender = ListFilter {
+        from: Some("someone".into()),
+        ..all()
+    };
+    let filters = [inbox, all(), by_sender];
+    for filter in &filters {
+        for _ in 0..10 {
+            let page = messages::list(&c, &mb.user, &mb.agent, filter, None, 5)
+                .await
+                .unwrap();
+            assert_eq!(page.items.len(), 5);
+        }
+    }
+    let rows = c
+        .query(
+            "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements \
+             WHERE statement LIKE '%FROM messages m WHERE%' \
+               AND statement NOT LIKE '%pg_prepared_statements%'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), filters.len(), "one statement per filter shape");
+    for row in rows {
+        let (sql, generic, custom): (String, i64, i64) = (row.get(0), row.get(1), row.get(2));
+        assert!(
+            generic >= 5 && custom <= 5,
+            "re-planned: {generic} generic, {custom} custom plans of {sql}"
+        );
+    }
+}

@@ -252,3 +252,27 @@ async fn pool_status_reflects_use() {
     drop(c);
     store.ping(Duration::from_secs(2)).await.unwrap();
 }
+
+/// A connection's statement cache is emptied at checkout once it holds more
+/// than `MAX_CACHED_STATEMENTS` (list statements vary with their filters, so
+/// a client could otherwise grow one connection's cache, and its server
+/// process's plans, without bound). Below the bound it is kept.
+#[tokio::test]
+async fn the_statement_cache_of_a_connection_is_bounded() {
+    let db = e2a_testkit::TestDb::new().await;
+    let mut config = StoreConfig::new(db.url());
+    config.pool_size = 1;
+    let store = Store::new(&config).unwrap();
+    let c = store.client().await.unwrap();
+    for i in 0..e2a_store::MAX_CACHED_STATEMENTS {
+        c.prepare_cached(&format!("SELECT {i}")).await.unwrap();
+    }
+    drop(c);
+    let c = store.client().await.unwrap();
+    assert_eq!(c.statement_cache.size(), e2a_store::MAX_CACHED_STATEMENTS);
+    c.prepare_cached("SELECT 'one more'").await.unwrap();
+    drop(c);
+    let c = store.client().await.unwrap();
+    assert_eq!(c.statement_cache.size(), 0);
+    c.execute("SELECT 1", &[]).await.unwrap();
+}
