@@ -57,6 +57,10 @@
 //! `E2A_BENCH_MESSAGES` sets the messages per phase (default 3000: about
 //! a minute on a busy 2-core machine, the build not counted).
 
+/// The services' allocator, as in the `e2a-api` and `e2a-deliverer` binaries.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::{
     net::SocketAddr,
     sync::{
