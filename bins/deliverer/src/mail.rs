@@ -31,15 +31,20 @@ use e2a_mail::{
     submit::{self, Envelope, SmtpConfig},
 };
 use e2a_store::{
-    Store, domains,
-    mail_outbox::{self, ClaimedMail, Gate, Outcome, RecipientAnswer, RecipientState, Recorded},
+    Store, StoreError, domains,
+    mail_outbox::{
+        self, ClaimedMail, Gate, Outcome, RecipientAnswer, RecipientState, RecordItem, Recorded,
+    },
 };
 use e2a_webhook::RetrySchedule;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use crate::{queue::Queue, recorder::Recorder};
+use crate::{
+    queue::Queue,
+    recorder::{Recorder, Records},
+};
 
 /// Base waits after the 1st, 2nd, … failed attempt; past the end the last
 /// entry repeats. With the default 8 attempts a message is tried for about
@@ -78,7 +83,7 @@ pub struct MailQueue {
     smtp: Option<SmtpConfig>,
     lease: Duration,
     keys: Mutex<HashMap<String, CachedKey>>,
-    recorder: Recorder,
+    recorder: Recorder<MailRecords>,
 }
 
 /// A domain's key as loaded at an instant (`None`: it has none).
@@ -170,7 +175,12 @@ impl MailQueue {
         for try_no in 1..=RECORD_TRIES {
             let recorded = self
                 .recorder
-                .record(job.clone(), started, outcome.clone(), answers.clone())
+                .record(MailOutcome {
+                    job: job.clone(),
+                    started,
+                    outcome: outcome.clone(),
+                    answers: answers.clone(),
+                })
                 .await;
             match recorded {
                 Ok(Recorded::Done(status)) => {
@@ -192,6 +202,49 @@ impl MailQueue {
             }
         }
         tracing::error!("mail attempt not recorded; the send gate holds it until its window ends");
+    }
+}
+
+/// One submission's outcome, for the [`Recorder`].
+#[derive(Debug)]
+pub struct MailOutcome {
+    job: Arc<ClaimedMail>,
+    started: OffsetDateTime,
+    outcome: Outcome,
+    answers: Vec<RecipientAnswer>,
+}
+
+/// Mail outcomes are stored by [`mail_outbox::record_batch`].
+#[derive(Debug)]
+pub struct MailRecords;
+
+impl Records for MailRecords {
+    type Item = MailOutcome;
+    type Recorded = Recorded;
+    const BATCH_METRIC: &'static str = "e2a_mail_record_batch_size";
+
+    async fn record_batch(
+        store: &Store,
+        items: &[MailOutcome],
+    ) -> Result<Vec<Recorded>, StoreError> {
+        let items: Vec<RecordItem<'_>> = items
+            .iter()
+            .map(|r| RecordItem {
+                job: &r.job,
+                started_at: r.started,
+                outcome: &r.outcome,
+                recipients: &r.answers,
+            })
+            .collect();
+        mail_outbox::record_batch(store, &items).await
+    }
+
+    async fn record_one(store: &Store, r: &MailOutcome) -> Result<Recorded, StoreError> {
+        mail_outbox::record(store, &r.job, r.started, &r.outcome, &r.answers).await
+    }
+
+    fn lock_order(item: &MailOutcome) -> &str {
+        item.job.delivery_id.as_str()
     }
 }
 

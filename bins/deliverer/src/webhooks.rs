@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use e2a_store::{
-    Store,
-    deliveries::{self, Attempt, Claimed, Recorded},
+    Store, StoreError,
+    deliveries::{self, Attempt, Claimed, RecordItem, Recorded},
     fanout,
 };
 use e2a_webhook::{Body, OutcomeKind, RetrySchedule, Secrets, WebhookClient};
@@ -16,6 +16,7 @@ use tracing::Instrument as _;
 
 use crate::{
     queue::{Kick, Queue},
+    recorder::{Recorder, Records},
     wake::WakeStats,
 };
 
@@ -28,12 +29,93 @@ pub struct WebhookQueue {
     store: Store,
     client: WebhookClient,
     lease: Duration,
+    recorder: Recorder<WebhookRecords>,
+}
+
+/// One attempt's outcome, for the [`Recorder`] (owned: it crosses tasks).
+#[derive(Debug)]
+pub struct WebhookOutcome {
+    id: String,
+    token: String,
+    webhook_id: String,
+    status: i32,
+    error: String,
+    kind: OutcomeClass,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum OutcomeClass {
+    Delivered,
+    Retry(time::OffsetDateTime),
+    Failed,
+}
+
+impl WebhookOutcome {
+    fn new(d: &Claimed, attempt: Attempt<'_>) -> Self {
+        let (status, error, kind) = match attempt {
+            Attempt::Delivered { status } => (status, "", OutcomeClass::Delivered),
+            Attempt::Retry { status, error, at } => (status, error, OutcomeClass::Retry(at)),
+            Attempt::Failed { status, error } => (status, error, OutcomeClass::Failed),
+        };
+        Self {
+            id: d.id.clone(),
+            token: d.lease_token.clone(),
+            webhook_id: d.webhook_id.to_string(),
+            status,
+            error: error.to_owned(),
+            kind,
+        }
+    }
+
+    fn item(&self) -> RecordItem<'_> {
+        let (status, error) = (self.status, self.error.as_str());
+        RecordItem {
+            id: &self.id,
+            token: &self.token,
+            attempt: match self.kind {
+                OutcomeClass::Delivered => Attempt::Delivered { status },
+                OutcomeClass::Retry(at) => Attempt::Retry { status, error, at },
+                OutcomeClass::Failed => Attempt::Failed { status, error },
+            },
+        }
+    }
+}
+
+/// Webhook outcomes are stored by [`deliveries::record_batch`], sorted by
+/// webhook (each record locks its webhook's row).
+#[derive(Debug)]
+pub struct WebhookRecords;
+
+impl Records for WebhookRecords {
+    type Item = WebhookOutcome;
+    type Recorded = Recorded;
+    const BATCH_METRIC: &'static str = "e2a_webhook_record_batch_size";
+
+    async fn record_batch(
+        store: &Store,
+        items: &[WebhookOutcome],
+    ) -> Result<Vec<Recorded>, StoreError> {
+        let items: Vec<RecordItem<'_>> = items.iter().map(WebhookOutcome::item).collect();
+        deliveries::record_batch(store, &items).await
+    }
+
+    async fn record_one(store: &Store, o: &WebhookOutcome) -> Result<Recorded, StoreError> {
+        let c = store.client().await?;
+        let i = o.item();
+        deliveries::record(&c, i.id, i.token, i.attempt).await
+    }
+
+    fn lock_order(item: &WebhookOutcome) -> &str {
+        &item.webhook_id
+    }
 }
 
 impl WebhookQueue {
-    /// A queue delivering with `client`, leasing for `lease`.
+    /// A queue delivering with `client`, leasing for `lease`. Starts its
+    /// [`Recorder`] (call inside a Tokio runtime).
     pub fn new(store: Store, client: WebhookClient, lease: Duration) -> Self {
         Self {
+            recorder: Recorder::spawn(store.clone()),
             store,
             client,
             lease,
@@ -50,14 +132,12 @@ impl WebhookQueue {
         Body::from_envelope(envelope).map_err(|e| e.to_string())
     }
 
-    /// Stores `attempt`, retrying a failed database call a few times.
+    /// Stores `attempt` (through the [`Recorder`], sharing a commit with
+    /// other workers' outcomes), retrying a failed database call a few
+    /// times.
     async fn record(&self, d: &Claimed, attempt: Attempt<'_>) {
         for try_no in 1..=RECORD_TRIES {
-            let stored = async {
-                let c = self.store.client().await?;
-                deliveries::record(&c, &d.id, &d.lease_token, attempt).await
-            };
-            match stored.await {
+            match self.recorder.record(WebhookOutcome::new(d, attempt)).await {
                 Ok(Recorded::Stored {
                     failed,
                     auto_disabled,

@@ -258,6 +258,40 @@ pub async fn record(
     })
 }
 
+/// One outcome for [`record_batch`].
+#[derive(Debug, Clone, Copy)]
+pub struct RecordItem<'a> {
+    /// The delivery.
+    pub id: &'a str,
+    /// Its lease token.
+    pub token: &'a str,
+    /// What happened.
+    pub attempt: Attempt<'a>,
+}
+
+/// [`record`] for several attempts in **one** transaction (their calls
+/// pipelined on one connection, one durable commit for all): what a
+/// deliverer whose workers finish together spends one commit on instead of
+/// one each. Each item is guarded by its own lease token exactly as in
+/// [`record`] ([`Recorded::LeaseLost`] for that item, nothing written for
+/// it). Rows are locked in the items' order: pass them sorted by webhook so
+/// that concurrent batches lock webhooks in one order. All or nothing: an
+/// error rolls every item back (serialization failures and deadlocks are
+/// retried whole); the caller may then record the items one by one to
+/// isolate a failing one. Results are in the items' order.
+pub async fn record_batch(store: &crate::Store, items: &[RecordItem<'_>]) -> Result<Vec<Recorded>> {
+    store
+        .transaction(items, |tx, items| {
+            Box::pin(async move {
+                futures::future::try_join_all(
+                    items.iter().map(|i| record(tx, i.id, i.token, i.attempt)),
+                )
+                .await
+            })
+        })
+        .await
+}
+
 /// The subscriber queue at a glance (for metrics).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct QueueDepth {

@@ -340,3 +340,72 @@ async fn a_record_racing_a_fan_out_leaves_the_new_delivery_claimable() {
         ["whd_new"]
     );
 }
+
+/// Several outcomes in one transaction: each is guarded by its own lease
+/// (a lapsed one is `LeaseLost` and writes nothing while the others
+/// commit), results come back in the items' order, and every webhook is
+/// freed for its next delivery.
+#[tokio::test]
+async fn a_batch_of_outcomes_commits_together_each_under_its_own_lease() {
+    let (_db, store) = super::store().await;
+    let alice = super::user(&store, "alice@example.com").await;
+    for w in ["wh_a", "wh_b", "wh_c"] {
+        webhook(&store, &alice, w).await;
+        deliveries(&store, &alice, w, 2, 8).await;
+    }
+    let c = store.client().await.unwrap();
+    let mut claimed = deliveries::claim(&c, 10, LEASE).await.unwrap();
+    claimed.sort_by(|a, b| a.webhook_id.cmp(&b.webhook_id));
+    assert_eq!(claimed.len(), 3);
+    let stale = "lease_not_this_one".to_owned();
+    let items = [
+        deliveries::RecordItem {
+            id: &claimed[0].id,
+            token: &claimed[0].lease_token,
+            attempt: Attempt::Delivered { status: 200 },
+        },
+        deliveries::RecordItem {
+            id: &claimed[1].id,
+            token: &stale,
+            attempt: Attempt::Delivered { status: 200 },
+        },
+        deliveries::RecordItem {
+            id: &claimed[2].id,
+            token: &claimed[2].lease_token,
+            attempt: Attempt::Failed {
+                status: 410,
+                error: "HTTP 410",
+            },
+        },
+    ];
+    let recorded = deliveries::record_batch(&store, &items).await.unwrap();
+    assert_eq!(
+        recorded,
+        [
+            Recorded::Stored {
+                failed: false,
+                auto_disabled: false
+            },
+            Recorded::LeaseLost,
+            Recorded::Stored {
+                failed: true,
+                auto_disabled: false
+            },
+        ]
+    );
+    assert_eq!(
+        status(&store, &claimed[0].id).await,
+        ("delivered".into(), 1)
+    );
+    assert_eq!(status(&store, &claimed[1].id).await, ("pending".into(), 1));
+    assert_eq!(status(&store, &claimed[2].id).await, ("failed".into(), 1));
+    // wh_a and wh_c are free for their second delivery; wh_b is still held.
+    let mut next: Vec<_> = deliveries::claim(&c, 10, LEASE)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.id)
+        .collect();
+    next.sort();
+    assert_eq!(next, ["whd_wh_a_2", "whd_wh_c_2"]);
+}
