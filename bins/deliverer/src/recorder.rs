@@ -7,8 +7,9 @@
 //! recording tasks, each of which takes whatever outcomes are waiting (up
 //! to [`MAX_BATCH`]) and records them in one transaction (the store's
 //! `record_batch` of that queue: statements pipelined, one commit). Nothing
-//! waits to fill a batch: an idle deliverer records each outcome at once, a
-//! busy one shares commits.
+//! waits to fill a batch: an idle deliverer records each outcome at once
+//! (on its own, without the batch's transaction), a busy one shares
+//! commits.
 //!
 //! Each outcome keeps its guarantees: guarded by its own lease token,
 //! answered to its worker only after its commit. A batch that fails as a
@@ -124,7 +125,14 @@ async fn record_loop<R: Records>(
         batch.sort_by(|a, b| R::lock_order(&a.item).cmp(R::lock_order(&b.item)));
         let (items, replies): (Vec<R::Item>, Vec<_>) =
             batch.drain(..).map(|r| (r.item, r.reply)).unzip();
-        match R::record_batch(&store, &items).await {
+        // A lone outcome is recorded on its own: for a queue whose record
+        // is one statement that is one round trip instead of three.
+        let result = if let [item] = items.as_slice() {
+            R::record_one(&store, item).await.map(|r| vec![r])
+        } else {
+            R::record_batch(&store, &items).await
+        };
+        match result {
             Ok(recorded) => {
                 for (reply, recorded) in replies.into_iter().zip(recorded) {
                     let _ = reply.send(Ok(recorded));

@@ -409,3 +409,55 @@ async fn a_batch_of_outcomes_commits_together_each_under_its_own_lease() {
     next.sort();
     assert_eq!(next, ["whd_wh_a_2", "whd_wh_c_2"]);
 }
+
+/// The claim function runs with generic plans (V26: a function-level
+/// `plan_cache_mode`) and its commit is still asynchronous: the function's
+/// own setting is restored at its exit, its `SET LOCAL` of
+/// `synchronous_commit` lasts to the end of the transaction.
+#[tokio::test]
+async fn the_claim_keeps_generic_plans_and_its_asynchronous_commit() {
+    let (_db, store) = super::store().await;
+    let alice = super::user(&store, "alice@example.com").await;
+    webhook(&store, &alice, "wh_a").await;
+    deliveries(&store, &alice, "wh_a", 1, 8).await;
+    let c = store.client().await.unwrap();
+    c.batch_execute("SET synchronous_commit = on; BEGIN")
+        .await
+        .unwrap();
+    let n = c
+        .query(
+            "SELECT id FROM e2a_claim_subscriber_deliveries(10, 60, 'lease_t')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .len();
+    assert_eq!(n, 1);
+    let row = c
+        .query_one(
+            "SELECT current_setting('synchronous_commit'), current_setting('plan_cache_mode')",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (row.get::<_, String>(0), row.get::<_, String>(1)),
+        ("off".into(), "auto".into())
+    );
+    c.batch_execute("COMMIT").await.unwrap();
+    let configured: Vec<String> = c
+        .query(
+            "SELECT p.proname FROM pg_proc p \
+             WHERE 'plan_cache_mode=force_generic_plan' = ANY (p.proconfig) ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        configured,
+        ["e2a_claim_subscriber_deliveries", "e2a_record_subscriber_delivery"]
+    );
+}
