@@ -12,8 +12,10 @@ use axum::{
     http::{header, request::Parts},
 };
 use e2a_store::{
-    StoreError, api_keys,
+    StoreError,
+    api_keys::{self, Principal},
     ids::{ApiKeyId, UserId},
+    secret,
 };
 
 use crate::{
@@ -39,6 +41,20 @@ pub fn bearer_token(value: &str) -> Option<&str> {
         Some(_) => None,
         None if value.is_empty() => None,
         None => Some(value),
+    }
+}
+
+impl Caller {
+    /// The caller `p` authenticates, recorded on the request (for the
+    /// handler after a layer) and its span.
+    fn authenticated(parts: &mut Parts, p: Principal) -> Self {
+        tracing::Span::current().record("user.id", p.user_id.as_str());
+        let caller = Caller {
+            user_id: p.user_id,
+            key_id: p.key_id,
+        };
+        parts.extensions.insert(caller.clone());
+        caller
     }
 }
 
@@ -68,26 +84,27 @@ impl FromRequestParts<AppState> for Caller {
         if !api_keys::is_well_formed(token) {
             return Err(ApiError::unauthorized());
         }
+        let key_hash = secret::sha256_hex(token.as_bytes());
+        // A key found valid moments ago (see `key_cache`) costs no lookup.
+        if let Some(p) = state.key_cache.get(&key_hash) {
+            return Ok(Caller::authenticated(parts, p));
+        }
         // Made-up keys are limited per client address before they cost a
         // lookup (see `AuthGuard`: fresh addresses pre-pay each lookup,
         // addresses with a recent success pay for failures only).
         let Ok(ip) = ClientIp::from_request_parts(parts, state).await;
         let guard = &state.limits.auth_failures;
         let ticket = guard.admit(&ip.0).map_err(|d| ApiError::rate_limited(&d))?;
+        let cache_ticket = state.key_cache.ticket();
         let looked_up = match state.store.client().await {
-            Ok(client) => api_keys::authenticate(&client, token).await,
+            Ok(client) => api_keys::authenticate_hash(&client, &key_hash).await,
             Err(e) => Err(e),
         };
         match looked_up {
             Ok(p) => {
                 guard.settle(&ip.0, ticket, LookupOutcome::Valid);
-                tracing::Span::current().record("user.id", p.user_id.as_str());
-                let caller = Caller {
-                    user_id: p.user_id,
-                    key_id: p.key_id,
-                };
-                parts.extensions.insert(caller.clone());
-                Ok(caller)
+                state.key_cache.put(cache_ticket, &key_hash, &p);
+                Ok(Caller::authenticated(parts, p))
             }
             Err(StoreError::NotFound) => {
                 guard.settle(&ip.0, ticket, LookupOutcome::Invalid);

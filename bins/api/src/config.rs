@@ -74,6 +74,10 @@ pub struct Config {
     /// Send requests (send, reply, forward; bodies up to 25 MiB) handled at once by this replica; more wait up to 5 s, then 503 with Retry-After. Bounds the memory large messages can take.
     #[arg(long, env = "E2A_HTTP_MAX_CONCURRENT_SENDS", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub max_concurrent_sends: u32,
+
+    /// Seconds a key found valid is trusted without looking it up again (0: look up every request). Revocation still reaches every replica within milliseconds through NOTIFY; this bounds it should that connection fail silently.
+    #[arg(long, env = "E2A_API_KEY_CACHE_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=300))]
+    pub api_key_cache_secs: u64,
 }
 
 /// Request rate limits (see docs/operations.md for which hold per replica).

@@ -14,6 +14,7 @@ pub mod config;
 pub mod dns;
 pub mod error;
 pub mod extract;
+pub mod key_cache;
 pub mod magic_pages;
 mod middleware;
 pub mod ratelimit;
@@ -58,6 +59,8 @@ pub struct AppState {
     /// Reviewers' notification mail, when `E2A_PUBLIC_URL` and
     /// `E2A_OUTBOUND_FROM_DOMAIN` are both set.
     pub notifications: Option<Arc<routes::hitl::Notifications>>,
+    /// Keys found valid recently (in use once [`key_cache::listen`] runs).
+    pub key_cache: Arc<key_cache::KeyCache>,
 }
 
 impl AppState {
@@ -83,6 +86,9 @@ impl AppState {
                 &config.outbound.outbound_from_domain,
             )
             .map(Arc::new),
+            key_cache: Arc::new(key_cache::KeyCache::new(std::time::Duration::from_secs(
+                config.api_key_cache_secs,
+            ))),
         }
     }
 }
@@ -144,6 +150,11 @@ pub async fn run_with_resolver(
         ensure_shared_domain(&store, &info.shared_domain).await?;
     }
     let state = AppState::new(store.clone(), &config, dns);
+    tokio::spawn(key_cache::listen(
+        state.key_cache.clone(),
+        store.dedicated_config(key_cache::LISTEN_APPLICATION_NAME),
+        shutdown.clone(),
+    ));
     let app = app(state, &config);
     tracing::info!(
         http = %listeners.http.local_addr()?,

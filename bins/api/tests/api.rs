@@ -465,3 +465,129 @@ async fn two_services_started_at_once_on_an_empty_database_both_come_up() {
     a.stop().await;
     b.stop().await;
 }
+
+/// Waits until `n` API processes have their `LISTEN api_keys_changed` in
+/// place (their key caches are on).
+async fn wait_for_key_listeners(db: &TestDb, n: i64) {
+    let c = db.client().await;
+    for _ in 0..200 {
+        let listening: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE application_name = 'e2a-api-listen' AND query = 'LISTEN api_keys_changed'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if listening >= n {
+            // The cache turns on right after the LISTEN returns.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the API processes never listened for key changes");
+}
+
+/// Keys found valid are cached for `E2A_API_KEY_CACHE_SECS` (10 s here),
+/// yet a change to any key reaches every replica within moments: two API
+/// servers on one database both hold the key (a revocation hidden from
+/// them by a disabled trigger is not seen: they answer from memory), then
+/// the next statement that changes keys notifies, and both refuse the key
+/// long before the 10 s are up. A replica that lost its notification
+/// connection stops trusting its memory at once.
+#[tokio::test]
+async fn a_key_change_reaches_every_replicas_key_cache_at_once() {
+    let db = TestDb::new().await;
+    let key = key_for(db.url(), "cached@example.com").await;
+    let a = Running::start(Config::for_database(db.url())).await;
+    let b = Running::start(Config::for_database(db.url())).await;
+    wait_for_key_listeners(&db, 2).await;
+    let auth = format!("Bearer {key}");
+    for api in [&a, &b] {
+        assert_eq!(api.get("/v1/account", Some(&auth)).await.status(), 200);
+    }
+    let c = db.client().await;
+    c.batch_execute(
+        "ALTER TABLE api_keys DISABLE TRIGGER api_keys_changed; \
+         UPDATE api_keys SET revoked_at = now(); \
+         ALTER TABLE api_keys ENABLE TRIGGER api_keys_changed",
+    )
+    .await
+    .unwrap();
+    for api in [&a, &b] {
+        assert_eq!(
+            api.get("/v1/account", Some(&auth)).await.status(),
+            200,
+            "answered from the cache"
+        );
+    }
+    // Any statement changing a key's expiry notifies (even a no-op one).
+    c.batch_execute("UPDATE api_keys SET expires_at = expires_at")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    for api in [&a, &b] {
+        loop {
+            let status = api.get("/v1/account", Some(&auth)).await.status();
+            if status == StatusCode::UNAUTHORIZED {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(3),
+                "a revoked key still works after {:?}",
+                started.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    // A new key, cached; then the notification connections are cut and the
+    // key revoked unseen: a deaf replica has already dropped its memory.
+    let key = {
+        let store = Store::new(&StoreConfig::new(db.url())).unwrap();
+        let c = store.client().await.unwrap();
+        let user = users::get_by_email(&c, &EmailAddress::parse("cached@example.com").unwrap())
+            .await
+            .unwrap();
+        api_keys::create(&c, &user.id, "second", None)
+            .await
+            .unwrap()
+            .plaintext
+    };
+    let auth = format!("Bearer {key}");
+    for api in [&a, &b] {
+        assert_eq!(api.get("/v1/account", Some(&auth)).await.status(), 200);
+    }
+    c.batch_execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = 'e2a-api-listen'",
+    )
+    .await
+    .unwrap();
+    c.batch_execute(
+        "ALTER TABLE api_keys DISABLE TRIGGER api_keys_changed; \
+         UPDATE api_keys SET revoked_at = now() WHERE revoked_at IS NULL; \
+         ALTER TABLE api_keys ENABLE TRIGGER api_keys_changed",
+    )
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    for api in [&a, &b] {
+        loop {
+            let status = api.get("/v1/account", Some(&auth)).await.status();
+            if status == StatusCode::UNAUTHORIZED {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(3),
+                "a deaf replica still trusts its cache after {:?}",
+                started.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    a.stop().await;
+    b.stop().await;
+}

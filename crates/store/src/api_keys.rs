@@ -63,6 +63,11 @@ impl std::fmt::Debug for CreatedApiKey {
     }
 }
 
+/// The channel notified at the commit of every statement that revokes,
+/// deletes, re-keys, re-assigns or changes the expiry of keys (V27), so
+/// caches of authenticated keys can forget them.
+pub const CHANGED_CHANNEL: &str = "api_keys_changed";
+
 /// Who a valid key authenticates.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
@@ -70,6 +75,9 @@ pub struct Principal {
     pub user_id: UserId,
     /// The key used.
     pub key_id: ApiKeyId,
+    /// When the key stops working (`None`: never), so a cache of
+    /// authenticated keys does not outlive it.
+    pub expires_at: Option<OffsetDateTime>,
 }
 
 const COLUMNS: &str = "id, user_id, name, key_prefix, created_at, last_used_at, expires_at";
@@ -177,10 +185,16 @@ pub async fn authenticate(c: &impl GenericClient, presented: &str) -> Result<Pri
     if !is_well_formed(presented) {
         return Err(StoreError::NotFound);
     }
+    authenticate_hash(c, &secret::sha256_hex(presented.as_bytes())).await
+}
+
+/// [`authenticate`] for a key the caller has already hashed
+/// ([`secret::sha256_hex`] of the presented key, as stored).
+pub async fn authenticate_hash(c: &impl GenericClient, key_hash: &str) -> Result<Principal> {
     let stmt = c
         .prepare_cached(
             "WITH k AS ( \
-               SELECT id, user_id FROM api_keys \
+               SELECT id, user_id, expires_at FROM api_keys \
                WHERE key_hash = $1 AND revoked_at IS NULL \
                  AND (expires_at IS NULL OR expires_at > now())), \
              touched AS ( \
@@ -188,15 +202,16 @@ pub async fn authenticate(c: &impl GenericClient, presented: &str) -> Result<Pri
                WHERE id = (SELECT id FROM k) \
                  AND (last_used_at IS NULL OR last_used_at < now() - interval '1 minute') \
                RETURNING id) \
-             SELECT id, user_id FROM k",
+             SELECT id, user_id, expires_at FROM k",
         )
         .await?;
     let row = c
-        .query_opt(&stmt, &[&secret::sha256_hex(presented.as_bytes())])
+        .query_opt(&stmt, &[&key_hash])
         .await?
         .ok_or(StoreError::NotFound)?;
     Ok(Principal {
         key_id: row.get(0),
         user_id: row.get(1),
+        expires_at: row.get(2),
     })
 }

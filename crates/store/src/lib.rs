@@ -26,6 +26,7 @@ pub mod idempotency;
 pub mod ids;
 pub mod inbound;
 pub mod legacy_deliveries;
+pub mod listen;
 pub mod mail_outbox;
 pub mod messages;
 pub mod migrate;

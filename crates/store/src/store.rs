@@ -220,6 +220,20 @@ impl Store {
         }
     }
 
+    /// The connection settings of the pool (without its statement timeout)
+    /// for a dedicated, long-lived connection such as a `LISTEN`: TCP
+    /// keepalives on, and `application_name` set to `name` unless the URL
+    /// names one.
+    pub fn dedicated_config(&self, name: &str) -> tokio_postgres::Config {
+        let mut pg = self.pg_config.clone();
+        pg.keepalives(true);
+        pg.keepalives_idle(Duration::from_secs(30));
+        if pg.get_application_name() == Some("e2a") {
+            pg.application_name(name);
+        }
+        pg
+    }
+
     /// Applies or verifies migrations per `mode` on a dedicated connection
     /// without statement timeout (see [`migrate::run`] for the guarantees).
     pub async fn migrate(&self, mode: MigrationMode) -> Result<MigrationReport, MigrateError> {

@@ -458,6 +458,9 @@ async fn the_claim_keeps_generic_plans_and_its_asynchronous_commit() {
         .collect();
     assert_eq!(
         configured,
-        ["e2a_claim_subscriber_deliveries", "e2a_record_subscriber_delivery"]
+        [
+            "e2a_claim_subscriber_deliveries",
+            "e2a_record_subscriber_delivery"
+        ]
     );
 }
