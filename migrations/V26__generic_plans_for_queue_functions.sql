@@ -1,4 +1,4 @@
--- V26: the delivery queue's functions plan their statements once.
+-- V26: the delivery queues' functions plan their statements once.
 --
 -- PL/pgSQL caches each statement's plan, but for the first five calls of a
 -- session, and then whenever a custom plan looks cheaper than the generic
@@ -13,4 +13,9 @@ ALTER FUNCTION e2a_claim_subscriber_deliveries(bigint, float8, text)
     SET plan_cache_mode = force_generic_plan;
 
 ALTER FUNCTION e2a_record_subscriber_delivery(text, text, text, timestamptz, integer, text, bigint, float8)
+    SET plan_cache_mode = force_generic_plan;
+
+-- The mail outbox's claim: the same shape (a LIMIT and arrays of ids as
+-- parameters, every access by index).
+ALTER FUNCTION e2a_claim_mail_deliveries(integer, float8, text, float8)
     SET plan_cache_mode = force_generic_plan;

@@ -459,6 +459,7 @@ async fn the_claim_keeps_generic_plans_and_its_asynchronous_commit() {
     assert_eq!(
         configured,
         [
+            "e2a_claim_mail_deliveries",
             "e2a_claim_subscriber_deliveries",
             "e2a_record_subscriber_delivery"
         ]
