@@ -310,7 +310,14 @@ fn main() {
         tokio::time::sleep(Duration::from_secs(secs)).await;
         let drain_rate = (counts.lock().unwrap().total - before) as f64 / started.elapsed().as_secs_f64();
         // Pause the webhooks while the rest of the backlog goes.
-        c.batch_execute("UPDATE webhooks SET enabled = false").await.unwrap();
+        // In id order, as the deliverer's record batches lock webhooks
+        // (an unordered bulk update can deadlock with one).
+        c.batch_execute(
+            "UPDATE webhooks SET enabled = false \
+             WHERE id IN (SELECT id FROM webhooks ORDER BY id FOR UPDATE)",
+        )
+        .await
+        .unwrap();
         tokio::time::sleep(Duration::from_secs(1)).await;
         c.batch_execute(
             "DELETE FROM webhook_subscriber_deliveries; \
