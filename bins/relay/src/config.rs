@@ -84,6 +84,10 @@ pub struct Config {
     #[arg(long, env = "E2A_SMTP_MAX_RCPT_COMMANDS", default_value_t = crate::session::DEFAULT_MAX_RCPT_COMMANDS, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub smtp_max_rcpt_commands: u32,
 
+    /// Milliseconds an accepted recipient (agent, owner, signing secret, quota state) is answered from memory before it is looked up again; 0 looks up every RCPT. Refusals are never cached.
+    #[arg(long, env = "E2A_SMTP_RECIPIENT_CACHE_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    pub smtp_recipient_cache_ms: u64,
+
     /// PEM certificate chain for STARTTLS (with E2A_SMTP_TLS_KEY); unset: STARTTLS is not offered.
     #[arg(long, env = "E2A_SMTP_TLS_CERT")]
     pub smtp_tls_cert: Option<std::path::PathBuf>,

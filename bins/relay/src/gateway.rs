@@ -50,7 +50,10 @@ use e2a_store::{
 };
 use time::OffsetDateTime;
 
-use crate::backend::{Backend, DeliveryOutcome, Envelope, RecipientCheck};
+use crate::{
+    backend::{Backend, DeliveryOutcome, Envelope, RecipientCheck},
+    recipients::RecipientCache,
+};
 
 /// How often at most `last_signed_at` of one signing secret is written:
 /// the column says "in use recently", not "at this second", and one UPDATE
@@ -68,18 +71,23 @@ pub struct Gateway {
     default_limits: Limits,
     /// When each signing secret's `last_signed_at` was last written.
     touched: Mutex<HashMap<SigningSecretId, Instant>>,
+    /// Recipients accepted in the last moment (`E2A_SMTP_RECIPIENT_CACHE_MS`).
+    recipients: RecipientCache,
 }
 
 impl Gateway {
     /// A gateway storing into `store`. `authenticator` is `None` to skip
     /// SPF/DKIM/DMARC (every verdict `none`); `local_host` is our host
-    /// name; `trusted_signing_domains` may vouch for the conversation header.
+    /// name; `trusted_signing_domains` may vouch for the conversation header;
+    /// an accepted recipient is reused for `recipient_cache` (see
+    /// [`crate::recipients`]; zero looks every `RCPT` up).
     pub fn new(
         store: Store,
         authenticator: Option<Authenticator>,
         local_host: String,
         trusted_signing_domains: Vec<String>,
         default_limits: Limits,
+        recipient_cache: Duration,
     ) -> Self {
         Self {
             store,
@@ -88,6 +96,7 @@ impl Gateway {
             trusted_signing_domains,
             default_limits,
             touched: Mutex::new(HashMap::new()),
+            recipients: RecipientCache::new(recipient_cache),
         }
     }
 
@@ -139,6 +148,11 @@ impl Backend for Gateway {
     type Recipient = Recipient;
 
     async fn recipient(&self, address: &EmailAddress) -> RecipientCheck<Recipient> {
+        if let Some(recipient) = self.recipients.get(address.as_str()) {
+            metrics::counter!("e2a_smtp_recipient_cache_hits_total").increment(1);
+            return RecipientCheck::Accept(recipient);
+        }
+        metrics::counter!("e2a_smtp_recipient_lookups_total").increment(1);
         let lookup = async {
             let client = self.store.client().await?;
             agents::resolve_recipient(&client, address, &self.default_limits).await
@@ -148,7 +162,10 @@ impl Backend for Gateway {
                 tracing::info!(quota = ?recipient.over_quota, "recipient's account is over quota");
                 RecipientCheck::OverQuota
             }
-            Ok(Some(recipient)) => RecipientCheck::Accept(recipient),
+            Ok(Some(recipient)) => {
+                self.recipients.put(address.as_str(), &recipient);
+                RecipientCheck::Accept(recipient)
+            }
             Ok(None) => RecipientCheck::Unknown,
             Err(e) => {
                 tracing::warn!(error = %e2a_runtime::error_chain(&e), "recipient lookup failed");

@@ -14,6 +14,7 @@ pub mod backend;
 pub mod config;
 pub mod gateway;
 pub mod lines;
+pub mod recipients;
 pub mod server;
 pub mod session;
 pub mod tls;
@@ -92,6 +93,7 @@ pub async fn run_with(
         config.smtp_domain.clone(),
         trusted,
         config.limits.limits(),
+        std::time::Duration::from_millis(config.smtp_recipient_cache_ms),
     ));
     let ops = e2a_runtime::ops::OpsServer::spawn(
         listeners.ops,

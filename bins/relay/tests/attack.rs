@@ -55,10 +55,12 @@ async fn smuggled_messages_stay_inside_the_first_body() {
 }
 
 /// Spec §6.2: an account at its monthly cap, then one at its storage cap, is
-/// refused at RCPT with `552 5.2.2` and nothing is stored.
+/// refused at RCPT with `552 5.2.2` and nothing is stored. With the
+/// recipient cache off every RCPT reads the caps (with it on, see
+/// `the_recipient_cache_answers_acceptances_only_for_its_period`).
 #[tokio::test]
 async fn an_account_over_quota_is_refused_at_rcpt() {
-    let relay = Relay::start(|_| {}).await;
+    let relay = Relay::start(|c| c.smtp_recipient_cache_ms = 0).await;
     let c = relay.store.client().await.unwrap();
     let limit = |month: i32, storage: i64| Limits {
         max_messages_month: month,
@@ -98,6 +100,56 @@ async fn an_account_over_quota_is_refused_at_rcpt() {
         .await;
     assert!(reply.starts_with("250 2.0.0 "), "{reply}");
     assert_eq!(relay.messages().await, 2);
+    relay.stop().await;
+}
+
+/// `E2A_SMTP_RECIPIENT_CACHE_MS`: an accepted address is answered from
+/// memory for the period (a cap reached meanwhile is refused once it ends),
+/// while refusals are never cached (raised caps take effect at once).
+#[tokio::test]
+async fn the_recipient_cache_answers_acceptances_only_for_its_period() {
+    let period = Duration::from_millis(1500);
+    let relay = Relay::start(|c| c.smtp_recipient_cache_ms = 1500).await;
+    let c = relay.store.client().await.unwrap();
+    let limit = |month: i32| Limits {
+        max_messages_month: month,
+        ..Limits::default()
+    };
+    let mut s = Raw::greeted(relay.smtp).await;
+    let looked_up = tokio::time::Instant::now();
+    assert_eq!(s.cmd("MAIL FROM:<s@remote.test>").await, "250 2.1.0 OK");
+    assert_eq!(s.cmd(format!("RCPT TO:<{AGENT}>")).await, "250 2.1.5 OK");
+    account_limits::upsert(&c, &relay.user, &limit(0))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.cmd(format!("RCPT TO:<{AGENT}>")).await,
+        "250 2.1.5 OK",
+        "within the period the acceptance is reused"
+    );
+    assert!(
+        looked_up.elapsed() < period,
+        "the test ran too slowly to show the cache"
+    );
+    assert_eq!(s.cmd("RSET").await, "250 2.0.0 OK");
+    tokio::time::sleep_until(looked_up + period + Duration::from_millis(100)).await;
+    assert_eq!(s.cmd("MAIL FROM:<s@remote.test>").await, "250 2.1.0 OK");
+    assert_eq!(
+        s.cmd(format!("RCPT TO:<{AGENT}>")).await,
+        "552 5.2.2 mailbox quota exceeded",
+        "after the period the address is looked up again"
+    );
+    // A refusal is looked up again on the next RCPT.
+    account_limits::upsert(&c, &relay.user, &limit(1000))
+        .await
+        .unwrap();
+    assert_eq!(s.cmd(format!("RCPT TO:<{AGENT}>")).await, "250 2.1.5 OK");
+    assert_eq!(s.cmd("RSET").await, "250 2.0.0 OK");
+    let reply = s
+        .send_message(&message("cache-1@remote.test", "after raising the cap"))
+        .await;
+    assert!(reply.starts_with("250 2.0.0 "), "{reply}");
+    assert_eq!(relay.messages().await, 1);
     relay.stop().await;
 }
 
