@@ -29,6 +29,10 @@
 //!   no flagged copy runs the statement it ran before legacy pushes existed
 //!   (the SMTP ingest benchmark's case): the push is a separate variant of
 //!   the statement, chosen in Rust, not a filter evaluated for every row.
+//! * **Accounting (V28):** the same statement upserts the conversation
+//!   summaries and the owners' usage counters of the copies it inserted
+//!   (its `cs` and `u` parts); the accounting trigger on `messages` stands
+//!   aside for that statement only.
 //! * **Wake-up:** the events' per-commit NOTIFY is deferred (V11) and sent
 //!   coalesced after the commit ([`events::wake_deliverer`]): a NOTIFY in
 //!   the committing transaction would serialise every ingest commit on the
@@ -135,18 +139,31 @@ pub enum Outcome {
 }
 
 /// The common part of [`INGEST_SQL`] and [`INGEST_LEGACY_SQL`]: V11
-/// `defer_notify`, then every copy (`m`) and its event (`e`). `$1`–`$7` are
-/// per-copy arrays in lock order (message id, owner, agent, signed headers,
-/// conversation, event id, envelope); `$8`–`$20` are the shared parts of
-/// the mail.
+/// `defer_notify` and V28 `messages_accounted`, then every copy (`m`), its
+/// event (`e`), its conversation summary (`cs`) and its owner's usage
+/// counters (`u`). `$1`–`$7` are per-copy arrays in lock order (message id,
+/// owner, agent, signed headers, conversation, event id, envelope); `$8`–`$20`
+/// are the shared parts of the mail.
 ///
-/// `quiet` runs before the rows are produced and the event trigger fires at
-/// the end of the statement, so it sees `e2a.defer_notify = on`; the setting
-/// is local to the statement's implicit transaction.
+/// `quiet` runs before the rows are produced and the triggers fire at the
+/// end of the statement, so they see both settings: the event trigger sends
+/// no NOTIFY, and the accounting trigger on messages (V28) leaves the
+/// summaries and counters to `cs` and `u` and clears the flag (so a later
+/// INSERT in the same transaction is accounted by it as usual). Both are
+/// local to the transaction.
+///
+/// `cs` and `u` count only the copies actually inserted (`m`), so a
+/// duplicate counts nothing. They write exactly what the trigger would for
+/// these rows (inbound, unread, one `created_at`): `cs` upserts one summary
+/// per (agent, conversation) in key order, `u` one usage row per owner on
+/// this connection's slot in owner order — and `u` runs after `cs` (it
+/// reads `cs`'s count), keeping the order every writer locks in: summaries
+/// before usage rows.
 macro_rules! ingest_ctes {
     () => {
         "WITH quiet AS MATERIALIZED ( \
-           SELECT set_config('e2a.defer_notify', 'on', true) AS deferred), \
+           SELECT set_config('e2a.defer_notify', 'on', true) AS deferred, \
+                  set_config('e2a.messages_accounted', 'on', true) AS accounted), \
          d AS MATERIALIZED ( \
            SELECT d.id, d.user_id, d.agent_id, d.auth_headers, d.conversation_id, d.event_id, d.envelope, d.n \
              FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::text[], $6::text[], $7::jsonb[]) \
@@ -157,14 +174,57 @@ macro_rules! ingest_ctes {
              inbox_status, to_recipients, cc, reply_to, created_at, expires_at) \
            SELECT d.id, d.user_id, d.agent_id, 'inbound', $8, d.agent_id, $9, $10, $11, $12, d.auth_headers, \
              $13, $14, $15, d.conversation_id, 'unread', $16, $17, $18, $19, $20 \
-             FROM quiet, d WHERE quiet.deferred = 'on' ORDER BY d.n \
+             FROM quiet, d WHERE quiet.deferred = 'on' AND quiet.accounted = 'on' ORDER BY d.n \
            ON CONFLICT (agent_id, email_message_id, body_sha256) WHERE direction = 'inbound' DO NOTHING \
-           RETURNING id), \
+           RETURNING id, user_id, agent_id, conversation_id, \
+             e2a_message_stored_bytes(raw_message, body_text, body_html, attachments_json) AS bytes), \
          e AS ( \
            INSERT INTO webhook_events (id, user_id, type, envelope, agent_id, conversation_id, message_id, labels) \
            SELECT d.event_id, d.user_id, 'email.received', d.envelope, d.agent_id, d.conversation_id, d.id, '{}' \
              FROM d JOIN m ON m.id = d.id ORDER BY d.n \
-           ON CONFLICT (id) DO NOTHING) "
+           ON CONFLICT (id) DO NOTHING), \
+         cs AS ( \
+           INSERT INTO conversation_summaries AS c (agent_id, user_id, conversation_id, first_message_at, \
+             last_message_at, last_message_id, message_count, inbound_count, outbound_count, unread_count, \
+             latest_subject, latest_sender, min_expires_at, max_expires_at) \
+           SELECT m.agent_id, m.user_id, m.conversation_id, $19, $19, max(m.id), count(*), count(*), 0, \
+             count(*), $9, $8, $20, $20 \
+             FROM m WHERE m.conversation_id <> '' \
+            GROUP BY m.agent_id, m.user_id, m.conversation_id \
+            ORDER BY m.agent_id, m.conversation_id \
+           ON CONFLICT (agent_id, conversation_id) DO UPDATE \
+             SET first_message_at = LEAST(c.first_message_at, EXCLUDED.first_message_at), \
+                 last_message_at = GREATEST(c.last_message_at, EXCLUDED.last_message_at), \
+                 last_message_id = CASE WHEN (EXCLUDED.last_message_at, EXCLUDED.last_message_id) \
+                                             > (c.last_message_at, c.last_message_id) \
+                                        THEN EXCLUDED.last_message_id ELSE c.last_message_id END, \
+                 latest_subject = CASE WHEN (EXCLUDED.last_message_at, EXCLUDED.last_message_id) \
+                                            > (c.last_message_at, c.last_message_id) \
+                                       THEN EXCLUDED.latest_subject ELSE c.latest_subject END, \
+                 latest_sender = CASE WHEN (EXCLUDED.last_message_at, EXCLUDED.last_message_id) \
+                                           > (c.last_message_at, c.last_message_id) \
+                                      THEN EXCLUDED.latest_sender ELSE c.latest_sender END, \
+                 message_count = c.message_count + EXCLUDED.message_count, \
+                 inbound_count = c.inbound_count + EXCLUDED.inbound_count, \
+                 outbound_count = c.outbound_count + EXCLUDED.outbound_count, \
+                 unread_count = c.unread_count + EXCLUDED.unread_count, \
+                 min_expires_at = LEAST(c.min_expires_at, EXCLUDED.min_expires_at), \
+                 max_expires_at = GREATEST(c.max_expires_at, EXCLUDED.max_expires_at) \
+           RETURNING 1), \
+         u AS ( \
+           INSERT INTO account_usage AS u (user_id, slot, storage_bytes, month_start, messages_month, updated_at) \
+           SELECT m.user_id, e2a_usage_slot(), sum(m.bytes), \
+             (date_trunc('month', now() AT TIME ZONE 'UTC'))::date, count(*), now() \
+             FROM m CROSS JOIN (SELECT count(*) FROM cs) AS summaries_first \
+            GROUP BY m.user_id \
+            ORDER BY m.user_id \
+           ON CONFLICT (user_id, slot) DO UPDATE \
+             SET storage_bytes = u.storage_bytes + EXCLUDED.storage_bytes, \
+                 messages_month = CASE WHEN u.month_start = EXCLUDED.month_start \
+                                       THEN u.messages_month + EXCLUDED.messages_month \
+                                       ELSE EXCLUDED.messages_month END, \
+                 month_start = EXCLUDED.month_start, \
+                 updated_at = now()) "
     };
 }
 

@@ -566,3 +566,171 @@ async fn ingest_announces_itself_once_through_the_wake_up() {
     }
     assert_eq!(notifications, 1);
 }
+
+/// Every conversation summary and usage counter of the database, as text,
+/// next to the same figures recomputed from the stored messages.
+async fn accounting_and_recomputed(db: &e2a_testkit::TestDb) -> (String, String) {
+    let c = db.client().await;
+    let one = |sql: &'static str| {
+        let c = &c;
+        async move { c.query_one(sql, &[]).await.unwrap().get::<_, String>(0) }
+    };
+    let stored = one("SELECT concat_ws(' | ', \
+           (SELECT string_agg(row(agent_id, user_id, conversation_id, first_message_at, \
+              last_message_at, last_message_id, message_count, inbound_count, outbound_count, \
+              unread_count, latest_subject, latest_sender, min_expires_at, max_expires_at)::text, \
+              ',' ORDER BY agent_id, conversation_id) FROM conversation_summaries), \
+           (SELECT string_agg(row(user_id, b, n)::text, ',' ORDER BY user_id) FROM ( \
+              SELECT user_id, sum(storage_bytes) AS b, sum(messages_month) AS n \
+                FROM account_usage GROUP BY user_id) u))")
+    .await;
+    let recomputed = one("SELECT concat_ws(' | ', \
+           (SELECT string_agg(r::text, ',' ORDER BY a, cid) FROM ( \
+              SELECT agent_id AS a, conversation_id AS cid, row(agent_id, min(user_id), \
+                conversation_id, min(created_at), max(created_at), \
+                (array_agg(id ORDER BY created_at DESC, id DESC))[1], count(*), \
+                count(*) FILTER (WHERE direction = 'inbound'), \
+                count(*) FILTER (WHERE direction = 'outbound'), \
+                count(*) FILTER (WHERE inbox_status = 'unread'), \
+                (array_agg(subject ORDER BY created_at DESC, id DESC))[1], \
+                (array_agg(CASE WHEN direction = 'outbound' AND sender = '' THEN agent_id \
+                                ELSE sender END ORDER BY created_at DESC, id DESC))[1], \
+                min(expires_at), max(expires_at)) AS r \
+                FROM messages WHERE conversation_id <> '' GROUP BY agent_id, conversation_id) s), \
+           (SELECT string_agg(row(user_id, b, n)::text, ',' ORDER BY user_id) FROM ( \
+              SELECT user_id, sum(e2a_message_stored_bytes(raw_message, body_text, body_html, \
+                attachments_json)) AS b, count(*) AS n FROM messages GROUP BY user_id) u))")
+    .await;
+    (stored, recomputed)
+}
+
+/// V28: the ingest statement keeps summaries and usage itself (the
+/// accounting trigger stands aside for that one statement): the figures
+/// equal a recomputation from the messages after new conversations,
+/// replies, several owners and a duplicate — and an INSERT later in the
+/// same transaction is accounted by the trigger as usual.
+#[tokio::test]
+async fn ingest_keeps_summaries_and_usage_exact_and_later_inserts_are_still_accounted() {
+    let (db, store) = super::store().await;
+    let alice = super::user(&store, "alice@example.com").await;
+    let bob = super::user(&store, "bob@example.com").await;
+    super::agents::verified_domain(&store, &alice, "alice.example").await;
+    super::agents::verified_domain(&store, &bob, "bob.example").await;
+    for a in ["a@alice.example", "a2@alice.example"] {
+        super::agents::agent(&store, &alice, a).await;
+    }
+    super::agents::agent(&store, &bob, "b@bob.example").await;
+    let all = || {
+        [
+            delivery("a@alice.example", &alice),
+            delivery("a2@alice.example", &alice),
+            delivery("b@bob.example", &bob),
+        ]
+    };
+
+    let first = Mail::new("acc-1@remote.example", "first");
+    inbound::ingest(&store, &first.view(), &all())
+        .await
+        .unwrap();
+    let (stored, recomputed) = accounting_and_recomputed(&db).await;
+    assert_eq!(stored, recomputed, "after a first message to three agents");
+    let alice_usage = format!("({alice},{},2)", 2 * first.raw.len());
+    assert!(
+        stored.contains(&alice_usage),
+        "alice's two copies counted: {stored}"
+    );
+
+    let mut reply = Mail::new("acc-2@remote.example", "a reply");
+    reply.refs = vec!["acc-1@remote.example".into()];
+    inbound::ingest(&store, &reply.view(), &all())
+        .await
+        .unwrap();
+    let outcomes = inbound::ingest(&store, &first.view(), &all())
+        .await
+        .unwrap();
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| matches!(o, Outcome::Duplicate { .. }))
+    );
+    let (stored, recomputed) = accounting_and_recomputed(&db).await;
+    assert_eq!(stored, recomputed, "after a reply and a duplicate");
+
+    // In one transaction: a duplicate ingest (nothing inserted), a new one,
+    // then a plain INSERT, which the trigger must account for.
+    let mut c = store.client().await.unwrap();
+    let tx = c.transaction().await.unwrap();
+    inbound::ingest_in(&tx, &first.view(), &all())
+        .await
+        .unwrap();
+    let third = Mail::new("acc-3@remote.example", "third");
+    inbound::ingest_in(&tx, &third.view(), &all()[..1])
+        .await
+        .unwrap();
+    let flag: String = tx
+        .query_one(
+            "SELECT coalesce(current_setting('e2a.messages_accounted', true), '')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        flag, "",
+        "the statement's flag is consumed by its own trigger"
+    );
+    tx.execute(
+        "INSERT INTO messages (id, user_id, agent_id, direction, status, recipient, subject, \
+           conversation_id, to_recipients, body_text) \
+         VALUES ($1, $2, 'a@alice.example', 'outbound', 'queued', 'x@remote.example', 'sent', \
+           'cnv_outbound', ARRAY['x@remote.example'], 'a body')",
+        &[&MessageId::new(), &alice],
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let (stored, recomputed) = accounting_and_recomputed(&db).await;
+    assert_eq!(
+        stored, recomputed,
+        "after ingests and an insert in one transaction"
+    );
+    assert!(stored.contains("cnv_outbound"), "{stored}");
+}
+
+/// V28: an event's message reference is cleared when its message is
+/// deleted (the former foreign key's ON DELETE SET NULL, now a trigger);
+/// the event itself stays.
+#[tokio::test]
+async fn deleting_a_message_clears_its_events_reference() {
+    let (db, store) = super::store().await;
+    let alice = super::user(&store, "alice@example.com").await;
+    super::agents::verified_domain(&store, &alice, "alice.example").await;
+    super::agents::agent(&store, &alice, "a@alice.example").await;
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        let mail = Mail::new(&format!("del-{n}@remote.example"), "x");
+        let d = delivery("a@alice.example", &alice);
+        ids.push(d.message_id.clone());
+        inbound::ingest(&store, &mail.view(), &[d]).await.unwrap();
+    }
+    let c = db.client().await;
+    let deleted = c
+        .execute(
+            "DELETE FROM messages WHERE id = ANY($1)",
+            &[&vec![ids[0].as_str(), ids[1].as_str()]],
+        )
+        .await
+        .unwrap();
+    assert_eq!(deleted, 2);
+    let refs: Vec<Option<String>> = c
+        .query(
+            "SELECT message_id FROM webhook_events ORDER BY message_id NULLS FIRST",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(refs, vec![None, None, Some(ids[2].as_str().to_owned())]);
+}
