@@ -45,7 +45,7 @@ impl Queue for LegacyQueue {
             .await
     }
 
-    async fn process(&self, p: ClaimedLegacy) {
+    async fn process(&self, p: ClaimedLegacy, _slot: crate::queue::Slot) {
         let span = tracing::info_span!(
             "legacy_push",
             message_id = %p.message_id,

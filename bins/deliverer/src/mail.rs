@@ -380,7 +380,7 @@ impl Queue for MailQueue {
         mail_outbox::claim(&c, max, self.lease, self.lease).await
     }
 
-    async fn process(&self, job: ClaimedMail) {
+    async fn process(&self, job: ClaimedMail, _slot: crate::queue::Slot) {
         let span = tracing::info_span!(
             "mail_delivery",
             delivery_id = %job.delivery_id,

@@ -12,11 +12,20 @@
 //! tick, or a [`Kick`]), and backs off a tick after a claim error. On
 //! shutdown it stops claiming and waits for the jobs in flight (the
 //! process-wide drain deadline bounds that wait).
+//!
+//! A job holds a worker's [`Slot`] while it works. A queue whose outcome is
+//! recorded through the group-committing [`crate::recorder::Recorder`]
+//! frees the worker once the attempt is made and only the record's commit
+//! is left to wait for ([`Slot::recording`]): the worker claims its next
+//! job during that commit instead of idling through an fsync. At most
+//! `workers` jobs are past that point at once (each holds a recording
+//! place), so a replica holds at most twice `workers` leases, and shutdown
+//! waits for their records like for any job in flight.
 
 use std::{future::Future, sync::Arc, time::Duration};
 
 use tokio::{
-    sync::{Notify, Semaphore, watch},
+    sync::{Notify, OwnedSemaphorePermit, Semaphore, watch},
     task::JoinSet,
 };
 use tokio_util::sync::CancellationToken;
@@ -38,10 +47,50 @@ pub trait Queue: Send + Sync + 'static {
         max: usize,
     ) -> impl Future<Output = Result<Vec<Self::Job>, e2a_store::StoreError>> + Send;
 
-    /// Does the work of one job and records its outcome. Never panics on
-    /// bad data; errors are handled (and logged) inside: a job whose
-    /// outcome cannot be recorded is claimed again when its lease ends.
-    fn process(&self, job: Self::Job) -> impl Future<Output = ()> + Send;
+    /// Does the work of one job and records its outcome, holding `slot`
+    /// (see [`Slot::recording`]). Never panics on bad data; errors are
+    /// handled (and logged) inside: a job whose outcome cannot be recorded
+    /// is claimed again when its lease ends.
+    fn process(&self, job: Self::Job, slot: Slot) -> impl Future<Output = ()> + Send;
+}
+
+/// A job's hold on a worker of [`run`]; the worker is free again when the
+/// slot is dropped or moves on to [`Slot::recording`].
+#[derive(Debug)]
+pub struct Slot {
+    worker: Option<OwnedSemaphorePermit>,
+    recording: Option<OwnedSemaphorePermit>,
+    places: Arc<Semaphore>,
+    finished: Arc<Notify>,
+}
+
+impl Slot {
+    /// The job's attempt is made and only its outcome's record is left:
+    /// waits for one of the `workers` recording places, then frees the
+    /// worker for the next claim. The lease stays held (and, for a webhook,
+    /// the webhook stays in flight) until the record commits; the place is
+    /// given back when the slot is dropped.
+    pub async fn recording(&mut self) {
+        if self.worker.is_none() {
+            return;
+        }
+        // The semaphore is never closed; if it ever were, the worker simply
+        // stays held until the end of the job.
+        let Ok(place) = self.places.clone().acquire_owned().await else {
+            return;
+        };
+        self.recording = Some(place);
+        self.worker = None;
+        self.finished.notify_one();
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if self.worker.take().is_some() || self.recording.take().is_some() {
+            self.finished.notify_one();
+        }
+    }
 }
 
 /// Wakes a [`run`] loop from inside the process (e.g. after a fan-out
@@ -84,6 +133,7 @@ pub async fn run<Q: Queue>(
 ) {
     let workers = workers.max(1);
     let free = Arc::new(Semaphore::new(workers));
+    let places = Arc::new(Semaphore::new(workers));
     let finished = Arc::new(Notify::new());
     let mut in_flight = JoinSet::new();
     let name = queue.name();
@@ -130,11 +180,14 @@ pub async fn run<Q: Queue>(
                 break;
             };
             let queue = queue.clone();
-            let finished = finished.clone();
+            let slot = Slot {
+                worker: Some(permit),
+                recording: None,
+                places: places.clone(),
+                finished: finished.clone(),
+            };
             in_flight.spawn(async move {
-                queue.process(job).await;
-                drop(permit);
-                finished.notify_one();
+                queue.process(job, slot).await;
             });
         }
         if drained {
@@ -190,6 +243,105 @@ pub fn attempt<'a>(
             status,
             error: &outcome.error,
         }
+    }
+}
+
+#[cfg(test)]
+mod slot_tests {
+    use std::{
+        sync::{
+            Arc,
+            atomic::{AtomicUsize, Ordering::SeqCst},
+        },
+        time::Duration,
+    };
+
+    use tokio::sync::{Semaphore, watch};
+    use tokio_util::sync::CancellationToken;
+
+    use super::{Kick, Queue, Slot, run};
+
+    /// Jobs that make their attempt, move to recording, then wait for
+    /// `records` (a closed gate until the test opens it).
+    struct Gated {
+        jobs: AtomicUsize,
+        claimed: AtomicUsize,
+        attempting: AtomicUsize,
+        max_attempting: AtomicUsize,
+        recording: AtomicUsize,
+        done: AtomicUsize,
+        records: Semaphore,
+    }
+
+    impl Queue for Gated {
+        type Job = ();
+
+        fn name(&self) -> &'static str {
+            "gated"
+        }
+
+        async fn claim(&self, max: usize) -> Result<Vec<()>, e2a_store::StoreError> {
+            let left = self.jobs.load(SeqCst);
+            let n = left.min(max);
+            self.jobs.fetch_sub(n, SeqCst);
+            self.claimed.fetch_add(n, SeqCst);
+            Ok(vec![(); n])
+        }
+
+        async fn process(&self, (): (), mut slot: Slot) {
+            let now = self.attempting.fetch_add(1, SeqCst) + 1;
+            self.max_attempting.fetch_max(now, SeqCst);
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            self.attempting.fetch_sub(1, SeqCst);
+            slot.recording().await;
+            self.recording.fetch_add(1, SeqCst);
+            self.records.acquire().await.unwrap().forget();
+            self.recording.fetch_sub(1, SeqCst);
+            self.done.fetch_add(1, SeqCst);
+        }
+    }
+
+    async fn until(what: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !what() {
+            assert!(tokio::time::Instant::now() < deadline, "timed out");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// A worker takes its next job while the previous outcome waits for
+    /// its commit, but never more than `workers` outcomes wait at once: at
+    /// most twice `workers` leases, never more than `workers` attempts.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn workers_move_on_while_outcomes_commit_within_a_bound() {
+        let q = Arc::new(Gated {
+            jobs: AtomicUsize::new(20),
+            claimed: AtomicUsize::new(0),
+            attempting: AtomicUsize::new(0),
+            max_attempting: AtomicUsize::new(0),
+            recording: AtomicUsize::new(0),
+            done: AtomicUsize::new(0),
+            records: Semaphore::new(0),
+        });
+        let (_tx, wake) = watch::channel(Default::default());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(run(q.clone(), 3, wake, Kick::new(), shutdown.clone()));
+        until(|| q.claimed.load(SeqCst) == 6 && q.recording.load(SeqCst) == 3).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            q.claimed.load(SeqCst),
+            6,
+            "3 recording + 3 workers blocked on a place"
+        );
+        assert_eq!(q.done.load(SeqCst), 0);
+        q.records.add_permits(100);
+        until(|| q.done.load(SeqCst) == 20).await;
+        assert!(
+            q.max_attempting.load(SeqCst) <= 3,
+            "never more attempts than workers"
+        );
+        shutdown.cancel();
+        task.await.unwrap();
     }
 }
 

@@ -184,7 +184,7 @@ impl Queue for WebhookQueue {
         deliveries::claim(&c, i64::try_from(max).unwrap_or(i64::MAX), self.lease).await
     }
 
-    async fn process(&self, d: Claimed) {
+    async fn process(&self, d: Claimed, mut slot: crate::queue::Slot) {
         let span = tracing::info_span!(
             "webhook_delivery",
             delivery_id = %d.id,
@@ -198,6 +198,7 @@ impl Queue for WebhookQueue {
                 Ok(body) => body,
                 Err(error) => {
                     outcome_metric(OutcomeKind::Invalid);
+                    slot.recording().await;
                     self.record(
                         &d,
                         Attempt::Failed {
@@ -221,6 +222,10 @@ impl Queue for WebhookQueue {
                 "attempted"
             );
             let attempt = crate::queue::attempt(&outcome, d.attempts, &RetrySchedule::SUBSCRIBER);
+            // The worker may take its next delivery while this outcome
+            // waits for its (shared, durable) commit; the webhook stays in
+            // flight until then.
+            slot.recording().await;
             self.record(&d, attempt).await;
         }
         .instrument(span)
