@@ -1,0 +1,22 @@
+-- V29: two indexes on messages that no query uses, paid for by every
+-- stored message.
+--
+-- 1. messages_labels_gin_idx (GIN on labels). Label filters are tested
+--    inside the bounded walk of the agent's own index (messages::list,
+--    SCAN_BUDGET rows at most, V14), never through this index, and nothing
+--    else searches messages by label. Every insert still added an entry
+--    (an empty label array too) to the GIN pending list, under the
+--    exclusive lock of the index's metapage: one lock every ingest of every
+--    tenant queued on. Measured on the SMTP bench (durable, 20 sessions)
+--    together with (2): the relay went from about 0.56 to about 0.70 of
+--    the raw-SQL limit.
+-- 2. messages_user_created_idx (user_id, created_at). Its comment named
+--    per-user export, a dashboard and the user-delete cascade. There is no
+--    export or dashboard query; every list is per agent
+--    (messages_agent_created_idx), the per-user pending-approval list has
+--    its own partial index (messages_user_pending_idx), and since V9 a
+--    user's deletion reaches messages through agents
+--    (messages_agent_fkey on (agent_id, user_id)), whose lookups use the
+--    agent-leading indexes.
+DROP INDEX messages_labels_gin_idx;
+DROP INDEX messages_user_created_idx;
