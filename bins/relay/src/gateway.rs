@@ -153,6 +153,7 @@ impl Backend for Gateway {
             return RecipientCheck::Accept(recipient);
         }
         metrics::counter!("e2a_smtp_recipient_lookups_total").increment(1);
+        let looked_up = Instant::now();
         let lookup = async {
             let client = self.store.client().await?;
             agents::resolve_recipient(&client, address, &self.default_limits).await
@@ -160,13 +161,17 @@ impl Backend for Gateway {
         match lookup.await {
             Ok(Some(recipient)) if recipient.over_quota.is_some() => {
                 tracing::info!(quota = ?recipient.over_quota, "recipient's account is over quota");
+                self.recipients.forget(address.as_str());
                 RecipientCheck::OverQuota
             }
             Ok(Some(recipient)) => {
-                self.recipients.put(address.as_str(), &recipient);
+                self.recipients.put(address.as_str(), &recipient, looked_up);
                 RecipientCheck::Accept(recipient)
             }
-            Ok(None) => RecipientCheck::Unknown,
+            Ok(None) => {
+                self.recipients.forget(address.as_str());
+                RecipientCheck::Unknown
+            }
             Err(e) => {
                 tracing::warn!(error = %e2a_runtime::error_chain(&e), "recipient lookup failed");
                 RecipientCheck::TempFail

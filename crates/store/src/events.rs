@@ -72,11 +72,21 @@ pub struct NewEvent<'a> {
 /// Appends `event` to the outbox. Idempotent on the id: returns `false` when
 /// it was already there. Run it in the transaction of the change it
 /// announces.
+///
+/// The event references its message only while that message exists: the
+/// message row (of the same owner) is share-locked for the rest of the
+/// transaction, as the foreign key did before V28, so a concurrent delete
+/// either finished first (the event is stored with no `message_id`) or
+/// waits for this transaction and then clears the reference with the rest
+/// (V28's delete trigger). Inbound ingest writes its events in its own
+/// statement, next to the messages it inserts, and does not come here.
 pub async fn append(c: &impl GenericClient, event: &NewEvent<'_>) -> Result<bool> {
     let stmt = c
         .prepare_cached(
-            "INSERT INTO webhook_events (id, user_id, type, envelope, agent_id, conversation_id, message_id, labels) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING",
+            "WITH m AS MATERIALIZED ( \
+               SELECT id FROM messages WHERE id = $7 AND user_id = $2 FOR KEY SHARE) \
+             INSERT INTO webhook_events (id, user_id, type, envelope, agent_id, conversation_id, message_id, labels) \
+             VALUES ($1, $2, $3, $4, $5, $6, (SELECT id FROM m), $8) ON CONFLICT (id) DO NOTHING",
         )
         .await?;
     let n = c

@@ -152,6 +152,16 @@ pub enum Outcome {
 /// INSERT in the same transaction is accounted by it as usual). Both are
 /// local to the transaction.
 ///
+/// `owners` share-locks the recipient agents (owner, agent order) before
+/// any row is written: the foreign key of `messages` checks (and locks)
+/// them only at the end of the statement, after `cs` and `u` hold their
+/// summary and usage rows, and an agent being deleted meanwhile (its
+/// delete holds the agent and then recomputes those summaries and
+/// counters) would otherwise wait for this statement while it waits for
+/// the delete: a deadlock. Taken first, the lock makes the ingest wait
+/// for the delete before it holds anything the delete needs; once the
+/// agent is gone the insert fails its foreign key and nothing is stored.
+///
 /// `cs` and `u` count only the copies actually inserted (`m`), so a
 /// duplicate counts nothing. They write exactly what the trigger would for
 /// these rows (inbound, unread, one `created_at`): `cs` upserts one summary
@@ -168,13 +178,20 @@ macro_rules! ingest_ctes {
            SELECT d.id, d.user_id, d.agent_id, d.auth_headers, d.conversation_id, d.event_id, d.envelope, d.n \
              FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::text[], $6::text[], $7::jsonb[]) \
              WITH ORDINALITY AS d(id, user_id, agent_id, auth_headers, conversation_id, event_id, envelope, n)), \
+         owners AS MATERIALIZED ( \
+           SELECT count(*) AS n FROM ( \
+             SELECT 1 FROM agents a \
+              WHERE (a.id, a.user_id) IN (SELECT d.agent_id, d.user_id FROM d) \
+              ORDER BY a.user_id, a.id \
+                FOR KEY SHARE OF a) locked), \
          m AS ( \
            INSERT INTO messages (id, user_id, agent_id, direction, sender, recipient, subject, email_message_id, \
              raw_message, body_sha256, auth_headers, spf_result, dkim_result, dmarc_result, conversation_id, \
              inbox_status, to_recipients, cc, reply_to, created_at, expires_at) \
            SELECT d.id, d.user_id, d.agent_id, 'inbound', $8, d.agent_id, $9, $10, $11, $12, d.auth_headers, \
              $13, $14, $15, d.conversation_id, 'unread', $16, $17, $18, $19, $20 \
-             FROM quiet, d WHERE quiet.deferred = 'on' AND quiet.accounted = 'on' ORDER BY d.n \
+             FROM quiet, owners, d \
+            WHERE quiet.deferred = 'on' AND quiet.accounted = 'on' AND owners.n >= 0 ORDER BY d.n \
            ON CONFLICT (agent_id, email_message_id, body_sha256) WHERE direction = 'inbound' DO NOTHING \
            RETURNING id, user_id, agent_id, conversation_id, \
              e2a_message_stored_bytes(raw_message, body_text, body_html, attachments_json) AS bytes), \

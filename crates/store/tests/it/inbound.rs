@@ -734,3 +734,180 @@ async fn deleting_a_message_clears_its_events_reference() {
         .collect();
     assert_eq!(refs, vec![None, None, Some(ids[2].as_str().to_owned())]);
 }
+
+/// An ingest waits for an agent being deleted before it locks anything the
+/// delete needs: the deleter holds the agent, then recomputes that agent's
+/// conversation summaries and usage counters. Were the agent first locked
+/// by the foreign-key check at the end of the statement (after the
+/// summary and usage upserts), the two would deadlock.
+#[tokio::test]
+async fn an_ingest_waits_for_an_agent_being_deleted_before_it_locks_summaries_or_usage() {
+    let (db, store) = super::store().await;
+    let alice = super::user(&store, "alice@example.com").await;
+    super::agents::verified_domain(&store, &alice, "alice.example").await;
+    super::agents::agent(&store, &alice, "a@alice.example").await;
+    let first = Mail::new("del-1@remote.example", "first");
+    inbound::ingest(
+        &store,
+        &first.view(),
+        &[delivery("a@alice.example", &alice)],
+    )
+    .await
+    .unwrap();
+
+    // The deleter: holds the agent, as `DELETE FROM agents` does first.
+    let mut deleter = db.client().await;
+    let tx = deleter.transaction().await.unwrap();
+    tx.execute(
+        "SELECT 1 FROM agents WHERE id = 'a@alice.example' FOR UPDATE",
+        &[],
+    )
+    .await
+    .unwrap();
+
+    // A reply to the same conversation arrives meanwhile.
+    let ingest = {
+        let store = store.clone();
+        let alice = alice.clone();
+        tokio::spawn(async move {
+            let mut reply = Mail::new("del-2@remote.example", "a reply");
+            reply.refs = vec!["del-1@remote.example".into()];
+            inbound::ingest(
+                &store,
+                &reply.view(),
+                &[delivery("a@alice.example", &alice)],
+            )
+            .await
+        })
+    };
+    let watcher = db.client().await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let waiting: i64 = watcher
+            .query_one("SELECT count(*) FROM pg_locks WHERE NOT granted", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the ingest never waited"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+
+    // What the delete's triggers lock next is free: the ingest holds none of it.
+    tx.execute(
+        "SELECT 1 FROM conversation_summaries WHERE agent_id = 'a@alice.example' FOR UPDATE NOWAIT",
+        &[],
+    )
+    .await
+    .expect("the ingest must not hold the agent's conversation summaries");
+    tx.execute(
+        "SELECT 1 FROM account_usage WHERE user_id = $1 FOR UPDATE NOWAIT",
+        &[&alice],
+    )
+    .await
+    .expect("the ingest must not hold the owner's usage counters");
+    tx.execute("DELETE FROM agents WHERE id = 'a@alice.example'", &[])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    let outcome = ingest.await.unwrap();
+    assert!(outcome.is_err(), "the agent is gone: {outcome:?}");
+    assert_eq!(count(&db, "SELECT count(*) FROM messages").await, 0);
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM conversation_summaries").await,
+        0
+    );
+}
+
+/// An `email.sent` event of `message_id`.
+fn sent<'a>(user: &'a UserId, message_id: &'a str) -> events::MessageEvent<'a> {
+    events::MessageEvent {
+        user_id: user,
+        message_id,
+        agent_id: "a@alice.example",
+        conversation_id: "",
+        event_type: e2a_store::outbound::EMAIL_SENT,
+    }
+}
+
+/// An event appended for a message references it only while it exists,
+/// and holds it against a concurrent delete until the event is committed
+/// (what `webhook_events_message_fkey` did before V28): no event is left
+/// pointing at a deleted message.
+#[tokio::test]
+async fn an_appended_event_references_its_message_only_while_it_exists() {
+    let (db, store) = super::store().await;
+    let alice = super::user(&store, "alice@example.com").await;
+    super::agents::verified_domain(&store, &alice, "alice.example").await;
+    super::agents::agent(&store, &alice, "a@alice.example").await;
+    let d = delivery("a@alice.example", &alice);
+    let id = d.message_id.clone();
+    inbound::ingest(&store, &Mail::new("ev-1@remote.example", "x").view(), &[d])
+        .await
+        .unwrap();
+    let event = |message_id| sent(&alice, message_id);
+    let reference = |message: &str| {
+        let db = &db;
+        let event_id = events::deterministic_id(&[message, e2a_store::outbound::EMAIL_SENT]);
+        async move {
+            db.client()
+                .await
+                .query_one(
+                    "SELECT message_id FROM webhook_events WHERE id = $1",
+                    &[&event_id.as_str()],
+                )
+                .await
+                .unwrap()
+                .get::<_, Option<String>>(0)
+        }
+    };
+    let leaked = id.as_str();
+
+    // A message that does not exist (or is another tenant's) is not referenced.
+    let c = store.client().await.unwrap();
+    event("msg_00000000000000000000000000000000")
+        .append(&c, time::OffsetDateTime::now_utc(), json!({}))
+        .await
+        .unwrap();
+    assert_eq!(
+        reference("msg_00000000000000000000000000000000").await,
+        None
+    );
+
+    // An existing one is, and cannot be deleted before the event commits.
+    let mut writer = store.client().await.unwrap();
+    let tx = writer.transaction().await.unwrap();
+    event(leaked)
+        .append(&tx, time::OffsetDateTime::now_utc(), json!({}))
+        .await
+        .unwrap();
+    let deleter = db.client().await;
+    deleter
+        .batch_execute("SET lock_timeout = '200ms'")
+        .await
+        .unwrap();
+    let err = deleter
+        .execute("DELETE FROM messages WHERE id = $1", &[&leaked])
+        .await
+        .expect_err("the event's transaction holds the message");
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE)
+    );
+    tx.commit().await.unwrap();
+    assert_eq!(reference(leaked).await.as_deref(), Some(leaked));
+    assert_eq!(
+        deleter
+            .execute("DELETE FROM messages WHERE id = $1", &[&leaked])
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(reference(leaked).await, None, "cleared with its message");
+}
