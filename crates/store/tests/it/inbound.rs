@@ -781,22 +781,12 @@ async fn an_ingest_waits_for_an_agent_being_deleted_before_it_locks_summaries_or
         })
     };
     let watcher = db.client().await;
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let waiting: i64 = watcher
-            .query_one("SELECT count(*) FROM pg_locks WHERE NOT granted", &[])
-            .await
-            .unwrap()
-            .get(0);
-        if waiting > 0 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the ingest never waited"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    super::until_blocked(
+        &watcher,
+        "SELECT count(*) FROM pg_locks WHERE NOT granted",
+        "the ingest",
+    )
+    .await;
 
     // What the delete's triggers lock next is free: the ingest holds none of it.
     tx.execute(

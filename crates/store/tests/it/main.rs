@@ -47,3 +47,21 @@ pub async fn user(store: &Store, email: &str) -> UserId {
         .unwrap()
         .id
 }
+
+/// Waits until `count_sql` (a count of blocked lock requests, read on `c`)
+/// is positive: a signal that another session is blocked, not a guess.
+/// Panics naming `what` after 20 s.
+pub async fn until_blocked(c: &tokio_postgres::Client, count_sql: &str, what: &str) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let waiting: i64 = c.query_one(count_sql, &[]).await.unwrap().get(0);
+        if waiting > 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what} never blocked"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}

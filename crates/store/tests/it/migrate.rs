@@ -120,25 +120,12 @@ async fn the_lock_serialises_a_migrator_behind_a_holder() {
     let store = store_for(&db);
     let task = tokio::spawn(async move { store.migrate(MigrationMode::Auto).await });
     // Wait until the migrator is blocked on the lock (visible in pg_locks).
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let waiting: i64 = holder
-            .query_one(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if waiting > 0 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "migrator never waited for the lock"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    super::until_blocked(
+        &holder,
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+        "the migrator",
+    )
+    .await;
     assert!(!task.is_finished());
     holder
         .execute(

@@ -416,26 +416,13 @@ async fn a_reenable_racing_an_auto_disable_sees_it() {
     // Wait until the re-enable is blocked on the row lock (a signal, not a
     // guess: the server reports the waiting backend).
     let watcher = store.client().await.unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let waiting: i64 = watcher
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity \
-                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if waiting > 0 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "re-enable never blocked"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    super::until_blocked(
+        &watcher,
+        "SELECT count(*) FROM pg_stat_activity \
+         WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        "re-enable",
+    )
+    .await;
     tx.commit().await.unwrap();
     let result = reenable.await.unwrap();
     assert!(
