@@ -2,8 +2,6 @@
 //! decided in one statement (flaw 24), rotation that keeps a valid
 //! previous secret (flaw 23), the expired-secret sweep, tenancy.
 
-use std::time::Duration;
-
 use e2a_store::{
     Store, StoreConfig, StoreError, domains,
     ids::{UserId, WebhookId},
