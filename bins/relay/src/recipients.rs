@@ -5,7 +5,7 @@
 //! ([`e2a_store::agents::resolve_recipient`]). A busy sender repeats the same
 //! few addresses hundreds of times a second, and that lookup was a tenth of
 //! the relay's database work per message. An address found acceptable is
-//! therefore answered from memory for [`RecipientCache::ttl`]
+//! therefore answered from memory for a short period, the cache's `ttl`
 //! (`E2A_SMTP_RECIPIENT_CACHE_MS`, default one second; `0` turns it off).
 //!
 //! What staleness this allows, and why it is acceptable:
@@ -53,13 +53,8 @@ impl RecipientCache {
         }
     }
 
-    /// How long an acceptance is reused.
-    pub fn ttl(&self) -> Duration {
-        self.ttl
-    }
-
-    /// The acceptance of `address` (normalised) found less than
-    /// [`Self::ttl`] ago, if any.
+    /// The acceptance of `address` (normalised) whose lookup began less
+    /// than `ttl` ago, if any.
     pub fn get(&self, address: &str) -> Option<Recipient> {
         if self.ttl.is_zero() {
             return None;
@@ -72,7 +67,7 @@ impl RecipientCache {
     }
 
     /// Remembers that `address` was accepted as `recipient` by a lookup
-    /// that began at `looked_up`: the entry expires [`Self::ttl`] after
+    /// that began at `looked_up`: the entry expires `ttl` after
     /// that, so a slow lookup cannot stretch the staleness bound. Refusals
     /// (over quota) are never kept.
     pub fn put(&self, address: &str, recipient: &Recipient, looked_up: Instant) {
