@@ -27,7 +27,6 @@ pub mod config;
 pub mod legacy;
 pub mod mail;
 pub mod queue;
-pub mod recorder;
 pub mod wake;
 pub mod webhooks;
 

@@ -41,10 +41,9 @@ use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use crate::{
-    queue::Queue,
-    recorder::{Recorder, Records},
-};
+use e2a_runtime::group_commit::{Recorder, Records};
+
+use crate::queue::Queue;
 
 /// Base waits after the 1st, 2nd, … failed attempt; past the end the last
 /// entry repeats. With the default 8 attempts a message is tried for about

@@ -14,7 +14,7 @@
 //! process-wide drain deadline bounds that wait).
 //!
 //! A job holds a worker's [`Slot`] while it works. A queue whose outcome is
-//! recorded through the group-committing [`crate::recorder::Recorder`]
+//! recorded through the group-committing [`e2a_runtime::group_commit::Recorder`]
 //! frees the worker once the attempt is made and only the record's commit
 //! is left to wait for ([`Slot::recording`]): the worker claims its next
 //! job during that commit instead of idling through an fsync. At most

@@ -14,9 +14,10 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
+use e2a_runtime::group_commit::{Recorder, Records};
+
 use crate::{
     queue::{Kick, Queue},
-    recorder::{Recorder, Records},
     wake::WakeStats,
 };
 

@@ -11,10 +11,13 @@
 //!   timeouts, a connection cap, load shedding, graceful drain.
 //! * [`boot`] — connect to Postgres with a bounded retry and migrate per
 //!   `E2A_MIGRATION_MODE`.
+//! * [`group_commit`] — many tasks' writes recorded in one transaction
+//!   (the deliverer's outcomes, the relay's received messages).
 //! * [`main`] — the few lines each `main.rs` calls.
 
 pub mod boot;
 pub mod config;
+pub mod group_commit;
 pub mod ops;
 pub mod serve;
 pub mod shutdown;
