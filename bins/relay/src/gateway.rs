@@ -3,9 +3,10 @@
 //! the original's flaw 29), signed with each owner's newest signing secret
 //! (`X-E2A-Auth-*`), threaded and stored for every recipient agent in **one
 //! transaction** with its `email.received` events
-//! ([`e2a_store::inbound::ingest`]). The session answers `250` only after
-//! that transaction committed; any storage error is `451 4.3.0`, and nothing
-//! partial remains (flaw 3).
+//! ([`e2a_store::inbound::ingest_batch`], group-committed with other
+//! sessions' messages by [`crate::ingests`]). The session answers `250`
+//! only after that transaction committed; any storage error is
+//! `451 4.3.0`, and nothing partial remains (flaw 3).
 //!
 //! DMARC rejection: an agent that opted in (`reject_dmarc_failures`) does
 //! not receive mail that fails DMARC under a `p=reject` policy
@@ -45,13 +46,14 @@ use e2a_store::{
     address::EmailAddress,
     agents::{self, Recipient},
     ids::{MessageId, SigningSecretId, UserId},
-    inbound::{self, Delivery, InboundMail, Outcome},
+    inbound::{Delivery, Outcome},
     signing_secrets::{self, SigningSecret},
 };
 use time::OffsetDateTime;
 
 use crate::{
     backend::{Backend, DeliveryOutcome, Envelope, RecipientCheck},
+    ingests::{Ingester, Received},
     recipients::RecipientCache,
 };
 
@@ -73,6 +75,8 @@ pub struct Gateway {
     touched: Mutex<HashMap<SigningSecretId, Instant>>,
     /// Recipients accepted in the last moment (`E2A_SMTP_RECIPIENT_CACHE_MS`).
     recipients: RecipientCache,
+    /// Stores messages, sharing commits between sessions.
+    ingester: Ingester,
 }
 
 impl Gateway {
@@ -80,7 +84,8 @@ impl Gateway {
     /// SPF/DKIM/DMARC (every verdict `none`); `local_host` is our host
     /// name; `trusted_signing_domains` may vouch for the conversation header;
     /// an accepted recipient is reused for `recipient_cache` (see
-    /// [`crate::recipients`]; zero looks every `RCPT` up).
+    /// [`crate::recipients`]; zero looks every `RCPT` up). Starts the
+    /// recording tasks of [`crate::ingests`] (call inside a Tokio runtime).
     pub fn new(
         store: Store,
         authenticator: Option<Authenticator>,
@@ -90,6 +95,7 @@ impl Gateway {
         recipient_cache: Duration,
     ) -> Self {
         Self {
+            ingester: Ingester::spawn(store.clone()),
             store,
             authenticator,
             local_host,
@@ -229,7 +235,7 @@ impl Backend for Gateway {
             );
         }
         match self
-            .store_for(envelope, &raw, &body_sha256, &parsed, &verdict, &recipients)
+            .store_for(envelope, raw, body_sha256, &parsed, &verdict, &recipients)
             .await
         {
             Ok(outcomes) => {
@@ -263,12 +269,13 @@ impl Backend for Gateway {
 }
 
 impl Gateway {
-    /// Signs and stores the message for `recipients` (one transaction).
+    /// Signs and stores the message for `recipients` (one transaction,
+    /// maybe shared with other sessions' messages: [`crate::ingests`]).
     async fn store_for(
         &self,
         envelope: &Envelope<Recipient>,
-        raw: &[u8],
-        body_sha256: &str,
+        raw: Vec<u8>,
+        body_sha256: String,
         parsed: &ParsedMessage,
         verdict: &AuthVerdict,
         recipients: &[&Recipient],
@@ -294,7 +301,7 @@ impl Gateway {
 
         // What every copy's headers assert, but its own message id.
         let signed_facts =
-            headers::AuthHeaderInput::from_verdict(verdict, from.clone(), now, "", body_sha256);
+            headers::AuthHeaderInput::from_verdict(verdict, from.clone(), now, "", &body_sha256);
         let mut secrets: HashMap<UserId, SigningSecret> = HashMap::new();
         let mut deliveries = Vec::with_capacity(recipients.len());
         {
@@ -338,24 +345,23 @@ impl Gateway {
                 });
             }
         }
-        let thread_refs = storable_all(&parsed.thread_ids());
-        let message_id = storable(parsed.message_id.as_deref().unwrap_or(""));
-        let mail = InboundMail {
+        let received = Received {
             raw,
             body_sha256,
-            email_message_id: &message_id,
-            sender: &display_sender,
-            subject: &subject,
-            to: &to,
-            cc: &cc,
-            reply_to: &reply_to,
-            thread_refs: &thread_refs,
-            trusted_conversation_id: trusted_conversation.as_deref(),
+            email_message_id: storable(parsed.message_id.as_deref().unwrap_or("")).into_owned(),
+            sender: display_sender,
+            subject: subject.into_owned(),
+            to,
+            cc,
+            reply_to,
+            thread_refs: storable_all(&parsed.thread_ids()),
+            trusted_conversation_id: trusted_conversation,
             spf: verdict.spf.as_str(),
             dkim: verdict.dkim.as_str(),
             dmarc: verdict.dmarc.as_str(),
+            deliveries,
         };
-        let outcomes = inbound::ingest(&self.store, &mail, &deliveries).await?;
+        let outcomes = self.ingester.record(received).await?;
         self.touch(secrets.values().map(|s| s.id.clone()));
         Ok(outcomes)
     }

@@ -7,12 +7,14 @@
 //! token.
 //!
 //! Accepted mail goes through [`gateway::Gateway`]: authenticated, signed,
-//! threaded and stored (one transaction per message) before the session
-//! answers `250`.
+//! threaded and stored (one transaction, shared by the messages of the
+//! sessions that finish DATA at the same moment: [`ingests`]) before the
+//! session answers `250`.
 
 pub mod backend;
 pub mod config;
 pub mod gateway;
+pub mod ingests;
 pub mod lines;
 pub mod recipients;
 pub mod server;

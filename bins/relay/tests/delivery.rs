@@ -560,3 +560,92 @@ async fn a_half_configured_or_unreadable_certificate_stops_start_up() {
         );
     }
 }
+
+/// Group commit (`e2a_relay::ingests`): messages finishing DATA while the
+/// recording tasks are busy share one transaction, yet each is answered
+/// for itself. When one of them cannot be stored (its agent was deleted
+/// after RCPT) it alone gets `451`; every other one is stored once and
+/// accepted.
+#[tokio::test]
+async fn concurrent_messages_share_commits_but_one_that_cannot_be_stored_fails_alone() {
+    const GOOD: usize = 12;
+    let db = TestDb::new().await;
+    let relay = Relay::start(db.url(), None).await;
+    relay.agent("alice@example.com", "demo@agents.test").await;
+    let doomed = relay.agent("gone@example.com", "gone@gone.test").await;
+    let mut sessions = Vec::new();
+    for i in 0..=GOOD {
+        let to = if i == GOOD {
+            "gone@gone.test"
+        } else {
+            "demo@agents.test"
+        };
+        let mut s = common::Raw::greeted(relay.smtp).await;
+        assert_eq!(s.cmd("MAIL FROM:<s@remote.test>").await, "250 2.1.0 OK");
+        assert_eq!(s.cmd(format!("RCPT TO:<{to}>")).await, "250 2.1.5 OK");
+        assert!(s.cmd("DATA").await.starts_with("354 "));
+        sessions.push(s);
+    }
+    let mut c = relay.store.client().await.unwrap();
+    agents::delete(&c, &doomed, "gone@gone.test").await.unwrap();
+
+    // Hold the good agent, so that the recording tasks' first statements
+    // wait and the other messages queue up behind them.
+    let hold = c.transaction().await.unwrap();
+    hold.execute(
+        "SELECT 1 FROM agents WHERE id = 'demo@agents.test' FOR UPDATE",
+        &[],
+    )
+    .await
+    .unwrap();
+    let end = |i: usize, mut s: common::Raw| {
+        tokio::spawn(async move {
+            let raw = message(&format!("batch-{i}@remote.test"), "s@remote.test", "", "hi");
+            s.send(raw).await;
+            (i, s.cmd(".").await)
+        })
+    };
+    let doomed_session = sessions.pop().unwrap();
+    let mut ends: Vec<_> = sessions
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| end(i, s))
+        .collect();
+    let waiting = "SELECT count(*) FROM pg_stat_activity \
+                   WHERE wait_event_type = 'Lock' AND query LIKE 'WITH quiet%'";
+    let deadline = tokio::time::Instant::now() + PROMPT;
+    while relay.count(waiting).await < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "both tasks wait");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Queued behind them, with ten good messages: one batch.
+    ends.push(end(GOOD, doomed_session));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    hold.rollback().await.unwrap();
+
+    for end in ends {
+        let (i, reply) = end.await.unwrap();
+        if i == GOOD {
+            assert!(reply.starts_with("451 4.3.0"), "{reply}");
+        } else {
+            assert!(reply.starts_with("250 2.0.0 "), "{reply}");
+        }
+    }
+    assert_eq!(
+        relay
+            .count("SELECT count(DISTINCT email_message_id) FROM messages")
+            .await,
+        GOOD as i64
+    );
+    assert_eq!(
+        relay.count("SELECT count(*) FROM messages").await,
+        GOOD as i64
+    );
+    assert_eq!(
+        relay
+            .count("SELECT count(*) FROM webhook_events WHERE type = 'email.received'")
+            .await,
+        GOOD as i64
+    );
+    relay.stop().await;
+}

@@ -1,6 +1,9 @@
 //! Inbound mail: [`ingest`] stores one received message for each recipient
 //! agent, threads it, and appends its `email.received` events — in **one
 //! transaction**. The relay answers `250` only after it returns `Ok`.
+//! [`ingest_batch`] does the same for several messages in one statement
+//! (the relay's group commit); everything below holds for each message of
+//! a batch.
 //!
 //! * **Dedupe (the original's flaw 2):** a row per agent is unique on
 //!   (agent, Message-ID — possibly empty —, sha256 of the raw bytes); an MTA
@@ -141,9 +144,11 @@ pub enum Outcome {
 /// The common part of [`INGEST_SQL`] and [`INGEST_LEGACY_SQL`]: V11
 /// `defer_notify` and V28 `messages_accounted`, then every copy (`m`), its
 /// event (`e`), its conversation summary (`cs`) and its owner's usage
-/// counters (`u`). `$1`–`$7` are per-copy arrays in lock order (message id,
-/// owner, agent, signed headers, conversation, event id, envelope); `$8`–`$20`
-/// are the shared parts of the mail.
+/// counters (`u`). `$1`–`$7` and `$21` are per-copy arrays in lock order
+/// (message id, owner, agent, signed headers, conversation, event id,
+/// envelope; the copy's message as a 1-based index); `$8`–`$20` are
+/// per-message arrays (what all copies of one message share — its raw
+/// bytes travel once however many recipients it has), read by subscript.
 ///
 /// `quiet` runs before the rows are produced and the triggers fire at the
 /// end of the statement, so they see both settings: the event trigger sends
@@ -164,7 +169,8 @@ pub enum Outcome {
 ///
 /// `cs` and `u` count only the copies actually inserted (`m`), so a
 /// duplicate counts nothing. They write exactly what the trigger would for
-/// these rows (inbound, unread, one `created_at`): `cs` upserts one summary
+/// these rows (inbound, unread; the latest by (created_at, id) gives a
+/// summary's subject and sender): `cs` upserts one summary
 /// per (agent, conversation) in key order, `u` one usage row per owner on
 /// this connection's slot in owner order — and `u` runs after `cs` (it
 /// reads `cs`'s count), keeping the order every writer locks in: summaries
@@ -175,9 +181,11 @@ macro_rules! ingest_ctes {
            SELECT set_config('e2a.defer_notify', 'on', true) AS deferred, \
                   set_config('e2a.messages_accounted', 'on', true) AS accounted), \
          d AS MATERIALIZED ( \
-           SELECT d.id, d.user_id, d.agent_id, d.auth_headers, d.conversation_id, d.event_id, d.envelope, d.n \
-             FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::text[], $6::text[], $7::jsonb[]) \
-             WITH ORDINALITY AS d(id, user_id, agent_id, auth_headers, conversation_id, event_id, envelope, n)), \
+           SELECT d.id, d.user_id, d.agent_id, d.auth_headers, d.conversation_id, d.event_id, d.envelope, \
+                  d.mail, d.n \
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::text[], $6::text[], $7::jsonb[], \
+                         $21::int4[]) \
+             WITH ORDINALITY AS d(id, user_id, agent_id, auth_headers, conversation_id, event_id, envelope, mail, n)), \
          owners AS MATERIALIZED ( \
            SELECT count(*) AS n FROM ( \
              SELECT 1 FROM agents a \
@@ -188,12 +196,15 @@ macro_rules! ingest_ctes {
            INSERT INTO messages (id, user_id, agent_id, direction, sender, recipient, subject, email_message_id, \
              raw_message, body_sha256, auth_headers, spf_result, dkim_result, dmarc_result, conversation_id, \
              inbox_status, to_recipients, cc, reply_to, created_at, expires_at) \
-           SELECT d.id, d.user_id, d.agent_id, 'inbound', $8, d.agent_id, $9, $10, $11, $12, d.auth_headers, \
-             $13, $14, $15, d.conversation_id, 'unread', $16, $17, $18, $19, $20 \
+           SELECT d.id, d.user_id, d.agent_id, 'inbound', ($8::text[])[d.mail], d.agent_id, \
+             ($9::text[])[d.mail], ($10::text[])[d.mail], ($11::bytea[])[d.mail], ($12::text[])[d.mail], \
+             d.auth_headers, ($13::text[])[d.mail], ($14::text[])[d.mail], ($15::text[])[d.mail], \
+             d.conversation_id, 'unread', ($16::text[])[d.mail]::text[], ($17::text[])[d.mail]::text[], \
+             ($18::text[])[d.mail]::text[], ($19::timestamptz[])[d.mail], ($20::timestamptz[])[d.mail] \
              FROM quiet, owners, d \
             WHERE quiet.deferred = 'on' AND quiet.accounted = 'on' AND owners.n >= 0 ORDER BY d.n \
            ON CONFLICT (agent_id, email_message_id, body_sha256) WHERE direction = 'inbound' DO NOTHING \
-           RETURNING id, user_id, agent_id, conversation_id, \
+           RETURNING id, user_id, agent_id, conversation_id, created_at, expires_at, subject, sender, \
              e2a_message_stored_bytes(raw_message, body_text, body_html, attachments_json) AS bytes), \
          e AS ( \
            INSERT INTO webhook_events (id, user_id, type, envelope, agent_id, conversation_id, message_id, labels) \
@@ -204,8 +215,11 @@ macro_rules! ingest_ctes {
            INSERT INTO conversation_summaries AS c (agent_id, user_id, conversation_id, first_message_at, \
              last_message_at, last_message_id, message_count, inbound_count, outbound_count, unread_count, \
              latest_subject, latest_sender, min_expires_at, max_expires_at) \
-           SELECT m.agent_id, m.user_id, m.conversation_id, $19, $19, max(m.id), count(*), count(*), 0, \
-             count(*), $9, $8, $20, $20 \
+           SELECT m.agent_id, m.user_id, m.conversation_id, min(m.created_at), max(m.created_at), \
+             (array_agg(m.id ORDER BY m.created_at DESC, m.id DESC))[1], count(*), count(*), 0, count(*), \
+             (array_agg(m.subject ORDER BY m.created_at DESC, m.id DESC))[1], \
+             (array_agg(m.sender ORDER BY m.created_at DESC, m.id DESC))[1], \
+             min(m.expires_at), max(m.expires_at) \
              FROM m WHERE m.conversation_id <> '' \
             GROUP BY m.agent_id, m.user_id, m.conversation_id \
             ORDER BY m.agent_id, m.conversation_id \
@@ -260,10 +274,20 @@ const INGEST_LEGACY_SQL: &str = concat!(
     ingest_ctes!(),
     ", l AS ( \
        INSERT INTO webhook_deliveries (message_id, user_id, max_attempts, expires_at) \
-       SELECT d.id, d.user_id, $22, $23 \
-         FROM d JOIN m ON m.id = d.id WHERE d.id = ANY($21::text[]) ORDER BY d.n) \
+       SELECT d.id, d.user_id, $23, $24 \
+         FROM d JOIN m ON m.id = d.id WHERE d.id = ANY($22::text[]) ORDER BY d.n) \
      SELECT id FROM m"
 );
+
+/// One received message and its recipient agents' copies: an element of
+/// the batch [`ingest_batch`] stores.
+#[derive(Debug, Clone, Copy)]
+pub struct Arrival<'a> {
+    /// The message.
+    pub mail: &'a InboundMail<'a>,
+    /// Its copies (one per recipient agent).
+    pub deliveries: &'a [Delivery],
+}
 
 /// Stores `mail` once per delivery, atomically; see the module docs.
 /// Returns one [`Outcome`] per delivery, in the order given. Any error
@@ -284,13 +308,36 @@ pub async fn ingest(
     mail: &InboundMail<'_>,
     deliveries: &[Delivery],
 ) -> Result<Vec<Outcome>> {
-    if deliveries.is_empty() {
-        return Ok(Vec::new());
+    let mut outcomes = ingest_batch(store, &[Arrival { mail, deliveries }]).await?;
+    Ok(outcomes.pop().unwrap_or_default())
+}
+
+/// [`ingest`] of several messages at once, as **one statement**: every
+/// copy of every message, their events, legacy pushes, summaries and usage
+/// counters commit together or not at all (group commit: one commit, one
+/// plan, one constraint setup for the whole batch instead of one per
+/// message). Returns each arrival's outcomes, in the order given.
+///
+/// What holds for one message holds for each message of a batch: copies
+/// are written in one global (owner, agent) lock order across the batch; a
+/// message already stored for an agent — before the batch or earlier in it
+/// — is a [`Outcome::Duplicate`] and writes nothing; every summary and
+/// counter ends exactly as if the messages had been ingested one by one.
+/// A message of the batch is not threaded onto another message of the same
+/// batch (the lookups run before the statement), as with two messages
+/// committed at the same moment by two sessions.
+///
+/// An error means nothing of the batch was stored: one message that cannot
+/// be stored (its agent deleted meanwhile) fails the others too, so a
+/// caller batching independent messages should retry them one by one.
+pub async fn ingest_batch(store: &Store, batch: &[Arrival<'_>]) -> Result<Vec<Vec<Outcome>>> {
+    if batch.iter().all(|a| a.deliveries.is_empty()) {
+        return Ok(vec![Vec::new(); batch.len()]);
     }
     let client = store.client().await?;
     let mut attempt = 1;
     let outcomes = loop {
-        match ingest_in(&client, mail, deliveries).await {
+        match ingest_batch_in(&client, batch).await {
             Err(e) if e.is_retryable_conflict() && attempt < crate::TX_MAX_ATTEMPTS => {
                 crate::store::conflict_backoff(attempt).await;
                 attempt += 1;
@@ -298,7 +345,11 @@ pub async fn ingest(
             other => break other?,
         }
     };
-    if outcomes.iter().any(|o| matches!(o, Outcome::Stored { .. })) {
+    if outcomes
+        .iter()
+        .flatten()
+        .any(|o| matches!(o, Outcome::Stored { .. }))
+    {
         events::wake_deliverer(store);
     }
     Ok(outcomes)
@@ -316,31 +367,71 @@ pub async fn ingest_in(
     mail: &InboundMail<'_>,
     deliveries: &[Delivery],
 ) -> Result<Vec<Outcome>> {
-    if deliveries.is_empty() {
-        return Ok(Vec::new());
+    let mut outcomes = ingest_batch_in(c, &[Arrival { mail, deliveries }]).await?;
+    Ok(outcomes.pop().unwrap_or_default())
+}
+
+/// [`ingest_batch`] on `c`, once, without retry or wake-up (see
+/// [`ingest_in`]).
+pub async fn ingest_batch_in(
+    c: &impl GenericClient,
+    batch: &[Arrival<'_>],
+) -> Result<Vec<Vec<Outcome>>> {
+    // Every copy as (arrival, delivery), in the one global lock order: by
+    // owner, then agent (then arrival, so the order is total).
+    let mut order: Vec<(usize, usize)> = batch
+        .iter()
+        .enumerate()
+        .flat_map(|(a, arrival)| (0..arrival.deliveries.len()).map(move |i| (a, i)))
+        .collect();
+    if order.is_empty() {
+        return Ok(vec![Vec::new(); batch.len()]);
     }
-    // One global lock order: by owner, then agent.
-    let mut order: Vec<usize> = (0..deliveries.len()).collect();
-    order.sort_by_key(|&i| (&deliveries[i].user_id, &deliveries[i].agent_id));
+    order.sort_by_key(|&(a, i)| {
+        let d = &batch[a].deliveries[i];
+        (&d.user_id, &d.agent_id, a)
+    });
 
     let now = OffsetDateTime::now_utc()
         .replace_nanosecond(0)
         .unwrap_or_else(|_| OffsetDateTime::now_utc());
-    let reply_to: Option<&[String]> = (!mail.reply_to.is_empty()).then_some(mail.reply_to);
-    let mut conversations = vec![String::new(); deliveries.len()];
-    let (mut ids, mut users, mut agents, mut headers, mut convs, mut event_ids, mut envelopes) =
-        (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+    let received_at = now.format(&Rfc3339).unwrap_or_default();
+
+    // The threading lookups of every copy, pipelined on the connection.
+    let threads = futures::future::try_join_all(order.iter().map(|&(a, i)| {
+        let mail = batch[a].mail;
+        let agent = batch[a].deliveries[i].agent_id.as_str();
+        async move {
+            match mail.trusted_conversation_id {
+                Some(id) => Ok(Some(id.to_owned())),
+                None => thread_of(c, agent, mail.thread_refs).await,
+            }
+        }
+    }))
+    .await?;
+
+    let mut conversations: Vec<Vec<String>> = batch
+        .iter()
+        .map(|a| vec![String::new(); a.deliveries.len()])
+        .collect();
+    let n = order.len();
+    let (mut ids, mut users, mut agents, mut headers, mut convs, mut event_ids, mut envelopes) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let mut mail_of: Vec<i32> = Vec::with_capacity(n);
     let mut legacy: Vec<&str> = Vec::new();
-    for &i in &order {
-        let d = &deliveries[i];
-        let conversation_id = match mail.trusted_conversation_id {
-            Some(id) => id.to_owned(),
-            None => match thread_of(c, &d.agent_id, mail.thread_refs).await? {
-                Some(id) => id,
-                None => mint_conversation_id(),
-            },
-        };
+    for (&(a, i), thread) in order.iter().zip(threads) {
+        let mail = batch[a].mail;
+        let d = &batch[a].deliveries[i];
+        let conversation_id = thread.unwrap_or_else(mint_conversation_id);
         let event_id = events::deterministic_id(&[d.message_id.as_str(), events::EMAIL_RECEIVED]);
+        let reply_to: Option<&[String]> = (!mail.reply_to.is_empty()).then_some(mail.reply_to);
         let data = json!({
             "message_id": d.message_id,
             "conversation_id": conversation_id,
@@ -352,7 +443,7 @@ pub async fn ingest_in(
             "recipient": d.agent_id,
             "subject": mail.subject,
             "auth_headers": d.auth_headers,
-            "received_at": now.format(&Rfc3339).unwrap_or_default(),
+            "received_at": received_at,
         });
         envelopes.push(events::envelope(
             events::EMAIL_RECEIVED,
@@ -364,22 +455,60 @@ pub async fn ingest_in(
         users.push(d.user_id.as_str());
         agents.push(d.agent_id.as_str());
         headers.push(&d.auth_headers);
+        // 1-based subscript into the per-message arrays below.
+        mail_of.push(i32::try_from(a + 1).unwrap_or(i32::MAX));
         if d.legacy_push {
             legacy.push(d.message_id.as_str());
         }
         event_ids.push(event_id.as_str().to_owned());
         convs.push(conversation_id.clone());
-        conversations[i] = conversation_id;
+        conversations[a][i] = conversation_id;
     }
 
+    // The per-message arrays, indexed by `mail_of`. Lists travel as array
+    // literals (one text per message: PostgreSQL arrays of arrays must be
+    // rectangular).
+    let m = batch.len();
+    let (mut senders, mut subjects, mut message_ids, mut raws, mut digests) = (
+        Vec::with_capacity(m),
+        Vec::with_capacity(m),
+        Vec::with_capacity(m),
+        Vec::with_capacity(m),
+        Vec::with_capacity(m),
+    );
+    let (mut spfs, mut dkims, mut dmarcs, mut tos, mut ccs, mut reply_tos) = (
+        Vec::with_capacity(m),
+        Vec::with_capacity(m),
+        Vec::with_capacity(m),
+        Vec::with_capacity(m),
+        Vec::with_capacity(m),
+        Vec::with_capacity(m),
+    );
+    for arrival in batch {
+        let mail = arrival.mail;
+        senders.push(mail.sender);
+        subjects.push(mail.subject);
+        message_ids.push(mail.email_message_id);
+        raws.push(mail.raw);
+        digests.push(mail.body_sha256);
+        spfs.push(mail.spf);
+        dkims.push(mail.dkim);
+        dmarcs.push(mail.dmarc);
+        tos.push(text_array_literal(mail.to));
+        ccs.push(text_array_literal(mail.cc));
+        reply_tos.push((!mail.reply_to.is_empty()).then(|| text_array_literal(mail.reply_to)));
+    }
+    let created = vec![now; m];
+    let expires = vec![now + MESSAGE_TTL; m];
+
     let (sql, n_params) = if legacy.is_empty() {
-        (INGEST_SQL, 20)
+        (INGEST_SQL, 21)
     } else {
-        (INGEST_LEGACY_SQL, 23)
+        (INGEST_LEGACY_SQL, 24)
     };
     let stmt = c.prepare_cached(sql).await?;
     let legacy_expires_at = now + LEGACY_TTL;
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 23] = [
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 24] = [
         &ids,
         &users,
         &agents,
@@ -387,19 +516,20 @@ pub async fn ingest_in(
         &convs,
         &event_ids,
         &envelopes,
-        &mail.sender,
-        &mail.subject,
-        &mail.email_message_id,
-        &mail.raw,
-        &mail.body_sha256,
-        &mail.spf,
-        &mail.dkim,
-        &mail.dmarc,
-        &mail.to,
-        &mail.cc,
-        &reply_to,
-        &now,
-        &(now + MESSAGE_TTL),
+        &senders,
+        &subjects,
+        &message_ids,
+        &raws,
+        &digests,
+        &spfs,
+        &dkims,
+        &dmarcs,
+        &tos,
+        &ccs,
+        &reply_tos,
+        &created,
+        &expires,
+        &mail_of,
         &legacy,
         &LEGACY_MAX_ATTEMPTS,
         &legacy_expires_at,
@@ -407,32 +537,62 @@ pub async fn ingest_in(
     let rows = c.query(&stmt, &params[..n_params]).await?;
     let inserted: std::collections::HashSet<String> = rows.iter().map(|r| r.get(0)).collect();
 
-    let mut outcomes = Vec::with_capacity(deliveries.len());
-    for (d, conversation_id) in deliveries.iter().zip(conversations) {
-        if inserted.contains(d.message_id.as_str()) {
-            outcomes.push(Outcome::Stored {
-                message_id: d.message_id.clone(),
-                conversation_id,
+    let mut outcomes = Vec::with_capacity(batch.len());
+    for (arrival, conversations) in batch.iter().zip(conversations) {
+        let mut these = Vec::with_capacity(arrival.deliveries.len());
+        for (d, conversation_id) in arrival.deliveries.iter().zip(conversations) {
+            if inserted.contains(d.message_id.as_str()) {
+                these.push(Outcome::Stored {
+                    message_id: d.message_id.clone(),
+                    conversation_id,
+                });
+                continue;
+            }
+            let existing = c
+                .prepare_cached(
+                    "SELECT id FROM messages WHERE agent_id = $1 AND email_message_id = $2 \
+                     AND body_sha256 = $3 AND direction = 'inbound'",
+                )
+                .await?;
+            let row = c
+                .query_one(
+                    &existing,
+                    &[
+                        &d.agent_id,
+                        &arrival.mail.email_message_id,
+                        &arrival.mail.body_sha256,
+                    ],
+                )
+                .await?;
+            these.push(Outcome::Duplicate {
+                message_id: row.get(0),
             });
-            continue;
         }
-        let existing = c
-            .prepare_cached(
-                "SELECT id FROM messages WHERE agent_id = $1 AND email_message_id = $2 AND body_sha256 = $3 \
-                 AND direction = 'inbound'",
-            )
-            .await?;
-        let row = c
-            .query_one(
-                &existing,
-                &[&d.agent_id, &mail.email_message_id, &mail.body_sha256],
-            )
-            .await?;
-        outcomes.push(Outcome::Duplicate {
-            message_id: row.get(0),
-        });
+        outcomes.push(these);
     }
     Ok(outcomes)
+}
+
+/// `items` as a PostgreSQL array literal (`{"a","b\"c"}`): every element
+/// quoted, `\` and `"` escaped, so no address can change the array's shape.
+fn text_array_literal(items: &[String]) -> String {
+    let mut out = String::with_capacity(2 + items.iter().map(|s| s.len() + 3).sum::<usize>());
+    out.push('{');
+    for (k, item) in items.iter().enumerate() {
+        if k > 0 {
+            out.push(',');
+        }
+        out.push('"');
+        for ch in item.chars() {
+            if ch == '"' || ch == '\\' {
+                out.push('\\');
+            }
+            out.push(ch);
+        }
+        out.push('"');
+    }
+    out.push('}');
+    out
 }
 
 /// The statement of [`thread_of`] (`$1` agent, `$2` ids): one index lookup

@@ -901,3 +901,237 @@ async fn an_appended_event_references_its_message_only_while_it_exists() {
     );
     assert_eq!(reference(leaked).await, None, "cleared with its message");
 }
+
+/// Group commit: one statement stores a batch of messages exactly as
+/// ingesting them one by one would — every copy, one event per stored copy,
+/// legacy pushes, lists byte for byte (whatever their characters), two
+/// messages of one conversation in the same batch, duplicates of a message
+/// stored earlier in the batch or before it, summaries and usage exact.
+#[tokio::test]
+async fn a_batch_stores_each_message_as_one_by_one_ingests_would() {
+    let (db, store) = super::store().await;
+    let alice = super::user(&store, "alice@example.com").await;
+    let bob = super::user(&store, "bob@example.com").await;
+    super::agents::verified_domain(&store, &alice, "alice.example").await;
+    super::agents::verified_domain(&store, &bob, "bob.example").await;
+    for a in ["a@alice.example", "a2@alice.example"] {
+        super::agents::agent(&store, &alice, a).await;
+    }
+    super::agents::agent(&store, &bob, "b@bob.example").await;
+
+    let old = Mail::new("old@remote.example", "stored before the batch");
+    let Outcome::Stored {
+        message_id: old_id, ..
+    } = inbound::ingest(&store, &old.view(), &[delivery("a@alice.example", &alice)])
+        .await
+        .unwrap()[0]
+        .clone()
+    else {
+        panic!("stored")
+    };
+
+    let mut m1 = Mail::new("b1@remote.example", "one");
+    m1.to = vec![
+        "we\"ird\\@x.example".into(),
+        "a,b{c}@x.example".into(),
+        "NULL".into(),
+        "ünï@x.example".into(),
+        String::new(),
+    ];
+    let reply_to = vec!["r\"{,}@remote.example".to_owned()];
+    let cc = vec!["c@remote.example".to_owned()];
+    let m1_view = InboundMail {
+        reply_to: &reply_to,
+        cc: &cc,
+        ..m1.view()
+    };
+    let mut m1_copies = [
+        delivery("b@bob.example", &bob),
+        delivery("a@alice.example", &alice),
+        delivery("a2@alice.example", &alice),
+    ];
+    m1_copies[0].legacy_push = true;
+    let m2 = Mail::new("b2@remote.example", "two");
+    let m3 = Mail::new("b3@remote.example", "three");
+    let (m2_view, m3_view) = (
+        InboundMail {
+            subject: "two",
+            trusted_conversation_id: Some("cnv_shared"),
+            ..m2.view()
+        },
+        InboundMail {
+            subject: "three",
+            trusted_conversation_id: Some("cnv_shared"),
+            ..m3.view()
+        },
+    );
+    let m2_copies = [delivery("a@alice.example", &alice)];
+    let m3_copies = [delivery("a@alice.example", &alice)];
+    let again_copies = [delivery("a@alice.example", &alice)];
+    let old_copies = [delivery("a@alice.example", &alice)];
+    let batch = [
+        inbound::Arrival {
+            mail: &m1_view,
+            deliveries: &m1_copies,
+        },
+        inbound::Arrival {
+            mail: &m2_view,
+            deliveries: &m2_copies,
+        },
+        inbound::Arrival {
+            mail: &m3_view,
+            deliveries: &m3_copies,
+        },
+        // m1 again, for the same agent: a duplicate of a copy written by
+        // this very statement.
+        inbound::Arrival {
+            mail: &m1_view,
+            deliveries: &again_copies,
+        },
+        inbound::Arrival {
+            mail: &old.view(),
+            deliveries: &old_copies,
+        },
+        inbound::Arrival {
+            mail: &m2_view,
+            deliveries: &[],
+        },
+    ];
+    let outcomes = inbound::ingest_batch(&store, &batch).await.unwrap();
+    assert_eq!(
+        outcomes.iter().map(Vec::len).collect::<Vec<_>>(),
+        [3, 1, 1, 1, 1, 0]
+    );
+    for (o, d) in outcomes[0].iter().zip(&m1_copies) {
+        assert!(matches!(o, Outcome::Stored { message_id, .. } if *message_id == d.message_id));
+    }
+    for (k, copies) in [(1, &m2_copies), (2, &m3_copies)] {
+        assert_eq!(
+            outcomes[k][0],
+            Outcome::Stored {
+                message_id: copies[0].message_id.clone(),
+                conversation_id: "cnv_shared".into()
+            }
+        );
+    }
+    assert_eq!(
+        outcomes[3][0],
+        Outcome::Duplicate {
+            message_id: m1_copies[1].message_id.clone()
+        },
+        "the earlier message of the batch wins"
+    );
+    assert_eq!(outcomes[4][0], Outcome::Duplicate { message_id: old_id });
+
+    assert_eq!(count(&db, "SELECT count(*) FROM messages").await, 6);
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM webhook_events WHERE type = 'email.received'"
+        )
+        .await,
+        6,
+        "one event per stored copy, none for a duplicate"
+    );
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM webhook_deliveries").await,
+        1,
+        "the one flagged copy's legacy push"
+    );
+    let c = db.client().await;
+    for d in &m1_copies {
+        let row = c
+            .query_one(
+                "SELECT to_recipients, cc, reply_to, raw_message, subject FROM messages WHERE id = $1",
+                &[&d.message_id],
+            )
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, Vec<String>>(0), m1.to, "lists byte for byte");
+        assert_eq!(row.get::<_, Vec<String>>(1), cc);
+        assert_eq!(row.get::<_, Option<Vec<String>>>(2), Some(reply_to.clone()));
+        assert_eq!(row.get::<_, Vec<u8>>(3), m1.raw);
+        assert_eq!(row.get::<_, String>(4), "hi");
+    }
+    let row = c
+        .query_one(
+            "SELECT reply_to, raw_message, subject FROM messages WHERE id = $1",
+            &[&m3_copies[0].message_id],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        row.get::<_, Option<Vec<String>>>(0),
+        None,
+        "no Reply-To: NULL"
+    );
+    assert_eq!(
+        row.get::<_, Vec<u8>>(1),
+        m3.raw,
+        "each message its own bytes"
+    );
+    assert_eq!(row.get::<_, String>(2), "three");
+    let summary = c
+        .query_one(
+            "SELECT message_count, latest_subject FROM conversation_summaries \
+              WHERE conversation_id = 'cnv_shared'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(summary.get::<_, i64>(0), 2);
+    assert_eq!(
+        summary.get::<_, String>(1),
+        if m2_copies[0].message_id.as_str() > m3_copies[0].message_id.as_str() {
+            "two"
+        } else {
+            "three"
+        },
+        "the latest (created_at, id) of the two gives the subject"
+    );
+    let (stored, recomputed) = accounting_and_recomputed(&db).await;
+    assert_eq!(
+        stored, recomputed,
+        "summaries and usage exact after a batch"
+    );
+}
+
+/// A batch is one statement: when one of its messages cannot be stored
+/// (here its agent does not exist) nothing of the batch is — the relay then
+/// stores its messages one by one (`e2a_runtime::group_commit`).
+#[tokio::test]
+async fn a_batch_with_a_message_that_cannot_be_stored_stores_nothing() {
+    let (db, store) = super::store().await;
+    let alice = super::user(&store, "alice@example.com").await;
+    super::agents::verified_domain(&store, &alice, "alice.example").await;
+    super::agents::agent(&store, &alice, "a@alice.example").await;
+    let good = Mail::new("good@remote.example", "good");
+    let bad = Mail::new("bad@remote.example", "bad");
+    let good_copies = [delivery("a@alice.example", &alice)];
+    let bad_copies = [delivery("gone@alice.example", &alice)];
+    let (good_view, bad_view) = (good.view(), bad.view());
+    let batch = [
+        inbound::Arrival {
+            mail: &good_view,
+            deliveries: &good_copies,
+        },
+        inbound::Arrival {
+            mail: &bad_view,
+            deliveries: &bad_copies,
+        },
+    ];
+    assert!(inbound::ingest_batch(&store, &batch).await.is_err());
+    assert_eq!(count(&db, "SELECT count(*) FROM messages").await, 0);
+    assert_eq!(count(&db, "SELECT count(*) FROM webhook_events").await, 0);
+    assert_eq!(
+        count(
+            &db,
+            "SELECT coalesce(sum(messages_month), 0)::int8 FROM account_usage"
+        )
+        .await,
+        0
+    );
+    // Alone, the good message is stored.
+    let outcomes = inbound::ingest_batch(&store, &batch[..1]).await.unwrap();
+    assert!(matches!(outcomes[0][0], Outcome::Stored { .. }));
+}
