@@ -563,16 +563,23 @@ async fn a_half_configured_or_unreadable_certificate_stops_start_up() {
 
 /// Group commit (`e2a_relay::ingests`): messages finishing DATA while the
 /// recording tasks are busy share one transaction, yet each is answered
-/// for itself. When one of them cannot be stored (its agent was deleted
-/// after RCPT) it alone gets `451`; every other one is stored once and
-/// accepted.
+/// for itself. Here the first of a batch goes to an agent being deleted:
+/// the batch stops waiting for that agent's lock after its lock timeout,
+/// its messages are stored again one by one and concurrently, so every
+/// other message is accepted while the delete still runs, and that one
+/// alone gets `451` once its agent is gone.
 #[tokio::test]
 async fn concurrent_messages_share_commits_but_one_that_cannot_be_stored_fails_alone() {
     const GOOD: usize = 12;
     let db = TestDb::new().await;
-    let relay = Relay::start(db.url(), None).await;
+    // No statement timeout within the test's patience: only the batch's
+    // own lock timeout can free the good messages.
+    let relay = Relay::start_with(db.url(), None, |c| {
+        c.common.db.db_statement_timeout_ms = 300_000;
+    })
+    .await;
     relay.agent("alice@example.com", "demo@agents.test").await;
-    let doomed = relay.agent("gone@example.com", "gone@gone.test").await;
+    relay.agent("gone@example.com", "gone@gone.test").await;
     let mut sessions = Vec::new();
     for i in 0..=GOOD {
         let to = if i == GOOD {
@@ -586,18 +593,6 @@ async fn concurrent_messages_share_commits_but_one_that_cannot_be_stored_fails_a
         assert!(s.cmd("DATA").await.starts_with("354 "));
         sessions.push(s);
     }
-    let mut c = relay.store.client().await.unwrap();
-    agents::delete(&c, &doomed, "gone@gone.test").await.unwrap();
-
-    // Hold the good agent, so that the recording tasks' first statements
-    // wait and the other messages queue up behind them.
-    let hold = c.transaction().await.unwrap();
-    hold.execute(
-        "SELECT 1 FROM agents WHERE id = 'demo@agents.test' FOR UPDATE",
-        &[],
-    )
-    .await
-    .unwrap();
     let end = |i: usize, mut s: common::Raw| {
         tokio::spawn(async move {
             let raw = message(&format!("batch-{i}@remote.test"), "s@remote.test", "", "hi");
@@ -605,32 +600,64 @@ async fn concurrent_messages_share_commits_but_one_that_cannot_be_stored_fails_a
             (i, s.cmd(".").await)
         })
     };
-    let doomed_session = sessions.pop().unwrap();
-    let mut ends: Vec<_> = sessions
-        .into_iter()
-        .enumerate()
-        .map(|(i, s)| end(i, s))
-        .collect();
-    let waiting = "SELECT count(*) FROM pg_stat_activity \
-                   WHERE wait_event_type = 'Lock' AND query LIKE 'WITH quiet%'";
-    let deadline = tokio::time::Instant::now() + PROMPT;
-    while relay.count(waiting).await < 2 {
-        assert!(tokio::time::Instant::now() < deadline, "both tasks wait");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let waiting = |n: i64| {
+        let relay = &relay;
+        async move {
+            let sql = "SELECT count(*) FROM pg_stat_activity \
+                       WHERE wait_event_type = 'Lock' AND query LIKE 'WITH quiet%'";
+            let deadline = tokio::time::Instant::now() + PROMPT;
+            while relay.count(sql).await < n {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{n} statements wait"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+
+    // Hold the good agent: each recording task's first message waits.
+    let mut holder = relay.store.client().await.unwrap();
+    let hold = holder.transaction().await.unwrap();
+    hold.execute(
+        "SELECT 1 FROM agents WHERE id = 'demo@agents.test' FOR UPDATE",
+        &[],
+    )
+    .await
+    .unwrap();
+    let mut sessions = sessions.into_iter().enumerate();
+    let mut good = Vec::new();
+    for n in 1..=2 {
+        let (i, s) = sessions.next().unwrap();
+        good.push(end(i, s));
+        waiting(n).await;
     }
-    // Queued behind them, with ten good messages: one batch.
-    ends.push(end(GOOD, doomed_session));
+    // The agent of the last session is being deleted (not committed yet).
+    let mut deleter = relay.store.client().await.unwrap();
+    let delete = deleter.transaction().await.unwrap();
+    delete
+        .execute("DELETE FROM agents WHERE id = 'gone@gone.test'", &[])
+        .await
+        .unwrap();
+    let (doomed_i, doomed_session) = sessions.next_back().unwrap();
+    let doomed = end(doomed_i, doomed_session);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    good.extend(sessions.map(|(i, s)| end(i, s)));
+    // All queued behind the two waiting tasks: one batch, the doomed first.
     tokio::time::sleep(Duration::from_millis(300)).await;
     hold.rollback().await.unwrap();
 
-    for end in ends {
-        let (i, reply) = end.await.unwrap();
-        if i == GOOD {
-            assert!(reply.starts_with("451 4.3.0"), "{reply}");
-        } else {
-            assert!(reply.starts_with("250 2.0.0 "), "{reply}");
-        }
+    for end in good {
+        let (_, reply) = end.await.unwrap();
+        assert!(reply.starts_with("250 2.0.0 "), "{reply}");
     }
+    assert!(
+        !doomed.is_finished(),
+        "the doomed message waits for the delete"
+    );
+    delete.commit().await.unwrap();
+    let (_, reply) = doomed.await.unwrap();
+    assert!(reply.starts_with("451 4.3.0"), "{reply}");
     assert_eq!(
         relay
             .count("SELECT count(DISTINCT email_message_id) FROM messages")

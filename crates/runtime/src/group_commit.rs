@@ -14,15 +14,20 @@
 //! Each write keeps its guarantees: answered to its task only after its
 //! commit. A batch that fails as a whole (not a serialization conflict or
 //! deadlock, which the store retries) is recorded again one write at a
-//! time, so one bad write cannot hold up others.
+//! time, [`FALLBACK_CONCURRENCY`] at once, so one bad write — or one that
+//! waits long for a lock — cannot hold up the others.
 
 use std::{future::Future, sync::Arc};
 
 use e2a_store::{Store, StoreError};
+use futures::StreamExt as _;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
 /// Most writes recorded in one transaction.
 pub const MAX_BATCH: usize = 64;
+
+/// Writes of a failed batch recorded at once, each on its own.
+pub const FALLBACK_CONCURRENCY: usize = 4;
 
 /// How one kind of write is stored.
 pub trait Records: Send + Sync + 'static {
@@ -67,7 +72,14 @@ struct Request<R: Records> {
     reply: oneshot::Sender<Result<R::Recorded, StoreError>>,
 }
 
-/// Hands outcomes to the recording tasks; they end when it is dropped.
+/// What the recording tasks share: the waiting requests, and one taken
+/// that did not fit its batch (the next task to look takes it first).
+struct Waiting<R: Records> {
+    receiver: mpsc::UnboundedReceiver<Request<R>>,
+    carried: Option<Request<R>>,
+}
+
+/// Hands writes to the recording tasks; they end when it is dropped.
 pub struct Recorder<R: Records> {
     requests: mpsc::UnboundedSender<Request<R>>,
     store: Store,
@@ -84,9 +96,12 @@ impl<R: Records> Recorder<R> {
     /// Tokio runtime).
     pub fn spawn(store: Store) -> Self {
         let (requests, receiver) = mpsc::unbounded_channel();
-        let receiver = Arc::new(Mutex::new(receiver));
+        let waiting = Arc::new(Mutex::new(Waiting {
+            receiver,
+            carried: None,
+        }));
         for _ in 0..R::TASKS.max(1) {
-            tokio::spawn(record_loop::<R>(store.clone(), receiver.clone()));
+            tokio::spawn(record_loop::<R>(store.clone(), waiting.clone()));
         }
         Self { requests, store }
     }
@@ -107,56 +122,36 @@ impl<R: Records> Recorder<R> {
     }
 }
 
-/// Adds the requests waiting on `receiver` to `batch`, up to [`MAX_BATCH`]
-/// and [`Records::MAX_BATCH_WEIGHT`]; returns one taken that did not fit.
-fn fill<R: Records>(
-    receiver: &mut mpsc::UnboundedReceiver<Request<R>>,
-    batch: &mut Vec<Request<R>>,
-) -> Option<Request<R>> {
-    let mut weight = batch
-        .iter()
-        .fold(0usize, |w, r| w.saturating_add(R::weight(&r.item)));
+/// Takes the next batch: the carried request or the next one to arrive,
+/// then whatever else is waiting, up to [`MAX_BATCH`] and
+/// [`Records::MAX_BATCH_WEIGHT`] (a request that does not fit is carried
+/// for the next task to look). `None` once every sender is gone.
+async fn next_batch<R: Records>(waiting: &Mutex<Waiting<R>>) -> Option<Vec<Request<R>>> {
+    let mut waiting = waiting.lock().await;
+    let first = match waiting.carried.take() {
+        Some(first) => first,
+        None => waiting.receiver.recv().await?,
+    };
+    let mut weight = R::weight(&first.item);
+    let mut batch = vec![first];
     while batch.len() < MAX_BATCH {
-        let more = receiver.try_recv().ok()?;
+        let Ok(more) = waiting.receiver.try_recv() else {
+            break;
+        };
         weight = weight.saturating_add(R::weight(&more.item));
         if weight > R::MAX_BATCH_WEIGHT {
-            return Some(more);
+            waiting.carried = Some(more);
+            break;
         }
         batch.push(more);
     }
-    None
+    Some(batch)
 }
 
 /// One recording task: takes a batch of waiting requests, records it,
 /// answers each; ends when every sender is gone.
-async fn record_loop<R: Records>(
-    store: Store,
-    receiver: Arc<Mutex<mpsc::UnboundedReceiver<Request<R>>>>,
-) {
-    // A request taken that did not fit the previous batch's weight: the
-    // first of the next one.
-    let mut carried: Option<Request<R>> = None;
-    loop {
-        let mut batch = match carried.take() {
-            Some(first) => {
-                let mut batch = vec![first];
-                // Another task may be waiting on the channel: then this
-                // request goes alone rather than wait for the lock.
-                if let Ok(mut receiver) = receiver.try_lock() {
-                    carried = fill::<R>(&mut receiver, &mut batch);
-                }
-                batch
-            }
-            None => {
-                let mut receiver = receiver.lock().await;
-                let Some(first) = receiver.recv().await else {
-                    return;
-                };
-                let mut batch = vec![first];
-                carried = fill::<R>(&mut receiver, &mut batch);
-                batch
-            }
-        };
+async fn record_loop<R: Records>(store: Store, waiting: Arc<Mutex<Waiting<R>>>) {
+    while let Some(mut batch) = next_batch(&waiting).await {
         metrics::histogram!(R::BATCH_METRIC).record(batch.len() as f64);
         batch.sort_by(|a, b| R::lock_order(&a.item).cmp(R::lock_order(&b.item)));
         let (items, replies): (Vec<R::Item>, Vec<_>) =
@@ -181,9 +176,12 @@ async fn record_loop<R: Records>(
             }
             Err(e) => {
                 tracing::warn!(batch = items.len(), error = %e2a_store::error::chain(&e), "recording a batch failed; recording its writes one by one");
-                for (item, reply) in items.iter().zip(replies) {
-                    let _ = reply.send(R::record_one(&store, item).await);
-                }
+                let store = &store;
+                futures::stream::iter(items.iter().zip(replies))
+                    .for_each_concurrent(FALLBACK_CONCURRENCY, |(item, reply)| async move {
+                        let _ = reply.send(R::record_one(store, item).await);
+                    })
+                    .await;
             }
         }
     }

@@ -41,8 +41,9 @@
 //!   the committing transaction would serialise every ingest commit on the
 //!   notification-queue lock.
 //! * **Lock order:** copies are written in (owner, agent) order whatever the
-//!   RCPT order, so two messages to the same agents cannot deadlock each
-//!   other on the counters or rows they lock.
+//!   RCPT order (then by dedupe key, for the copies of a batch to one
+//!   agent), so two messages — or two batches — to the same agents cannot
+//!   deadlock each other on the counters or rows they lock.
 
 use deadpool_postgres::GenericClient;
 use serde_json::{Value, json};
@@ -148,7 +149,11 @@ pub enum Outcome {
 /// (message id, owner, agent, signed headers, conversation, event id,
 /// envelope; the copy's message as a 1-based index); `$8`–`$20` are
 /// per-message arrays (what all copies of one message share — its raw
-/// bytes travel once however many recipients it has), read by subscript.
+/// bytes travel once however many recipients it has), read by subscript;
+/// `$22` is a `lock_timeout` to set for the statement, or NULL.
+///
+/// `owners` reads `quiet` in a one-time filter, so `quiet` (and with it
+/// `lock_timeout`) is set before the statement waits for any lock.
 ///
 /// `quiet` runs before the rows are produced and the triggers fire at the
 /// end of the statement, so they see both settings: the event trigger sends
@@ -179,7 +184,9 @@ macro_rules! ingest_ctes {
     () => {
         "WITH quiet AS MATERIALIZED ( \
            SELECT set_config('e2a.defer_notify', 'on', true) AS deferred, \
-                  set_config('e2a.messages_accounted', 'on', true) AS accounted), \
+                  set_config('e2a.messages_accounted', 'on', true) AS accounted, \
+                  CASE WHEN $22::text IS NOT NULL THEN set_config('lock_timeout', $22::text, true) END \
+                    AS lock_timeout), \
          d AS MATERIALIZED ( \
            SELECT d.id, d.user_id, d.agent_id, d.auth_headers, d.conversation_id, d.event_id, d.envelope, \
                   d.mail, d.n \
@@ -190,6 +197,7 @@ macro_rules! ingest_ctes {
            SELECT count(*) AS n FROM ( \
              SELECT 1 FROM agents a \
               WHERE (a.id, a.user_id) IN (SELECT d.agent_id, d.user_id FROM d) \
+                AND (SELECT q.deferred FROM quiet q) = 'on' \
               ORDER BY a.user_id, a.id \
                 FOR KEY SHARE OF a) locked), \
          m AS ( \
@@ -267,15 +275,15 @@ macro_rules! ingest_ctes {
 const INGEST_SQL: &str = concat!(ingest_ctes!(), "SELECT id FROM m");
 
 /// [`INGEST_SQL`] plus the legacy per-agent push (`l`) of every inserted
-/// copy whose id is in `$21`, with `$22` attempts and expiring at `$23`. A
+/// copy whose id is in `$23`, with `$24` attempts and expiring at `$25`. A
 /// separate statement so that mail without a cloud recipient pays nothing
 /// for it: not even the opening of `webhook_deliveries` and its indexes.
 const INGEST_LEGACY_SQL: &str = concat!(
     ingest_ctes!(),
     ", l AS ( \
        INSERT INTO webhook_deliveries (message_id, user_id, max_attempts, expires_at) \
-       SELECT d.id, d.user_id, $23, $24 \
-         FROM d JOIN m ON m.id = d.id WHERE d.id = ANY($22::text[]) ORDER BY d.n) \
+       SELECT d.id, d.user_id, $24, $25 \
+         FROM d JOIN m ON m.id = d.id WHERE d.id = ANY($23::text[]) ORDER BY d.n) \
      SELECT id FROM m"
 );
 
@@ -319,41 +327,61 @@ pub async fn ingest(
 /// message). Returns each arrival's outcomes, in the order given.
 ///
 /// What holds for one message holds for each message of a batch: copies
-/// are written in one global (owner, agent) lock order across the batch; a
-/// message already stored for an agent — before the batch or earlier in it
-/// — is a [`Outcome::Duplicate`] and writes nothing; every summary and
-/// counter ends exactly as if the messages had been ingested one by one.
+/// are written in one global (owner, agent, dedupe key) lock order across
+/// the batch; a message already stored for an agent — before the batch or
+/// earlier in it — is a [`Outcome::Duplicate`] and writes nothing; every
+/// summary and counter ends exactly as if the messages had been ingested
+/// one by one.
 /// A message of the batch is not threaded onto another message of the same
 /// batch (the lookups run before the statement), as with two messages
 /// committed at the same moment by two sessions.
 ///
-/// An error means nothing of the batch was stored: one message that cannot
-/// be stored (its agent deleted meanwhile) fails the others too, so a
-/// caller batching independent messages should retry them one by one.
+/// A batch of more than one message waits at most [`BATCH_LOCK_TIMEOUT`]
+/// for any one row lock (`lock_timeout`, local to its statement): a row
+/// held for long — an agent being deleted with its whole mailbox — must
+/// not hold up the other messages of the batch; one message alone waits as
+/// long as it takes.
+///
+/// An error from the statement means nothing of the batch was stored: one
+/// message that cannot be stored (its agent deleted meanwhile, a lock
+/// timeout) fails the others too, so a caller batching independent
+/// messages should retry them one by one — safe in every case, since an
+/// error after the commit (the duplicates' lookup, a connection lost
+/// before the answer) leaves messages the retry finds as
+/// [`Outcome::Duplicate`]s.
 pub async fn ingest_batch(store: &Store, batch: &[Arrival<'_>]) -> Result<Vec<Vec<Outcome>>> {
-    if batch.iter().all(|a| a.deliveries.is_empty()) {
+    let messages = batch.iter().filter(|a| !a.deliveries.is_empty()).count();
+    if messages == 0 {
         return Ok(vec![Vec::new(); batch.len()]);
     }
+    let lock_timeout = (messages > 1).then_some(BATCH_LOCK_TIMEOUT);
     let client = store.client().await?;
     let mut attempt = 1;
-    let outcomes = loop {
-        match ingest_batch_in(&client, batch).await {
+    let result = loop {
+        match ingest_on(&client, batch, lock_timeout).await {
             Err(e) if e.is_retryable_conflict() && attempt < crate::TX_MAX_ATTEMPTS => {
                 crate::store::conflict_backoff(attempt).await;
                 attempt += 1;
             }
-            other => break other?,
+            other => break other,
         }
     };
-    if outcomes
-        .iter()
-        .flatten()
-        .any(|o| matches!(o, Outcome::Stored { .. }))
-    {
+    // An error may come after the commit (see above): wake the deliverer
+    // then too (a wake-up with nothing new costs one empty claim).
+    if result.as_ref().map_or(true, |outcomes| {
+        outcomes
+            .iter()
+            .flatten()
+            .any(|o| matches!(o, Outcome::Stored { .. }))
+    }) {
         events::wake_deliverer(store);
     }
-    Ok(outcomes)
+    result
 }
+
+/// How long the statement of a batch of several messages waits for one
+/// row lock ([`ingest_batch`]); PostgreSQL `lock_timeout` syntax.
+pub const BATCH_LOCK_TIMEOUT: &str = "1s";
 
 /// [`ingest`] on `c`, once: the threading lookups, then the one statement
 /// (copies, events, legacy pushes). Inside the caller's transaction it
@@ -372,13 +400,26 @@ pub async fn ingest_in(
 }
 
 /// [`ingest_batch`] on `c`, once, without retry or wake-up (see
-/// [`ingest_in`]).
+/// [`ingest_in`]), and waiting for row locks as long as the connection's
+/// `lock_timeout` allows.
 pub async fn ingest_batch_in(
     c: &impl GenericClient,
     batch: &[Arrival<'_>],
 ) -> Result<Vec<Vec<Outcome>>> {
+    ingest_on(c, batch, None).await
+}
+
+/// The threading lookups, the one statement (with `lock_timeout` set for
+/// the rest of the transaction when given), the duplicates' lookup.
+async fn ingest_on(
+    c: &impl GenericClient,
+    batch: &[Arrival<'_>],
+    lock_timeout: Option<&str>,
+) -> Result<Vec<Vec<Outcome>>> {
     // Every copy as (arrival, delivery), in the one global lock order: by
-    // owner, then agent (then arrival, so the order is total).
+    // owner, agent, then the dedupe key (so two batches holding the same
+    // two messages for one agent insert them in the same order), then
+    // arrival (so the order is total).
     let mut order: Vec<(usize, usize)> = batch
         .iter()
         .enumerate()
@@ -388,8 +429,14 @@ pub async fn ingest_batch_in(
         return Ok(vec![Vec::new(); batch.len()]);
     }
     order.sort_by_key(|&(a, i)| {
-        let d = &batch[a].deliveries[i];
-        (&d.user_id, &d.agent_id, a)
+        let (mail, d) = (batch[a].mail, &batch[a].deliveries[i]);
+        (
+            &d.user_id,
+            &d.agent_id,
+            mail.email_message_id,
+            mail.body_sha256,
+            a,
+        )
     });
 
     let now = OffsetDateTime::now_utc()
@@ -502,13 +549,13 @@ pub async fn ingest_batch_in(
     let expires = vec![now + MESSAGE_TTL; m];
 
     let (sql, n_params) = if legacy.is_empty() {
-        (INGEST_SQL, 21)
+        (INGEST_SQL, 22)
     } else {
-        (INGEST_LEGACY_SQL, 24)
+        (INGEST_LEGACY_SQL, 25)
     };
     let stmt = c.prepare_cached(sql).await?;
     let legacy_expires_at = now + LEGACY_TTL;
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 24] = [
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 25] = [
         &ids,
         &users,
         &agents,
@@ -530,12 +577,38 @@ pub async fn ingest_batch_in(
         &created,
         &expires,
         &mail_of,
+        &lock_timeout,
         &legacy,
         &LEGACY_MAX_ATTEMPTS,
         &legacy_expires_at,
     ];
     let rows = c.query(&stmt, &params[..n_params]).await?;
     let inserted: std::collections::HashSet<String> = rows.iter().map(|r| r.get(0)).collect();
+
+    // The existing row of every copy the dedupe index skipped: one lookup
+    // for all of them.
+    let (mut dup_agents, mut dup_message_ids, mut dup_digests) = (vec![], vec![], vec![]);
+    for arrival in batch {
+        for d in arrival.deliveries {
+            if !inserted.contains(d.message_id.as_str()) {
+                dup_agents.push(d.agent_id.as_str());
+                dup_message_ids.push(arrival.mail.email_message_id);
+                dup_digests.push(arrival.mail.body_sha256);
+            }
+        }
+    }
+    let mut existing = std::collections::HashMap::new();
+    if !dup_agents.is_empty() {
+        let stmt = c.prepare_cached(DUPLICATES_SQL).await?;
+        for row in c
+            .query(&stmt, &[&dup_agents, &dup_message_ids, &dup_digests])
+            .await?
+        {
+            let (agent, message_id, digest, id): (String, String, String, MessageId) =
+                (row.get(0), row.get(1), row.get(2), row.get(3));
+            existing.insert((agent, message_id, digest), id);
+        }
+    }
 
     let mut outcomes = Vec::with_capacity(batch.len());
     for (arrival, conversations) in batch.iter().zip(conversations) {
@@ -548,30 +621,29 @@ pub async fn ingest_batch_in(
                 });
                 continue;
             }
-            let existing = c
-                .prepare_cached(
-                    "SELECT id FROM messages WHERE agent_id = $1 AND email_message_id = $2 \
-                     AND body_sha256 = $3 AND direction = 'inbound'",
+            let key = (
+                d.agent_id.clone(),
+                arrival.mail.email_message_id.to_owned(),
+                arrival.mail.body_sha256.to_owned(),
+            );
+            let message_id = existing.get(&key).cloned().ok_or_else(|| {
+                crate::StoreError::Unavailable(
+                    "a copy skipped as a duplicate has no stored row".into(),
                 )
-                .await?;
-            let row = c
-                .query_one(
-                    &existing,
-                    &[
-                        &d.agent_id,
-                        &arrival.mail.email_message_id,
-                        &arrival.mail.body_sha256,
-                    ],
-                )
-                .await?;
-            these.push(Outcome::Duplicate {
-                message_id: row.get(0),
-            });
+            })?;
+            these.push(Outcome::Duplicate { message_id });
         }
         outcomes.push(these);
     }
     Ok(outcomes)
 }
+
+/// The stored inbound rows with these (agent, Message-ID, SHA-256) keys —
+/// the dedupe index's key, one index lookup each.
+const DUPLICATES_SQL: &str = "SELECT m.agent_id, m.email_message_id, m.body_sha256, m.id \
+       FROM unnest($1::text[], $2::text[], $3::text[]) AS k(agent_id, email_message_id, body_sha256) \
+       JOIN messages m ON m.agent_id = k.agent_id AND m.email_message_id = k.email_message_id \
+        AND m.body_sha256 = k.body_sha256 AND m.direction = 'inbound'";
 
 /// `items` as a PostgreSQL array literal (`{"a","b\"c"}`): every element
 /// quoted, `\` and `"` escaped, so no address can change the array's shape.

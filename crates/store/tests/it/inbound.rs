@@ -1135,3 +1135,77 @@ async fn a_batch_with_a_message_that_cannot_be_stored_stores_nothing() {
     let outcomes = inbound::ingest_batch(&store, &batch[..1]).await.unwrap();
     assert!(matches!(outcomes[0][0], Outcome::Stored { .. }));
 }
+
+/// A batch waits at most `BATCH_LOCK_TIMEOUT` for a row lock — here the
+/// agent row of an agent being deleted — and then fails as a whole, while
+/// one message alone waits for the delete like before (and then fails its
+/// foreign key). Other messages never wait behind such an agent for long.
+#[tokio::test]
+async fn a_batch_stops_waiting_for_an_agent_being_deleted_after_its_lock_timeout() {
+    let (db, store) = super::store().await;
+    let alice = super::user(&store, "alice@example.com").await;
+    super::agents::verified_domain(&store, &alice, "alice.example").await;
+    super::agents::agent(&store, &alice, "a@alice.example").await;
+    super::agents::agent(&store, &alice, "gone@alice.example").await;
+    let good = Mail::new("good@remote.example", "good");
+    let doomed = Mail::new("doomed@remote.example", "doomed");
+    let good_copies = [delivery("a@alice.example", &alice)];
+    let doomed_copies = [delivery("gone@alice.example", &alice)];
+    let (good_view, doomed_view) = (good.view(), doomed.view());
+
+    let mut deleter = db.client().await;
+    let delete = deleter.transaction().await.unwrap();
+    delete
+        .execute("DELETE FROM agents WHERE id = 'gone@alice.example'", &[])
+        .await
+        .unwrap();
+
+    let batch = [
+        inbound::Arrival {
+            mail: &doomed_view,
+            deliveries: &doomed_copies,
+        },
+        inbound::Arrival {
+            mail: &good_view,
+            deliveries: &good_copies,
+        },
+    ];
+    let err = inbound::ingest_batch(&store, &batch).await.unwrap_err();
+    match &err {
+        StoreError::Database(e) => assert_eq!(
+            e.code(),
+            Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE),
+            "{e}"
+        ),
+        other => panic!("expected a lock timeout, got {other:?}"),
+    }
+    assert_eq!(count(&db, "SELECT count(*) FROM messages").await, 0);
+
+    // The good message alone is stored while the delete still runs.
+    let alone = inbound::ingest(&store, &good_view, &good_copies)
+        .await
+        .unwrap();
+    assert!(matches!(alone[0], Outcome::Stored { .. }));
+
+    // The doomed message alone waits for the delete, then finds no agent.
+    let waiting = {
+        let store = store.clone();
+        let copies = doomed_copies.clone();
+        tokio::spawn(async move {
+            let doomed = Mail::new("doomed@remote.example", "doomed");
+            inbound::ingest(&store, &doomed.view(), &copies).await
+        })
+    };
+    let watcher = db.client().await;
+    super::until_blocked(
+        &watcher,
+        "SELECT count(*) FROM pg_stat_activity \
+          WHERE wait_event_type = 'Lock' AND query LIKE 'WITH quiet%'",
+        "the lone ingest",
+    )
+    .await;
+    assert!(!waiting.is_finished(), "one message waits for the lock");
+    delete.commit().await.unwrap();
+    assert!(waiting.await.unwrap().is_err(), "its agent is gone");
+    assert_eq!(count(&db, "SELECT count(*) FROM messages").await, 1);
+}
