@@ -2,7 +2,7 @@
 //! events written with the message and announced at commit.
 
 use e2a_store::{
-    StoreError, events,
+    Store, StoreError, events,
     ids::{EventId, MessageId, UserId},
     inbound::{self, Delivery, InboundMail, Outcome},
 };
@@ -84,6 +84,21 @@ async fn listen(
     (listener, rx)
 }
 
+/// A user `email` owning the verified `domain` and the agents `addresses`.
+async fn owner(store: &Store, email: &str, domain: &str, addresses: &[&str]) -> UserId {
+    let user = super::user(store, email).await;
+    super::agents::verified_domain(store, &user, domain).await;
+    for address in addresses {
+        super::agents::agent(store, &user, address).await;
+    }
+    user
+}
+
+/// alice@example.com owning the verified alice.example and `addresses`.
+async fn alice(store: &Store, addresses: &[&str]) -> UserId {
+    owner(store, "alice@example.com", "alice.example", addresses).await
+}
+
 async fn count(db: &e2a_testkit::TestDb, sql: &str) -> i64 {
     db.client().await.query_one(sql, &[]).await.unwrap().get(0)
 }
@@ -91,12 +106,8 @@ async fn count(db: &e2a_testkit::TestDb, sql: &str) -> i64 {
 #[tokio::test]
 async fn fans_out_one_row_and_one_event_per_recipient() {
     let (db, store) = super::store().await;
-    let alice = super::user(&store, "alice@example.com").await;
-    let bob = super::user(&store, "bob@example.com").await;
-    super::agents::verified_domain(&store, &alice, "alice.example").await;
-    super::agents::verified_domain(&store, &bob, "bob.example").await;
-    super::agents::agent(&store, &alice, "a@alice.example").await;
-    super::agents::agent(&store, &bob, "b@bob.example").await;
+    let alice = alice(&store, &["a@alice.example"]).await;
+    let bob = owner(&store, "bob@example.com", "bob.example", &["b@bob.example"]).await;
 
     let mail = Mail::new("m1@remote.example", "hello");
     let deliveries = [
@@ -208,9 +219,7 @@ async fn fans_out_one_row_and_one_event_per_recipient() {
 #[tokio::test]
 async fn an_mta_retry_creates_no_second_message_or_event() {
     let (db, store) = super::store().await;
-    let alice = super::user(&store, "alice@example.com").await;
-    super::agents::verified_domain(&store, &alice, "alice.example").await;
-    super::agents::agent(&store, &alice, "a@alice.example").await;
+    let alice = alice(&store, &["a@alice.example"]).await;
     let mail = Mail::new("retry@remote.example", "same bytes");
     let first = inbound::ingest(&store, &mail.view(), &[delivery("a@alice.example", &alice)])
         .await
@@ -287,9 +296,7 @@ async fn an_mta_retry_creates_no_second_message_or_event() {
 #[tokio::test]
 async fn concurrent_retries_store_exactly_once() {
     let (db, store) = super::store().await;
-    let alice = super::user(&store, "alice@example.com").await;
-    super::agents::verified_domain(&store, &alice, "alice.example").await;
-    super::agents::agent(&store, &alice, "a@alice.example").await;
+    let alice = alice(&store, &["a@alice.example"]).await;
     let tasks: Vec<_> = (0..6)
         .map(|_| {
             let (store, alice) = (store.clone(), alice.clone());
@@ -315,9 +322,7 @@ async fn concurrent_retries_store_exactly_once() {
 #[tokio::test]
 async fn a_failure_for_one_recipient_stores_nothing_for_any() {
     let (db, store) = super::store().await;
-    let alice = super::user(&store, "alice@example.com").await;
-    super::agents::verified_domain(&store, &alice, "alice.example").await;
-    super::agents::agent(&store, &alice, "a@alice.example").await;
+    let alice = alice(&store, &["a@alice.example"]).await;
     let mail = Mail::new("atomic@remote.example", "x");
     // The second delivery names an agent that does not exist: FK violation.
     let deliveries = [
@@ -335,9 +340,7 @@ async fn a_failure_for_one_recipient_stores_nothing_for_any() {
 #[tokio::test]
 async fn replies_join_the_thread_and_trusted_ids_are_used_as_given() {
     let (_db, store) = super::store().await;
-    let alice = super::user(&store, "alice@example.com").await;
-    super::agents::verified_domain(&store, &alice, "alice.example").await;
-    super::agents::agent(&store, &alice, "a@alice.example").await;
+    let alice = alice(&store, &["a@alice.example"]).await;
     let parent = Mail::new("parent@remote.example", "first");
     let Outcome::Stored {
         conversation_id: thread,
@@ -401,9 +404,7 @@ async fn replies_join_the_thread_and_trusted_ids_are_used_as_given() {
 #[tokio::test]
 async fn the_event_is_announced_at_commit() {
     let (db, store) = super::store().await;
-    let alice = super::user(&store, "alice@example.com").await;
-    super::agents::verified_domain(&store, &alice, "alice.example").await;
-    super::agents::agent(&store, &alice, "a@alice.example").await;
+    let alice = alice(&store, &["a@alice.example"]).await;
 
     let (_listener, mut rx) = listen(&db).await;
 
@@ -423,9 +424,7 @@ async fn the_event_is_announced_at_commit() {
 #[tokio::test]
 async fn threading_lookups_use_their_indexes() {
     let (db, store) = super::store().await;
-    let alice = super::user(&store, "alice@example.com").await;
-    super::agents::verified_domain(&store, &alice, "alice.example").await;
-    super::agents::agent(&store, &alice, "a@alice.example").await;
+    let alice = alice(&store, &["a@alice.example"]).await;
     for i in 0..20 {
         let mail = Mail::new(&format!("m{i}@remote.example"), "hello");
         inbound::ingest(&store, &mail.view(), &[delivery("a@alice.example", &alice)])
@@ -537,10 +536,7 @@ async fn deferred_notifications_come_from_the_coalesced_wake_up() {
 #[tokio::test]
 async fn ingest_announces_itself_once_through_the_wake_up() {
     let (db, store) = super::store().await;
-    let alice = super::user(&store, "alice@example.com").await;
-    super::agents::verified_domain(&store, &alice, "alice.example").await;
-    super::agents::agent(&store, &alice, "a@alice.example").await;
-    super::agents::agent(&store, &alice, "b@alice.example").await;
+    let alice = alice(&store, &["a@alice.example", "b@alice.example"]).await;
     let (_listener, mut rx) = listen(&db).await;
     let mail = Mail::new("once@remote.example", "hello");
     let outcomes = inbound::ingest(
@@ -612,14 +608,8 @@ async fn accounting_and_recomputed(db: &e2a_testkit::TestDb) -> (String, String)
 #[tokio::test]
 async fn ingest_keeps_summaries_and_usage_exact_and_later_inserts_are_still_accounted() {
     let (db, store) = super::store().await;
-    let alice = super::user(&store, "alice@example.com").await;
-    let bob = super::user(&store, "bob@example.com").await;
-    super::agents::verified_domain(&store, &alice, "alice.example").await;
-    super::agents::verified_domain(&store, &bob, "bob.example").await;
-    for a in ["a@alice.example", "a2@alice.example"] {
-        super::agents::agent(&store, &alice, a).await;
-    }
-    super::agents::agent(&store, &bob, "b@bob.example").await;
+    let alice = alice(&store, &["a@alice.example", "a2@alice.example"]).await;
+    let bob = owner(&store, "bob@example.com", "bob.example", &["b@bob.example"]).await;
     let all = || {
         [
             delivery("a@alice.example", &alice),
@@ -703,9 +693,7 @@ async fn ingest_keeps_summaries_and_usage_exact_and_later_inserts_are_still_acco
 #[tokio::test]
 async fn deleting_a_message_clears_its_events_reference() {
     let (db, store) = super::store().await;
-    let alice = super::user(&store, "alice@example.com").await;
-    super::agents::verified_domain(&store, &alice, "alice.example").await;
-    super::agents::agent(&store, &alice, "a@alice.example").await;
+    let alice = alice(&store, &["a@alice.example"]).await;
     let mut ids = Vec::new();
     for n in 0..3 {
         let mail = Mail::new(&format!("del-{n}@remote.example"), "x");
@@ -743,9 +731,7 @@ async fn deleting_a_message_clears_its_events_reference() {
 #[tokio::test]
 async fn an_ingest_waits_for_an_agent_being_deleted_before_it_locks_summaries_or_usage() {
     let (db, store) = super::store().await;
-    let alice = super::user(&store, "alice@example.com").await;
-    super::agents::verified_domain(&store, &alice, "alice.example").await;
-    super::agents::agent(&store, &alice, "a@alice.example").await;
+    let alice = alice(&store, &["a@alice.example"]).await;
     let first = Mail::new("del-1@remote.example", "first");
     inbound::ingest(
         &store,
@@ -833,9 +819,7 @@ fn sent<'a>(user: &'a UserId, message_id: &'a str) -> events::MessageEvent<'a> {
 #[tokio::test]
 async fn an_appended_event_references_its_message_only_while_it_exists() {
     let (db, store) = super::store().await;
-    let alice = super::user(&store, "alice@example.com").await;
-    super::agents::verified_domain(&store, &alice, "alice.example").await;
-    super::agents::agent(&store, &alice, "a@alice.example").await;
+    let alice = alice(&store, &["a@alice.example"]).await;
     let d = delivery("a@alice.example", &alice);
     let id = d.message_id.clone();
     inbound::ingest(&store, &Mail::new("ev-1@remote.example", "x").view(), &[d])
@@ -910,14 +894,8 @@ async fn an_appended_event_references_its_message_only_while_it_exists() {
 #[tokio::test]
 async fn a_batch_stores_each_message_as_one_by_one_ingests_would() {
     let (db, store) = super::store().await;
-    let alice = super::user(&store, "alice@example.com").await;
-    let bob = super::user(&store, "bob@example.com").await;
-    super::agents::verified_domain(&store, &alice, "alice.example").await;
-    super::agents::verified_domain(&store, &bob, "bob.example").await;
-    for a in ["a@alice.example", "a2@alice.example"] {
-        super::agents::agent(&store, &alice, a).await;
-    }
-    super::agents::agent(&store, &bob, "b@bob.example").await;
+    let alice = alice(&store, &["a@alice.example", "a2@alice.example"]).await;
+    let bob = owner(&store, "bob@example.com", "bob.example", &["b@bob.example"]).await;
 
     let old = Mail::new("old@remote.example", "stored before the batch");
     let Outcome::Stored {
@@ -1102,9 +1080,7 @@ async fn a_batch_stores_each_message_as_one_by_one_ingests_would() {
 #[tokio::test]
 async fn a_batch_with_a_message_that_cannot_be_stored_stores_nothing() {
     let (db, store) = super::store().await;
-    let alice = super::user(&store, "alice@example.com").await;
-    super::agents::verified_domain(&store, &alice, "alice.example").await;
-    super::agents::agent(&store, &alice, "a@alice.example").await;
+    let alice = alice(&store, &["a@alice.example"]).await;
     let good = Mail::new("good@remote.example", "good");
     let bad = Mail::new("bad@remote.example", "bad");
     let good_copies = [delivery("a@alice.example", &alice)];
@@ -1143,10 +1119,7 @@ async fn a_batch_with_a_message_that_cannot_be_stored_stores_nothing() {
 #[tokio::test]
 async fn a_batch_stops_waiting_for_an_agent_being_deleted_after_its_lock_timeout() {
     let (db, store) = super::store().await;
-    let alice = super::user(&store, "alice@example.com").await;
-    super::agents::verified_domain(&store, &alice, "alice.example").await;
-    super::agents::agent(&store, &alice, "a@alice.example").await;
-    super::agents::agent(&store, &alice, "gone@alice.example").await;
+    let alice = alice(&store, &["a@alice.example", "gone@alice.example"]).await;
     let good = Mail::new("good@remote.example", "good");
     let doomed = Mail::new("doomed@remote.example", "doomed");
     let good_copies = [delivery("a@alice.example", &alice)];
