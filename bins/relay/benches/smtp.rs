@@ -18,12 +18,14 @@
 //!   memory is measured alone) with 20 SMTP sessions, each sending its share
 //!   of the messages (EHLO once, then pipelined MAIL/RCPT/DATA and the body
 //!   per message). DNS checks are disabled (no network here), so the figure
-//!   is SMTP + parsing + signing + the store transaction. Also: the WAL the
+//!   is SMTP + parsing + signing + the store transaction, which the relay
+//!   shares between the messages whose DATA ends at the same moment (group
+//!   commit, `e2a_relay::ingests`). Also: the WAL the
 //!   cluster wrote during the run per accepted message
 //!   (`pg_current_wal_lsn()` before and after) and the relay's peak VmRSS.
-//! * **store**: the relay's store transaction alone (`inbound::ingest`, same
-//!   message, one recipient) called directly from 20 tasks — to tell how
-//!   much of the gap is the store and how much the relay.
+//! * **store**: one message's store transaction alone (`inbound::ingest`,
+//!   same message, one recipient, no group commit) called directly from 20
+//!   tasks — what the relay would reach storing each message on its own.
 //! * **raw_sql_limit** (the reference): the minimal durable transaction for
 //!   an accepted message, written as plain SQL without the store, from 20
 //!   connections: `BEGIN; INSERT` one row with the 4 KB raw message into a
