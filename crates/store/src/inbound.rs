@@ -147,10 +147,11 @@ pub enum Outcome {
 /// event (`e`), its conversation summary (`cs`) and its owner's usage
 /// counters (`u`). `$1`–`$7` and `$21` are per-copy arrays in lock order
 /// (message id, owner, agent, signed headers, conversation, event id,
-/// envelope; the copy's message as a 1-based index); `$8`–`$20` are
+/// envelope; the copy's message as a 1-based index); `$8`–`$18` are
 /// per-message arrays (what all copies of one message share — its raw
 /// bytes travel once however many recipients it has), read by subscript;
-/// `$22` is a `lock_timeout` to set for the statement, or NULL.
+/// `$19`/`$20` the batch's `created_at`/`expires_at`; `$22` is a
+/// `lock_timeout` to set for the statement, or NULL.
 ///
 /// `owners` reads `quiet` in a one-time filter, so `quiet` (and with it
 /// `lock_timeout`) is set before the statement waits for any lock.
@@ -208,7 +209,7 @@ macro_rules! ingest_ctes {
              ($9::text[])[d.mail], ($10::text[])[d.mail], ($11::bytea[])[d.mail], ($12::text[])[d.mail], \
              d.auth_headers, ($13::text[])[d.mail], ($14::text[])[d.mail], ($15::text[])[d.mail], \
              d.conversation_id, 'unread', ($16::text[])[d.mail]::text[], ($17::text[])[d.mail]::text[], \
-             ($18::text[])[d.mail]::text[], ($19::timestamptz[])[d.mail], ($20::timestamptz[])[d.mail] \
+             ($18::text[])[d.mail]::text[], $19, $20 \
              FROM quiet, owners, d \
             WHERE quiet.deferred = 'on' AND quiet.accounted = 'on' AND owners.n >= 0 ORDER BY d.n \
            ON CONFLICT (agent_id, email_message_id, body_sha256) WHERE direction = 'inbound' DO NOTHING \
@@ -515,38 +516,26 @@ async fn ingest_on(
     // The per-message arrays, indexed by `mail_of`. Lists travel as array
     // literals (one text per message: PostgreSQL arrays of arrays must be
     // rectangular).
-    let m = batch.len();
-    let (mut senders, mut subjects, mut message_ids, mut raws, mut digests) = (
-        Vec::with_capacity(m),
-        Vec::with_capacity(m),
-        Vec::with_capacity(m),
-        Vec::with_capacity(m),
-        Vec::with_capacity(m),
-    );
-    let (mut spfs, mut dkims, mut dmarcs, mut tos, mut ccs, mut reply_tos) = (
-        Vec::with_capacity(m),
-        Vec::with_capacity(m),
-        Vec::with_capacity(m),
-        Vec::with_capacity(m),
-        Vec::with_capacity(m),
-        Vec::with_capacity(m),
-    );
-    for arrival in batch {
-        let mail = arrival.mail;
-        senders.push(mail.sender);
-        subjects.push(mail.subject);
-        message_ids.push(mail.email_message_id);
-        raws.push(mail.raw);
-        digests.push(mail.body_sha256);
-        spfs.push(mail.spf);
-        dkims.push(mail.dkim);
-        dmarcs.push(mail.dmarc);
-        tos.push(text_array_literal(mail.to));
-        ccs.push(text_array_literal(mail.cc));
-        reply_tos.push((!mail.reply_to.is_empty()).then(|| text_array_literal(mail.reply_to)));
-    }
-    let created = vec![now; m];
-    let expires = vec![now + MESSAGE_TTL; m];
+    let senders: Vec<&str> = batch.iter().map(|a| a.mail.sender).collect();
+    let subjects: Vec<&str> = batch.iter().map(|a| a.mail.subject).collect();
+    let message_ids: Vec<&str> = batch.iter().map(|a| a.mail.email_message_id).collect();
+    let raws: Vec<&[u8]> = batch.iter().map(|a| a.mail.raw).collect();
+    let digests: Vec<&str> = batch.iter().map(|a| a.mail.body_sha256).collect();
+    let spfs: Vec<&str> = batch.iter().map(|a| a.mail.spf).collect();
+    let dkims: Vec<&str> = batch.iter().map(|a| a.mail.dkim).collect();
+    let dmarcs: Vec<&str> = batch.iter().map(|a| a.mail.dmarc).collect();
+    let tos: Vec<String> = batch
+        .iter()
+        .map(|a| text_array_literal(a.mail.to))
+        .collect();
+    let ccs: Vec<String> = batch
+        .iter()
+        .map(|a| text_array_literal(a.mail.cc))
+        .collect();
+    let reply_tos: Vec<Option<String>> = batch
+        .iter()
+        .map(|a| (!a.mail.reply_to.is_empty()).then(|| text_array_literal(a.mail.reply_to)))
+        .collect();
 
     let (sql, n_params) = if legacy.is_empty() {
         (INGEST_SQL, 22)
@@ -574,8 +563,8 @@ async fn ingest_on(
         &tos,
         &ccs,
         &reply_tos,
-        &created,
-        &expires,
+        &now,
+        &(now + MESSAGE_TTL),
         &mail_of,
         &lock_timeout,
         &legacy,
